@@ -1,0 +1,1 @@
+"""Engines: registration, heartbeats and the leased event queue."""

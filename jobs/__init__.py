@@ -1,0 +1,1 @@
+"""Jobs: the pipeline registry, the DAG orchestrator and the django-q2 broker."""

@@ -1,0 +1,166 @@
+"""Request id, body size limit and the audit trail: the parts of /v1 that wrap every request."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
+
+from omniva import services
+from omniva.api.envelope import error_response
+from omniva.errors import ErrorCode
+from omniva.models import ApiKey
+
+GetResponse = Callable[[HttpRequest], HttpResponse]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+MAX_AUDITED_ENTITIES = 50
+
+
+def is_api_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def note_entities(request: Any, *entity_ids: object) -> None:
+    """Record ids a view touched, for its audit row (views call this when the
+    response alone does not show them)."""
+    http_request = getattr(request, "_request", request)
+    noted = getattr(http_request, "audit_entities", None)
+    if noted is None:
+        noted = http_request.audit_entities = []
+    noted.extend(str(entity_id) for entity_id in entity_ids if entity_id is not None)
+
+
+class RequestIdMiddleware:
+    """Keeps a well-formed incoming X-Request-ID, otherwise makes one; echoes it back."""
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        incoming = request.META.get("HTTP_X_REQUEST_ID", "")
+        request.request_id = (
+            incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        )
+        response = self.get_response(request)
+        response[REQUEST_ID_HEADER] = request.request_id
+        return response
+
+
+class BodySizeLimitMiddleware:
+    """413 before the body is read when Content-Length says it is over the limit.
+
+    Bodies sent without a length are caught when read (Django's RequestDataTooBig,
+    mapped to the same 413 by the exception handler).
+    """
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        raw_length = request.META.get("CONTENT_LENGTH") or "0"
+        try:
+            length = int(raw_length)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return self._refuse(request, ErrorCode.MALFORMED_REQUEST, "Content-Length is not valid.")
+        limit = settings.OMNIVA_MAX_BODY_BYTES
+        if length > limit:
+            return self._refuse(
+                request,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"The request body is {length} bytes; the limit is {limit}.",
+            )
+        return self.get_response(request)
+
+    @staticmethod
+    def _refuse(request: HttpRequest, code: ErrorCode, message: str) -> HttpResponse:
+        if is_api_path(request.path):
+            response = error_response(request, code, message)
+        else:
+            status = 413 if code == ErrorCode.PAYLOAD_TOO_LARGE else 400
+            response = HttpResponse(message, status=status, content_type="text/plain")
+        # The body was not read; the connection cannot be reused for another request.
+        response["Connection"] = "close"
+        return response
+
+
+def _touched_entities(request: HttpRequest, response: HttpResponse) -> list[str]:
+    ids = list(getattr(request, "audit_entities", []))
+    match = getattr(request, "resolver_match", None)
+    if match is not None:
+        ids.extend(str(value) for name, value in match.kwargs.items() if name in {"pk", "id"})
+    data = getattr(response, "data", None)
+    if isinstance(data, dict) and "id" in data:
+        ids.append(str(data["id"]))
+    elif isinstance(data, list):
+        ids.extend(str(item["id"]) for item in data[:MAX_AUDITED_ENTITIES] if isinstance(item, dict) and "id" in item)
+    return list(dict.fromkeys(ids))[:MAX_AUDITED_ENTITIES]
+
+
+def _authenticated_user(request: HttpRequest) -> Any:
+    # request.user may still be Django's lazy session user; resolving it needs the
+    # database, which may be the reason this request failed.
+    try:
+        user = getattr(request, "user", None)
+        if isinstance(user, get_user_model()) and user.is_authenticated:
+            return user
+    except Exception:
+        return None
+    return None
+
+
+def _ip_address(value: str | None) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value or ""))
+    except ValueError:
+        return None
+
+
+class AuditMiddleware:
+    """Writes one AuditRecord per /v1 request.
+
+    The row is written when the response is closed. Under ASGI, Django closes the
+    response after its last byte was sent, so the client never waits for the write.
+    """
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if not is_api_path(request.path):
+            return self.get_response(request)
+        started_at = timezone.now()
+        started = time.perf_counter()
+        response = self.get_response(request)
+        duration_ms = (time.perf_counter() - started) * 1000
+
+        key = getattr(request, "auth", None)
+        fields = {
+            "request_id": getattr(request, "request_id", ""),
+            "at": started_at,
+            "api_key": key if isinstance(key, ApiKey) else None,
+            "key_name": key.name if isinstance(key, ApiKey) else "",
+            "user": _authenticated_user(request),
+            "method": request.method or "",
+            "path": request.path[:2000],
+            "status": response.status_code,
+            "duration_ms": round(duration_ms, 3),
+            "remote_addr": _ip_address(request.META.get("REMOTE_ADDR")),
+            "entity_ids": _touched_entities(request, response),
+        }
+        # HttpResponse.close() runs these before it sends request_finished (which
+        # closes the request's database connection), so the write reuses it.
+        response._resource_closers.append(partial(services.audit_record_write, **fields))
+        return response

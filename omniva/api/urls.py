@@ -1,0 +1,34 @@
+"""The /v1 routes of the core. omniva/urls.py mounts these and every app's under /v1."""
+
+from __future__ import annotations
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from omniva.api import views
+from omniva.models import Scope
+
+
+class SchemaView(SpectacularAPIView):
+    read_scope = Scope.JOBS_READ
+
+
+class SwaggerView(SpectacularSwaggerView):
+    read_scope = Scope.JOBS_READ
+
+
+class RedocView(SpectacularRedocView):
+    read_scope = Scope.JOBS_READ
+
+
+urlpatterns = [
+    path("health", views.HealthView.as_view(), name="health"),
+    path("info", views.InfoView.as_view(), name="info"),
+    path("metrics", views.MetricsView.as_view(), name="metrics"),
+    path("projects", views.ProjectListView.as_view(), name="project-list"),
+    path("projects/<uuid:pk>", views.ProjectDetailView.as_view(), name="project-detail"),
+    path("audit", views.AuditListView.as_view(), name="audit-list"),
+    path("schema", SchemaView.as_view(), name="schema"),
+    path("docs", SwaggerView.as_view(url_name="schema"), name="docs"),
+    path("redoc", RedocView.as_view(url_name="schema"), name="redoc"),
+]

@@ -1,0 +1,153 @@
+"""The service endpoints (health, info, metrics), projects, audit, and /v1's fallbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.views.defaults import server_error as django_server_error
+from drf_spectacular.utils import extend_schema
+from rest_framework import generics
+from rest_framework import status as http
+from rest_framework.exceptions import NotFound, PermissionDenied
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.views import APIView
+
+from omniva import selectors, services
+from omniva.api import serializers
+from omniva.api.envelope import error_body, error_response
+from omniva.api.middleware import is_api_path
+from omniva.api.permissions import bound_project
+from omniva.api.renderers import EnvelopeResponse
+from omniva.errors import ErrorCode
+from omniva.health import health_report
+from omniva.models import AuditRecord, Project, Scope
+
+
+class PublicView(APIView):
+    """No key, no throttle: load balancers and monitors poll these."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes: list = []
+
+
+class HealthView(PublicView):
+    @extend_schema(
+        responses={200: serializers.HealthSerializer, 503: serializers.HealthSerializer},
+        summary="Service health; 503 when unhealthy",
+        auth=[],
+    )
+    def get(self, request: Request) -> EnvelopeResponse:
+        report = health_report()
+        if report["status"] == "unhealthy":
+            return EnvelopeResponse(
+                report,
+                status=http.HTTP_503_SERVICE_UNAVAILABLE,
+                error=error_body(ErrorCode.SERVICE_UNAVAILABLE, "The service is unhealthy."),
+            )
+        return EnvelopeResponse(report)
+
+
+class InfoView(PublicView):
+    @extend_schema(responses=serializers.InfoSerializer, summary="Name, version and configuration", auth=[])
+    def get(self, request: Request) -> EnvelopeResponse:
+        return EnvelopeResponse(selectors.service_info())
+
+
+class MetricsView(APIView):
+    read_scope = Scope.JOBS_READ
+
+    @extend_schema(responses=serializers.MetricsSerializer, summary="Queue, worker and API metrics")
+    def get(self, request: Request) -> EnvelopeResponse:
+        return EnvelopeResponse(selectors.service_metrics())
+
+
+class ProjectScopedQueryset:
+    request: Request
+
+    def get_queryset(self) -> Any:
+        projects = Project.objects.all()
+        project = bound_project(self.request)
+        return projects.filter(pk=project.pk) if project else projects
+
+
+class ProjectListView(ProjectScopedQueryset, generics.ListCreateAPIView):
+    serializer_class = serializers.ProjectSerializer
+    read_scope = Scope.CONTENT
+    write_scope = Scope.CONTENT
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        if bound_project(request) is not None:
+            raise PermissionDenied("A key bound to a project cannot create projects.")
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        project = services.project_create(**serializer.validated_data)
+        return EnvelopeResponse(self.get_serializer(project).data, status=http.HTTP_201_CREATED)
+
+
+class ProjectDetailView(ProjectScopedQueryset, generics.RetrieveUpdateDestroyAPIView):
+    serializer_class = serializers.ProjectSerializer
+    read_scope = Scope.CONTENT
+    write_scope = Scope.CONTENT
+    not_found_code = ErrorCode.PROJECT_NOT_FOUND
+    http_method_names = ["get", "patch", "delete", "head", "options"]
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        serializer = self.get_serializer(self.get_object(), data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        project = services.project_update(project=serializer.instance, changes=serializer.validated_data)
+        return EnvelopeResponse(self.get_serializer(project).data)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        project = self.get_object()
+        if bound_project(request) is not None:
+            raise PermissionDenied("A key bound to a project cannot delete it.")
+        services.project_delete(project=project)
+        return EnvelopeResponse(None)
+
+
+class AuditListView(generics.ListAPIView):
+    serializer_class = serializers.AuditRecordSerializer
+    read_scope = Scope.ADMIN
+
+    def get_queryset(self) -> Any:
+        filters = serializers.AuditFilterSerializer(data=self.request.query_params)
+        filters.is_valid(raise_exception=True)
+        wanted = filters.validated_data
+        records = AuditRecord.objects.select_related("user")
+        if "request_id" in wanted:
+            records = records.filter(request_id=wanted["request_id"])
+        if "path" in wanted:
+            records = records.filter(path=wanted["path"])
+        if "status" in wanted:
+            records = records.filter(status=wanted["status"])
+        if "key" in wanted:
+            records = records.filter(key_name=wanted["key"])
+        return records
+
+    @extend_schema(parameters=[serializers.AuditFilterSerializer])
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        return super().get(request, *args, **kwargs)
+
+
+@extend_schema(exclude=True)
+class NotFoundView(APIView):
+    """Every unknown path under /v1: an enveloped 404, whatever the method."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes: list = []
+
+    def _not_found(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        raise NotFound(f"No endpoint at {request.path}.")
+
+    get = post = put = patch = delete = head = options = _not_found
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    """handler500: the envelope under /v1, Django's page elsewhere."""
+    if is_api_path(request.path):
+        return error_response(request, ErrorCode.INTERNAL_ERROR, "Internal server error.")
+    return django_server_error(request)

@@ -1,0 +1,94 @@
+"""The one error type of Omniva and its stable codes.
+
+Services raise `OmnivaError(ErrorCode.X, "message")`; the API's exception handler turns
+it, and every other exception, into the envelope. Codes are part of the contract
+(API.md): add new ones, never rename one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+
+class ErrorCode(StrEnum):
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    UNKNOWN_PIPELINE = "UNKNOWN_PIPELINE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    NOT_FOUND = "NOT_FOUND"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    ENGINE_NOT_FOUND = "ENGINE_NOT_FOUND"
+    EVENT_NOT_FOUND = "EVENT_NOT_FOUND"
+    EVENT_TYPE_NOT_FOUND = "EVENT_TYPE_NOT_FOUND"
+    PROJECT_NOT_FOUND = "PROJECT_NOT_FOUND"
+    CREATOR_NOT_FOUND = "CREATOR_NOT_FOUND"
+    CLIP_NOT_FOUND = "CLIP_NOT_FOUND"
+    API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
+    CONFLICT = "CONFLICT"
+    ENGINE_ALREADY_REGISTERED = "ENGINE_ALREADY_REGISTERED"
+    JOB_NOT_CANCELLABLE = "JOB_NOT_CANCELLABLE"
+    JOB_NOT_RETRYABLE = "JOB_NOT_RETRYABLE"
+    JOB_ACTIVE = "JOB_ACTIVE"
+    EVENT_LEASE_LOST = "EVENT_LEASE_LOST"
+    UPLOAD_FAILED = "UPLOAD_FAILED"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+    RATE_LIMITED = "RATE_LIMITED"
+    QUEUE_SATURATED = "QUEUE_SATURATED"
+    SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+# The HTTP status each code answers with, unless a raise site says otherwise.
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.MALFORMED_REQUEST: 400,
+    ErrorCode.VALIDATION_ERROR: 400,
+    ErrorCode.UNKNOWN_PIPELINE: 400,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.NOT_ACCEPTABLE: 406,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.ENGINE_ALREADY_REGISTERED: 409,
+    ErrorCode.JOB_NOT_CANCELLABLE: 409,
+    ErrorCode.JOB_NOT_RETRYABLE: 409,
+    ErrorCode.JOB_ACTIVE: 409,
+    ErrorCode.EVENT_LEASE_LOST: 409,
+    ErrorCode.UPLOAD_FAILED: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.UNSUPPORTED_MEDIA_TYPE: 415,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUEUE_SATURATED: 503,
+    ErrorCode.SERVICE_UNAVAILABLE: 503,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+
+
+def http_status_for(code: ErrorCode) -> int:
+    if code.endswith("_NOT_FOUND") or code == ErrorCode.NOT_FOUND:
+        return 404
+    return HTTP_STATUS[code]
+
+
+class OmnivaError(Exception):
+    """An error a client can act on: a stable code, a message, optional details."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        status: int | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+        self.status = status or http_status_for(code)
+        self.retry_after_s = retry_after_s

@@ -1,0 +1,216 @@
+"""`manage.py serve` (what `make run` runs): the whole platform on one machine.
+
+It starts the embedded database unless DATABASE_URL is set, migrates, creates the
+first admin, then supervises daphne and one `qcluster` per queue. Ctrl-C (SIGINT) or
+SIGTERM stops every child, then the database it started; a child that dies takes the
+rest down with it, so a half-running platform never pretends to be up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandParser
+from django.db import connections
+
+from omniva import services
+from omniva.embedded_db import EmbeddedServer
+
+STOP_GRACE_S = 15
+ADMIN_USERNAME = "admin"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if `serve` itself dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        # Its own process group, so that stopping it reaches every process it forks
+        # (qcluster's workers), and so that a terminal's Ctrl-C reaches only `serve`.
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=settings.BASE_DIR,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads run yet)
+        )
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+
+
+class Command(BaseCommand):
+    help = "Run Omniva: database, migrations, daphne and one django-q2 cluster per queue."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=settings.HOST)
+        parser.add_argument("--port", type=int, default=settings.PORT)
+        parser.add_argument(
+            "--queues",
+            default=",".join(settings.OMNIVA_QUEUES),
+            help="Queues to start a worker cluster for (comma-separated; empty for none).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        self._stop_requested = threading.Event()
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+
+        database = self._start_database()
+        children: list[Child] = []
+        exit_code = 0
+        try:
+            self._say("Applying migrations…")
+            call_command("migrate", interactive=False, verbosity=0)
+            self._announce_admin()
+            connections.close_all()
+
+            children = self._children(options)
+            for child in children:
+                child.start()
+            if self._wait_until_listening(options["host"], options["port"], children):
+                base = f"http://{self._display_host(options['host'])}:{options['port']}"
+                self._say(f"Omniva is up: {base}/v1/health · admin {base}/admin/ · Ctrl-C stops it.")
+            exit_code = self._supervise(children)
+        finally:
+            self._stop_children(children)
+            connections.close_all()
+            if database is not None and database.owned_by(os.getpid()):
+                self._say("Stopping the embedded database…")
+                database.stop()
+            self._say("Stopped.")
+        if exit_code:
+            sys.exit(exit_code)
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _start_database(self) -> EmbeddedServer | None:
+        if settings.DATABASE_URL:
+            self._say("Database: external (DATABASE_URL).")
+            return None
+        server = EmbeddedServer(settings.VAR_DIR / "pg", database=settings.DATABASES["default"]["NAME"])
+        outcome = server.start(owner_pid=os.getpid())
+        described = {
+            "started": "started",
+            "reused": "already running (left running by `manage.py db start` or another serve)",
+            "adopted": "left running by a run that was killed; taken over",
+        }[outcome]
+        self._say(f"Database: embedded PostgreSQL in {server.pgdata}, {described}.")
+        return server
+
+    def _announce_admin(self) -> None:
+        password_file = settings.VAR_DIR / "admin-password"
+        password = services.admin_user_ensure(username=ADMIN_USERNAME, password_file=password_file)
+        if password:
+            self._say(
+                f"Created the admin user {ADMIN_USERNAME!r}; its password is in {password_file} "
+                "(log in at /admin/, then change it)."
+            )
+
+    def _children(self, options: dict[str, Any]) -> list[Child]:
+        env = dict(os.environ)
+        env.setdefault("DJANGO_SETTINGS_MODULE", "omniva.settings")
+        children = [
+            Child(
+                "web",
+                [
+                    sys.executable, "-m", "daphne",
+                    "--bind", options["host"], "--port", str(options["port"]),
+                    "--access-log", os.devnull,
+                    "omniva.asgi:application",
+                ],
+                env,
+            )
+        ]  # fmt: skip
+        for queue in filter(None, (q.strip() for q in options["queues"].split(","))):
+            children.append(
+                Child(
+                    f"worker:{queue}",
+                    [sys.executable, str(settings.BASE_DIR / "manage.py"), "qcluster"],
+                    {**env, "Q_CLUSTER_NAME": queue},
+                )
+            )
+        return children
+
+    def _wait_until_listening(self, host: str, port: int, children: list[Child]) -> bool:
+        connect_host = "127.0.0.1" if host in {"0.0.0.0", ""} else host  # noqa: S104
+        if connect_host == "::":
+            connect_host = "::1"
+        while not self._stop_requested.is_set():
+            if any(child.process and child.process.poll() is not None for child in children):
+                return False
+            with contextlib.suppress(OSError), socket.create_connection((connect_host, port), timeout=0.5):
+                return True
+            self._stop_requested.wait(0.1)
+        return False
+
+    def _supervise(self, children: list[Child]) -> int:
+        while not self._stop_requested.wait(0.2):
+            for child in children:
+                assert child.process is not None
+                code = child.process.poll()
+                if code is not None:
+                    self._say(f"{child.name} exited with code {code}; stopping everything.")
+                    return 1
+        return 0
+
+    def _stop_children(self, children: list[Child]) -> None:
+        running = [c for c in children if c.process is not None and c.process.poll() is None]
+        if not running:
+            return
+        self._say("Stopping " + ", ".join(c.name for c in running) + "…")
+        for child in running:
+            # Only the leader: qcluster stops its own workers in order, and signalling
+            # them too makes its sentinel wait for processes that are already gone.
+            child.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in running:
+            assert child.process is not None
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        # Whatever is left in a group (a child that ignored SIGTERM, or a worker
+        # whose parent already exited) is killed.
+        for child in children:
+            if child.process is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=5)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop_requested.set()
+
+    def _say(self, message: str) -> None:
+        self.stdout.write(f"[omniva] {message}")
+        self.stdout.flush()
+
+    @staticmethod
+    def _display_host(host: str) -> str:
+        return "localhost" if host in {"0.0.0.0", "127.0.0.1", "::", ""} else host  # noqa: S104

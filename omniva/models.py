@@ -1,0 +1,113 @@
+"""The core models: projects, API keys, the audit trail and rate-limit buckets.
+
+The content models (Creator, Clip) and the activity outbox join this module in the
+issues that build them.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+
+class Project(models.Model):
+    """A tenant boundary: an API key bound to a project sees that project only."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=200, unique=True)
+    description = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Scope(models.TextChoices):
+    JOBS_READ = "jobs:read", "Read jobs and pipelines"
+    JOBS_WRITE = "jobs:write", "Submit, cancel, retry and delete jobs"
+    ENGINES = "engines", "Register engines and process events"
+    CONTENT = "content", "Manage projects, creators, clips and publishing"
+    ADMIN = "admin", "Everything, including audit records"
+
+
+class ApiKey(models.Model):
+    """A secret for automation. Only a SHA-256 of the key is stored.
+
+    The key reads `omv_<prefix>_<secret>`; the prefix is stored in clear to find the
+    row with an index, the hash is compared in constant time. Keys are 256-bit random
+    strings, so a fast hash is enough: there is nothing to brute-force.
+    """
+
+    name = models.CharField(max_length=100, unique=True)
+    prefix = models.CharField(max_length=16, unique=True)
+    key_hash = models.CharField(max_length=64)
+    scopes = ArrayField(models.CharField(max_length=20, choices=Scope.choices), default=list)
+    project = models.ForeignKey(
+        Project, null=True, blank=True, on_delete=models.CASCADE, related_name="api_keys"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+    def has_scope(self, scope: str) -> bool:
+        return Scope.ADMIN in self.scopes or scope in self.scopes
+
+
+class AuditRecord(models.Model):
+    """One row for every request under /v1, written after the response is sent."""
+
+    request_id = models.CharField(max_length=128, db_index=True)
+    at = models.DateTimeField(db_index=True)
+    api_key = models.ForeignKey(
+        ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_records"
+    )
+    # The key's name at the time, kept when the key is later deleted.
+    key_name = models.CharField(max_length=100, blank=True, default="")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    method = models.CharField(max_length=10)
+    path = models.CharField(max_length=2000)
+    status = models.PositiveSmallIntegerField(db_index=True)
+    duration_ms = models.FloatField()
+    remote_addr = models.GenericIPAddressField(null=True, blank=True)
+    entity_ids = ArrayField(models.CharField(max_length=64), default=list, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        indexes = [models.Index(fields=["path", "-at"], name="audit_path_at")]
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path} {self.status}"
+
+
+class RateLimitBucket(models.Model):
+    """GCRA state of one caller: the theoretical arrival time of its next request.
+
+    A leaky bucket expressed as a single timestamp, so one UPSERT both checks and
+    spends the allowance (see services.rate_limit_take).
+    """
+
+    bucket = models.CharField(max_length=100, primary_key=True)
+    tat = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.bucket

@@ -1,0 +1,137 @@
+"""Reads of the core: key lookup, queue statistics, service info and metrics."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, Max, Min, Q
+from django.utils import timezone
+
+import omniva
+from omniva.models import ApiKey, AuditRecord
+
+STARTED_AT = timezone.now()
+
+
+def api_key_for_secret(raw: str) -> ApiKey | None:
+    """The key whose secret is `raw` (revoked or not), or None."""
+    from omniva.services import KEY_PREFIX, api_key_hash
+
+    parts = raw.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16:
+        return None
+    key = ApiKey.objects.select_related("project").filter(prefix=parts[1]).first()
+    if key is None or not hmac.compare_digest(key.key_hash, api_key_hash(raw)):
+        return None
+    return key
+
+
+def uptime_s() -> float:
+    return round((timezone.now() - STARTED_AT).total_seconds(), 3)
+
+
+def queue_stats() -> dict[str, dict[str, Any]]:
+    """Depth, ready count and lag (age of the oldest ready task) of each named queue."""
+    from django_q.models import OrmQ
+
+    now = timezone.now()
+    rows = (
+        OrmQ.objects.filter(key__in=settings.OMNIVA_QUEUES)
+        .values("key")
+        .annotate(
+            depth=Count("id"),
+            ready=Count("id", filter=Q(lock__lte=now)),
+            oldest_ready=Min("lock", filter=Q(lock__lte=now)),
+        )
+    )
+    by_queue = {row["key"]: row for row in rows}
+    stats: dict[str, dict[str, Any]] = {}
+    for queue in settings.OMNIVA_QUEUES:
+        row = by_queue.get(queue)
+        oldest = row["oldest_ready"] if row else None
+        stats[queue] = {
+            "depth": row["depth"] if row else 0,
+            "ready": row["ready"] if row else 0,
+            "lag_ms": round((now - oldest).total_seconds() * 1000) if oldest else 0,
+            "limit": settings.OMNIVA_QUEUE_LIMIT,
+        }
+    return stats
+
+
+def worker_clusters() -> list[dict[str, Any]]:
+    """The django-q2 clusters that reported in the last few seconds."""
+    from django_q.status import Stat
+
+    return [
+        {
+            "cluster_id": str(stat.cluster_id),
+            "host": stat.host,
+            "status": stat.status,
+            "workers": len(getattr(stat, "workers", []) or []),
+            "uptime_s": round(stat.uptime(), 1) if hasattr(stat, "uptime") else None,
+        }
+        for stat in Stat.get_all()
+    ]
+
+
+def database_kind() -> str:
+    return "external" if settings.DATABASE_URL else "embedded"
+
+
+def service_info() -> dict[str, Any]:
+    return {
+        "name": "omniva",
+        "version": omniva.__version__,
+        "config": {
+            "queues": settings.OMNIVA_QUEUES,
+            "workers": {"default": settings.OMNIVA_WORKERS, "gpu": settings.OMNIVA_GPU_WORKERS},
+            "max_retries": settings.OMNIVA_MAX_RETRIES,
+            "backoff_s": settings.OMNIVA_RETRY_BACKOFF_S,
+            "event_lease_s": settings.OMNIVA_EVENT_LEASE_S,
+            "engine_offline_after_s": settings.OMNIVA_ENGINE_OFFLINE_AFTER_S,
+            "device": settings.OMNIVA_DEVICE,
+            "pipelines": [],
+            "persistence": {"database": database_kind(), "engine": "postgresql"},
+            "limits": {
+                "rate_limit_per_s": settings.OMNIVA_RATE_LIMIT,
+                "rate_burst": settings.OMNIVA_RATE_BURST,
+                "queue_limit": settings.OMNIVA_QUEUE_LIMIT,
+                "max_body_bytes": settings.OMNIVA_MAX_BODY_BYTES,
+                "page_max": 500,
+            },
+        },
+    }
+
+
+def service_metrics() -> dict[str, Any]:
+    now = timezone.now()
+    minute_ago = now - timedelta(minutes=1)
+    api = AuditRecord.objects.filter(at__gte=minute_ago).aggregate(
+        requests=Count("id"), errors=Count("id", filter=Q(status__gte=500))
+    )
+    last = AuditRecord.objects.aggregate(at=Max("at"))["at"]
+    return {
+        "queues": queue_stats(),
+        "workers": {"clusters": len(worker_clusters())},
+        "api": {
+            "requests_last_minute": api["requests"],
+            "server_errors_last_minute": api["errors"],
+        },
+        "last_activity": last.isoformat().replace("+00:00", "Z") if last else None,
+        "uptime_s": uptime_s(),
+    }
+
+
+def database_ping() -> float:
+    """Round-trip time of `SELECT 1` in ms; raises when the database is unreachable."""
+    import time
+
+    started = time.perf_counter()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+    return round((time.perf_counter() - started) * 1000, 2)

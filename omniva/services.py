@@ -1,0 +1,194 @@
+"""Writes of the core: API keys, projects, the audit trail, rate limits, the admin user."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from omniva.errors import ErrorCode, OmnivaError
+from omniva.models import ApiKey, AuditRecord, Project, Scope
+
+logger = logging.getLogger("omniva")
+
+KEY_PREFIX = "omv"
+# last_used_at is a hint for operators, not an audit trail: refresh it at most this often
+# so that authentication does not add a write to every request.
+KEY_USE_RESOLUTION = timedelta(seconds=60)
+
+
+# --- API keys ------------------------------------------------------------------------------
+
+
+def api_key_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def api_key_create(
+    *, name: str, scopes: list[str], project: Project | None = None
+) -> tuple[ApiKey, str]:
+    """Create a key; returns it with the secret, which is shown once and never stored."""
+    name = name.strip()
+    if not name:
+        raise OmnivaError(ErrorCode.VALIDATION_ERROR, "A key needs a name.", details={"name": ["required"]})
+    unknown = sorted(set(scopes) - set(Scope.values))
+    if unknown:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"Unknown scope(s): {', '.join(unknown)}; known: {', '.join(Scope.values)}.",
+            details={"scopes": unknown},
+        )
+    prefix = secrets.token_hex(6)
+    raw = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    try:
+        with transaction.atomic():
+            key = ApiKey.objects.create(
+                name=name,
+                prefix=prefix,
+                key_hash=api_key_hash(raw),
+                scopes=sorted(set(scopes)),
+                project=project,
+            )
+    except IntegrityError:
+        raise OmnivaError(ErrorCode.CONFLICT, f"A key named {name!r} already exists.") from None
+    return key, raw
+
+
+def api_key_revoke(*, name: str) -> ApiKey:
+    with transaction.atomic():
+        key = ApiKey.objects.select_for_update().filter(name=name).first()
+        if key is None:
+            raise OmnivaError(ErrorCode.API_KEY_NOT_FOUND, f"No key named {name!r}.")
+        if key.revoked_at is None:
+            key.revoked_at = timezone.now()
+            key.save(update_fields=["revoked_at"])
+        return key
+
+
+def api_key_mark_used(*, key: ApiKey) -> None:
+    now = timezone.now()
+    if key.last_used_at is not None and now - key.last_used_at < KEY_USE_RESOLUTION:
+        return
+    # A conditional UPDATE, no lock: concurrent requests with the same key race
+    # harmlessly, and at most one of them writes per resolution window.
+    ApiKey.objects.filter(pk=key.pk).exclude(last_used_at__gt=now - KEY_USE_RESOLUTION).update(
+        last_used_at=now
+    )
+    key.last_used_at = now
+
+
+# --- Projects ------------------------------------------------------------------------------
+
+
+def project_create(*, name: str, description: str = "") -> Project:
+    try:
+        with transaction.atomic():
+            return Project.objects.create(name=name, description=description)
+    except IntegrityError:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"A project named {name!r} already exists.",
+            details={"name": ["A project with this name already exists."]},
+        ) from None
+
+
+def project_update(*, project: Project, changes: dict[str, Any]) -> Project:
+    try:
+        with transaction.atomic():
+            locked = Project.objects.select_for_update().get(pk=project.pk)
+            for field in ("name", "description"):
+                if field in changes:
+                    setattr(locked, field, changes[field])
+            locked.save()
+            return locked
+    except IntegrityError:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            "A project with this name already exists.",
+            details={"name": ["A project with this name already exists."]},
+        ) from None
+
+
+def project_delete(*, project: Project) -> None:
+    with transaction.atomic():
+        Project.objects.filter(pk=project.pk).delete()
+
+
+# --- Audit ---------------------------------------------------------------------------------
+
+
+def audit_record_write(**fields: Any) -> None:
+    """Write one audit row. Never raises: a lost audit row must not fail a request."""
+    try:
+        AuditRecord.objects.create(**fields)
+    except Exception:
+        logger.warning("could not write the audit record of %s", fields.get("request_id"), exc_info=True)
+
+
+def audit_records_prune(*, older_than: timedelta) -> int:
+    deleted, _ = AuditRecord.objects.filter(at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
+# --- Rate limits ---------------------------------------------------------------------------
+
+# GCRA: a caller may go ahead when its theoretical arrival time (tat) is at most
+# `tolerance` in the future; going ahead pushes tat one interval further. Checking and
+# spending is one statement, so concurrent requests of one caller on any number of
+# nodes cannot both spend the last token: the row lock of ON CONFLICT serializes them.
+_TAKE_SQL = """
+INSERT INTO omniva_ratelimitbucket AS b (bucket, tat)
+VALUES (%(bucket)s, clock_timestamp() + make_interval(secs => %(interval)s))
+ON CONFLICT (bucket) DO UPDATE
+   SET tat = GREATEST(b.tat, clock_timestamp()) + make_interval(secs => %(interval)s)
+ WHERE b.tat - clock_timestamp() <= make_interval(secs => %(tolerance)s)
+RETURNING 1
+"""
+_WAIT_SQL = """
+SELECT EXTRACT(EPOCH FROM (tat - clock_timestamp())) - %(tolerance)s
+  FROM omniva_ratelimitbucket WHERE bucket = %(bucket)s
+"""
+
+
+def rate_limit_take(*, bucket: str, rate_per_s: float, burst: int) -> float | None:
+    """Spend one request of `bucket`. None when allowed, else seconds to wait."""
+    interval = 1.0 / rate_per_s
+    params = {"bucket": bucket, "interval": interval, "tolerance": interval * (burst - 1)}
+    with connection.cursor() as cursor:
+        cursor.execute(_TAKE_SQL, params)
+        if cursor.fetchone() is not None:
+            return None
+        cursor.execute(_WAIT_SQL, params)
+        row = cursor.fetchone()
+    return max(float(row[0]) if row else interval, 0.001)
+
+
+# --- The first admin -----------------------------------------------------------------------
+
+
+def admin_user_ensure(*, username: str, password_file: Path) -> str | None:
+    """Create the first superuser if there is no user at all.
+
+    Returns the new password (also written to `password_file`, mode 0600), or None
+    when users exist already.
+    """
+    User = get_user_model()
+    with transaction.atomic():
+        # Serializes two `serve` processes starting together on one database.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('omniva.admin_user_ensure'))")
+        if User.objects.exists():
+            return None
+        password = secrets.token_urlsafe(18)
+        User.objects.create_superuser(username=username, email="", password=password)
+    password_file.parent.mkdir(parents=True, exist_ok=True)
+    password_file.touch(mode=0o600)
+    password_file.write_text(f"{username}\n{password}\n")
+    return password

@@ -1,0 +1,19 @@
+"""The composition root: every app's routes meet here (DESIGN.md, "Imports point one way")."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path, re_path
+
+from omniva.api import views as api_views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("health", api_views.HealthView.as_view(), name="health-root"),
+    path("v1/", include("omniva.api.urls")),
+    # Last under /v1: every unknown path answers an enveloped 404.
+    re_path(r"^v1(?:/.*)?$", api_views.NotFoundView.as_view(), name="v1-not-found"),
+    path("", include("django_prometheus.urls")),
+]
+
+handler500 = "omniva.api.views.server_error"

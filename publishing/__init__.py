@@ -1,0 +1,1 @@
+"""Publishing: destinations, publications and schedules."""
