@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 SUPERUSER = "postgres"
 DEFAULT_DATABASE = "omniva"
@@ -100,7 +101,9 @@ class EmbeddedServer:
         return self.pgdata / "omniva-owner"
 
     def url(self, database: str | None = None) -> str:
-        return f"postgresql://{SUPERUSER}@/{database or self.database}?host={self.socket_dir}"
+        """A libpq URL; the socket folder is the percent-encoded host."""
+        host = quote(str(self.socket_dir), safe="")
+        return f"postgresql://{SUPERUSER}@{host}/{database or self.database}"
 
     def django_settings(self, database: str | None = None) -> dict:
         return {

@@ -156,8 +156,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "omniva.api.middleware.RequestIdMiddleware",
-    "omniva.api.middleware.BodySizeLimitMiddleware",
     "omniva.api.middleware.AuditMiddleware",
+    "omniva.api.middleware.BodySizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -294,6 +294,9 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and docs pages need a key (any scope) or a staff session, like the rest.
+    "SERVE_PERMISSIONS": ["omniva.api.permissions.HasScope"],
+    "SERVE_AUTHENTICATION": None,
     "SCHEMA_PATH_PREFIX": "/v1",
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [

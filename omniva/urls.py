@@ -9,7 +9,7 @@ from omniva.api import views as api_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("health", api_views.HealthView.as_view(), name="health-root"),
+    path("health", api_views.RootHealthView.as_view(), name="health-root"),
     path("v1/", include("omniva.api.urls")),
     # Last under /v1: every unknown path answers an enveloped 404.
     re_path(r"^v1(?:/.*)?$", api_views.NotFoundView.as_view(), name="v1-not-found"),

@@ -1,7 +1,7 @@
 """Scopes: each view names the scope its reads and its writes need.
 
 A view sets `read_scope` and `write_scope` (safe and unsafe methods); a view that
-names neither needs `admin`. Staff users logged in to the admin have every scope;
+names neither needs `admin`; a scope of None admits any valid key. Staff users logged in to the admin have every scope;
 other logged-in users have none.
 """
 
@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from omniva.models import ApiKey, Project, Scope
 
 
-def required_scope(request: Request, view: Any) -> str:
+def required_scope(request: Request, view: Any) -> str | None:
     if request.method in SAFE_METHODS:
         return getattr(view, "read_scope", Scope.ADMIN)
     return getattr(view, "write_scope", Scope.ADMIN)
@@ -38,7 +38,7 @@ class HasScope(BasePermission):
             return False
         scope = required_scope(request, view)
         if isinstance(request.auth, ApiKey):
-            if request.auth.has_scope(scope):
+            if scope is None or request.auth.has_scope(scope):
                 return True
             self.message = f"This key lacks the scope {scope!s}."
             return False

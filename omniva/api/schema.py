@@ -57,6 +57,20 @@ def _success(data_schema: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def _error_with_data(data_schema: dict[str, Any]) -> dict[str, Any]:
+    """An error that still carries data (the health report of an unhealthy service)."""
+    return {
+        "type": "object",
+        "properties": {
+            "status": {"type": "string", "enum": ["error"]},
+            "data": data_schema,
+            "error": {"$ref": "#/components/schemas/Error"},
+            "meta": {"$ref": "#/components/schemas/EnvelopeMeta"},
+        },
+        "required": ["status", "data", "error", "meta"],
+    }
+
+
 ERROR_ENVELOPE = {
     "type": "object",
     "properties": {
@@ -86,7 +100,10 @@ def wrap_responses_in_envelope(result: dict[str, Any], generator: Any, request: 
             for status, response in list(responses.items()):
                 content = response.get("content")
                 if status.startswith(("4", "5")):
-                    response["content"] = {"application/json": {"schema": error_ref}}
+                    schema = next(iter(content.values())).get("schema") if content else None
+                    response["content"] = {
+                        "application/json": {"schema": _error_with_data(schema) if schema else error_ref}
+                    }
                     continue
                 if not content:
                     response["content"] = {"application/json": {"schema": _success(None)}}
@@ -94,8 +111,8 @@ def wrap_responses_in_envelope(result: dict[str, Any], generator: Any, request: 
                 for media in content.values():
                     media["schema"] = _success(media.get("schema"))
             for status, description in COMMON_ERRORS.items():
-                if operation.get("security") == [{}] and status in {"401", "403", "429"}:
-                    continue
+                if "security" not in operation and status in {"401", "403", "429"}:
+                    continue  # a public operation
                 responses.setdefault(
                     status,
                     {"description": description, "content": {"application/json": {"schema": error_ref}}},

@@ -50,6 +50,11 @@ class HealthView(PublicView):
         return EnvelopeResponse(report)
 
 
+@extend_schema(exclude=True)
+class RootHealthView(HealthView):
+    """/health, for load balancers that probe outside the API's prefix."""
+
+
 class InfoView(PublicView):
     @extend_schema(responses=serializers.InfoSerializer, summary="Name, version and configuration", auth=[])
     def get(self, request: Request) -> EnvelopeResponse:

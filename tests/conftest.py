@@ -1,0 +1,228 @@
+"""Test infrastructure: a throwaway embedded PostgreSQL per pytest run, real processes.
+
+The run starts its own server under var/test-pg/<pid> with fsync off, points Django's
+test database at it, and destroys it at the end. A folder left by a run that was
+killed (its pid is gone) is swept at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from django.conf import settings
+from django.db import connections
+
+from omniva import services
+from omniva.embedded_db import EmbeddedServer
+from omniva.models import ApiKey, Project, Scope
+
+TEST_SERVER_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+TEST_ROOT = Path(settings.VAR_DIR) / "test-pg"
+REPO_ROOT = Path(settings.BASE_DIR)
+
+
+def _sweep_leftover_servers(root: Path) -> None:
+    if not root.exists():
+        return
+    for folder in root.iterdir():
+        if not folder.is_dir():
+            continue
+        if folder.name.isdigit() and psutil.pid_exists(int(folder.name)):
+            continue  # another pytest run is using it
+        EmbeddedServer(folder).destroy()
+
+
+def _other_client_backends(server: EmbeddedServer) -> list[tuple]:
+    import psycopg
+
+    with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+        return conn.execute(
+            "SELECT pid, datname, application_name, state FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        ).fetchall()
+
+
+@pytest.fixture(scope="session")
+def embedded_test_server() -> Iterator[EmbeddedServer]:
+    _sweep_leftover_servers(TEST_ROOT)
+    server = EmbeddedServer(
+        TEST_ROOT / str(os.getpid()), database="postgres", server_settings=TEST_SERVER_SETTINGS
+    )
+    server.start(owner_pid=os.getpid())
+    yield server
+    try:
+        leftovers = _other_client_backends(server)
+    finally:
+        server.destroy()
+    assert not leftovers, f"the test run left database connections open: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(embedded_test_server: EmbeddedServer) -> None:
+    """pytest-django's hook to change the database settings before the test DB is made."""
+    connections.close_all()
+    db = connections["default"].settings_dict
+    db.update(embedded_test_server.django_settings(database="omniva"))
+    db["TEST"]["NAME"] = "test_omniva"
+
+
+@pytest.fixture(scope="session")
+def test_database_url(embedded_test_server: EmbeddedServer, django_db_setup: None) -> str:
+    """The URL of the migrated test database, for processes the tests start."""
+    return embedded_test_server.url("test_omniva")
+
+
+# --- Keys and clients ----------------------------------------------------------------------
+
+
+@dataclass
+class KeyHandle:
+    key: ApiKey
+    secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"HTTP_AUTHORIZATION": f"Bearer {self.secret}"}
+
+
+@pytest.fixture
+def make_key(db: None) -> Callable[..., KeyHandle]:
+    counter = iter(range(1_000_000))
+
+    def make(*scopes: str, project: Project | None = None, name: str | None = None) -> KeyHandle:
+        key, secret = services.api_key_create(
+            name=name or f"key-{next(counter)}", scopes=list(scopes) or [Scope.ADMIN], project=project
+        )
+        return KeyHandle(key, secret)
+
+    return make
+
+
+@pytest.fixture
+def admin_key(make_key: Callable[..., KeyHandle]) -> KeyHandle:
+    return make_key(Scope.ADMIN, name="admin-key")
+
+
+@pytest.fixture
+def api(client: Any, admin_key: KeyHandle) -> Any:
+    """Django's test client sending the admin key."""
+    client.defaults.update(admin_key.headers)
+    return client
+
+
+# --- Real processes --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, what: str = "") -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body)
+
+
+def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 10) -> HttpResult:
+    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback test URL)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return HttpResult(response.status, dict(response.headers), response.read())
+    except urllib.error.HTTPError as error:
+        return HttpResult(error.code, dict(error.headers), error.read())
+
+
+def try_http_get(url: str, **kwargs: Any) -> HttpResult | None:
+    try:
+        return http_get(url, **kwargs)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+class ProcessGroup:
+    """Processes a test starts; every one is stopped (with its children) at teardown."""
+
+    def __init__(self, base_env: dict[str, str]) -> None:
+        self.base_env = base_env
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+        output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO_ROOT,
+            env={**self.base_env, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def manage(self, *args: str, **kwargs: Any) -> subprocess.Popen:
+        return self.start([sys.executable, str(REPO_ROOT / "manage.py"), *args], **kwargs)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, 9)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYTEST_", "DATABASE_URL", "OMNIVA_"))
+    }
+    env["DJANGO_SETTINGS_MODULE"] = "omniva.settings"
+    env["PYTHONUNBUFFERED"] = "1"
+    group = ProcessGroup(env)
+    yield group
+    group.stop_all()
+
+
+@pytest.fixture
+def scratch_var(tmp_path: Path) -> Iterator[Path]:
+    """An OMNIVA_VAR_DIR of its own, short enough for a socket path."""
+    folder = Path(settings.VAR_DIR) / "test-var" / f"{os.getpid()}-{time.monotonic_ns()}"
+    folder.mkdir(parents=True)
+    yield folder
+    EmbeddedServer(folder / "pg").destroy()
+    shutil.rmtree(folder, ignore_errors=True)
