@@ -21,10 +21,27 @@ class ProjectAdmin(admin.ModelAdmin):
 class ApiKeyAdmin(admin.ModelAdmin):
     """Keys are created with `manage.py apikey create`, which shows the secret once."""
 
-    list_display = ["name", "prefix", "scopes", "project", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "name",
+        "prefix",
+        "scopes",
+        "project",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     list_filter = ["revoked_at"]
     search_fields = ["name", "prefix"]
-    readonly_fields = ["name", "prefix", "key_hash", "scopes", "project", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = [
+        "name",
+        "prefix",
+        "key_hash",
+        "scopes",
+        "project",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    ]
     actions = ["revoke"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -41,7 +58,16 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class AuditRecordAdmin(admin.ModelAdmin):
     """Read-only: the audit trail is written by the API, never edited."""
 
-    list_display = ["at", "request_id", "method", "path", "status", "duration_ms", "key_name", "user"]
+    list_display = [
+        "at",
+        "request_id",
+        "method",
+        "path",
+        "status",
+        "duration_ms",
+        "key_name",
+        "user",
+    ]
     list_filter = ["status", "method"]
     search_fields = ["request_id", "path", "key_name"]
     date_hierarchy = "at"

@@ -24,7 +24,9 @@ class QueueCollector(Collector):
         except Exception as exc:  # the database is down: report nothing rather than fail
             logger.warning("queue metrics unavailable: %s", exc.__class__.__name__)
             return
-        depth = GaugeMetricFamily("omniva_queue_depth", "Tasks waiting or running per queue", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "omniva_queue_depth", "Tasks waiting or running per queue", labels=["queue"]
+        )
         lag = GaugeMetricFamily(
             "omniva_queue_lag_seconds", "Age of the oldest ready task per queue", labels=["queue"]
         )

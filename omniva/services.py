@@ -37,7 +37,9 @@ def api_key_create(
     """Create a key; returns it with the secret, which is shown once and never stored."""
     name = name.strip()
     if not name:
-        raise OmnivaError(ErrorCode.VALIDATION_ERROR, "A key needs a name.", details={"name": ["required"]})
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR, "A key needs a name.", details={"name": ["required"]}
+        )
     unknown = sorted(set(scopes) - set(Scope.values))
     if unknown:
         raise OmnivaError(
@@ -129,7 +131,9 @@ def audit_record_write(**fields: Any) -> None:
     try:
         AuditRecord.objects.create(**fields)
     except Exception:
-        logger.warning("could not write the audit record of %s", fields.get("request_id"), exc_info=True)
+        logger.warning(
+            "could not write the audit record of %s", fields.get("request_id"), exc_info=True
+        )
 
 
 def audit_records_prune(*, older_than: timedelta) -> int:

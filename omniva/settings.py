@@ -32,10 +32,14 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ImproperlyConfigured(f"{name} must be one of 1/0, true/false, yes/no, on/off; got {raw!r}")
+    raise ImproperlyConfigured(
+        f"{name} must be one of 1/0, true/false, yes/no, on/off; got {raw!r}"
+    )
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def env_int(
+    name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -92,9 +96,7 @@ def env_choice(name: str, default: str, choices: set[str]) -> str:
     return value
 
 
-def _check_range(
-    name: str, value: float, minimum: float | None, maximum: float | None
-) -> None:
+def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}; got {value}")
     if maximum is not None and value > maximum:
@@ -144,6 +146,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "channels",
     "django_q",
     "django_prometheus",
@@ -297,6 +300,10 @@ SPECTACULAR_SETTINGS = {
     # The schema and docs pages need a key (any scope) or a staff session, like the rest.
     "SERVE_PERMISSIONS": ["omniva.api.permissions.HasScope"],
     "SERVE_AUTHENTICATION": None,
+    # Swagger UI and ReDoc assets from the installed sidecar package, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/v1",
     "COMPONENT_SPLIT_REQUEST": True,
     "POSTPROCESSING_HOOKS": [
@@ -313,7 +320,9 @@ OMNIVA_EVENT_LEASE_S = env_int("OMNIVA_EVENT_LEASE_S", 300, minimum=1)
 OMNIVA_ENGINE_OFFLINE_AFTER_S = env_int("OMNIVA_ENGINE_OFFLINE_AFTER_S", 60, minimum=1)
 OMNIVA_DEVICE = env_str("OMNIVA_DEVICE", "auto").strip().lower()
 if OMNIVA_DEVICE not in {"auto", "cpu", "cuda"} and not OMNIVA_DEVICE.startswith("cuda:"):
-    raise ImproperlyConfigured(f"OMNIVA_DEVICE must be auto, cpu, cuda or cuda:N; got {OMNIVA_DEVICE!r}")
+    raise ImproperlyConfigured(
+        f"OMNIVA_DEVICE must be auto, cpu, cuda or cuda:N; got {OMNIVA_DEVICE!r}"
+    )
 OMNIVA_ALLOW_PRIVATE_URLS = env_bool("OMNIVA_ALLOW_PRIVATE_URLS", False)
 OMNIVA_QUEUES = ["default", "gpu"]
 OMNIVA_WORKERS = env_int("OMNIVA_WORKERS", 2, minimum=1, maximum=64)

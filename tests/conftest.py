@@ -105,7 +105,9 @@ def make_key(db: None) -> Callable[..., KeyHandle]:
 
     def make(*scopes: str, project: Project | None = None, name: str | None = None) -> KeyHandle:
         key, secret = services.api_key_create(
-            name=name or f"key-{next(counter)}", scopes=list(scopes) or [Scope.ADMIN], project=project
+            name=name or f"key-{next(counter)}",
+            scopes=list(scopes) or [Scope.ADMIN],
+            project=project,
         )
         return KeyHandle(key, secret)
 
@@ -133,7 +135,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, what: str = "") -> Any:
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, what: str = ""
+) -> Any:
     """Poll `condition` until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -158,9 +162,9 @@ class HttpResult:
 
 
 def http_get(url: str, *, headers: dict[str, str] | None = None, timeout: float = 10) -> HttpResult:
-    request = urllib.request.Request(url, headers=headers or {})  # noqa: S310 (loopback test URL)
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return HttpResult(response.status, dict(response.headers), response.read())
     except urllib.error.HTTPError as error:
         return HttpResult(error.code, dict(error.headers), error.read())
@@ -180,7 +184,9 @@ class ProcessGroup:
         self.base_env = base_env
         self.processes: list[subprocess.Popen] = []
 
-    def start(self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    def start(
+        self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen:
         output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
         process = subprocess.Popen(
             argv,

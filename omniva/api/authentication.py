@@ -64,5 +64,5 @@ class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
     target_class = ApiKeyAuthentication
     name = "ApiKey"
 
-    def get_security_definition(self, auto_schema):  # noqa: ANN001, ANN201 (drf-spectacular API)
+    def get_security_definition(self, auto_schema):
         return {"type": "http", "scheme": "bearer", "description": "Omniva API key"}

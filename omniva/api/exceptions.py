@@ -96,7 +96,9 @@ def envelope_exception_handler(exc: Exception, context: dict[str, Any]) -> Respo
         message = f"Too many requests; retry in {wait} s."
     elif isinstance(exc, exceptions.APIException):
         status = exc.status_code
-        code = _STATUS_CODES.get(status, ErrorCode.VALIDATION_ERROR if status < 500 else ErrorCode.INTERNAL_ERROR)
+        code = _STATUS_CODES.get(
+            status, ErrorCode.VALIDATION_ERROR if status < 500 else ErrorCode.INTERNAL_ERROR
+        )
         message = _message(exc.detail)
         auth_header = getattr(exc, "auth_header", None)
         if auth_header:
@@ -120,4 +122,3 @@ def envelope_exception_handler(exc: Exception, context: dict[str, Any]) -> Respo
 
     set_rollback()
     return Response(error_body(code, message, details), status=status, headers=headers)
-

@@ -49,9 +49,7 @@ class RequestIdMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         incoming = request.META.get("HTTP_X_REQUEST_ID", "")
-        request.request_id = (
-            incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        )
+        request.request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         response = self.get_response(request)
         response[REQUEST_ID_HEADER] = request.request_id
         return response
@@ -74,7 +72,9 @@ class BodySizeLimitMiddleware:
         except ValueError:
             length = -1
         if length < 0:
-            return self._refuse(request, ErrorCode.MALFORMED_REQUEST, "Content-Length is not valid.")
+            return self._refuse(
+                request, ErrorCode.MALFORMED_REQUEST, "Content-Length is not valid."
+            )
         limit = settings.OMNIVA_MAX_BODY_BYTES
         if length > limit:
             return self._refuse(
@@ -105,7 +105,11 @@ def _touched_entities(request: HttpRequest, response: HttpResponse) -> list[str]
     if isinstance(data, dict) and "id" in data:
         ids.append(str(data["id"]))
     elif isinstance(data, list):
-        ids.extend(str(item["id"]) for item in data[:MAX_AUDITED_ENTITIES] if isinstance(item, dict) and "id" in item)
+        ids.extend(
+            str(item["id"])
+            for item in data[:MAX_AUDITED_ENTITIES]
+            if isinstance(item, dict) and "id" in item
+        )
     return list(dict.fromkeys(ids))[:MAX_AUDITED_ENTITIES]
 
 

@@ -1,8 +1,8 @@
 """Scopes: each view names the scope its reads and its writes need.
 
 A view sets `read_scope` and `write_scope` (safe and unsafe methods); a view that
-names neither needs `admin`; a scope of None admits any valid key. Staff users logged in to the admin have every scope;
-other logged-in users have none.
+names neither needs `admin`; a scope of None admits any valid key. Staff users
+logged in to the admin have every scope; other logged-in users have none.
 """
 
 from __future__ import annotations

@@ -83,7 +83,9 @@ ERROR_ENVELOPE = {
 }
 
 
-def wrap_responses_in_envelope(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+def wrap_responses_in_envelope(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: wrap each response body in the envelope."""
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
     schemas["EnvelopeMeta"] = ENVELOPE_META
@@ -102,7 +104,9 @@ def wrap_responses_in_envelope(result: dict[str, Any], generator: Any, request: 
                 if status.startswith(("4", "5")):
                     schema = next(iter(content.values())).get("schema") if content else None
                     response["content"] = {
-                        "application/json": {"schema": _error_with_data(schema) if schema else error_ref}
+                        "application/json": {
+                            "schema": _error_with_data(schema) if schema else error_ref
+                        }
                     }
                     continue
                 if not content:
@@ -115,6 +119,9 @@ def wrap_responses_in_envelope(result: dict[str, Any], generator: Any, request: 
                     continue  # a public operation
                 responses.setdefault(
                     status,
-                    {"description": description, "content": {"application/json": {"schema": error_ref}}},
+                    {
+                        "description": description,
+                        "content": {"application/json": {"schema": error_ref}},
+                    },
                 )
     return result

@@ -6,17 +6,28 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from omniva.api import views
+from omniva.api.renderers import EnvelopeJSONRenderer
 
 
-class SchemaView(SpectacularAPIView):
+class EnvelopedErrors:
+    """The schema and docs render YAML or HTML; their errors are enveloped JSON all the same."""
+
+    def handle_exception(self, exc: Exception):
+        response = super().handle_exception(exc)
+        self.request.accepted_renderer = EnvelopeJSONRenderer()
+        self.request.accepted_media_type = EnvelopeJSONRenderer.media_type
+        return response
+
+
+class SchemaView(EnvelopedErrors, SpectacularAPIView):
     read_scope = None  # any valid key
 
 
-class SwaggerView(SpectacularSwaggerView):
+class SwaggerView(EnvelopedErrors, SpectacularSwaggerView):
     read_scope = None  # any valid key
 
 
-class RedocView(SpectacularRedocView):
+class RedocView(EnvelopedErrors, SpectacularRedocView):
     read_scope = None  # any valid key
 
 

@@ -56,7 +56,9 @@ class RootHealthView(HealthView):
 
 
 class InfoView(PublicView):
-    @extend_schema(responses=serializers.InfoSerializer, summary="Name, version and configuration", auth=[])
+    @extend_schema(
+        responses=serializers.InfoSerializer, summary="Name, version and configuration", auth=[]
+    )
     def get(self, request: Request) -> EnvelopeResponse:
         return EnvelopeResponse(selectors.service_info())
 
@@ -102,7 +104,9 @@ class ProjectDetailView(ProjectScopedQueryset, generics.RetrieveUpdateDestroyAPI
     def update(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
         serializer = self.get_serializer(self.get_object(), data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        project = services.project_update(project=serializer.instance, changes=serializer.validated_data)
+        project = services.project_update(
+            project=serializer.instance, changes=serializer.validated_data
+        )
         return EnvelopeResponse(self.get_serializer(project).data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:

@@ -45,7 +45,12 @@ def test_failed_and_anonymous_requests_are_audited_too(client) -> None:
 def test_oversized_request_is_audited(client, settings) -> None:
     settings.OMNIVA_MAX_BODY_BYTES = 2048
 
-    client.post("/v1/projects", data="x" * 4096, content_type="application/json", HTTP_X_REQUEST_ID="audit-413")
+    client.post(
+        "/v1/projects",
+        data="x" * 4096,
+        content_type="application/json",
+        HTTP_X_REQUEST_ID="audit-413",
+    )
 
     assert AuditRecord.objects.get(request_id="audit-413").status == 413
 

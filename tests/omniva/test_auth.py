@@ -35,8 +35,10 @@ def test_missing_key_is_unauthenticated(client) -> None:
 def test_wrong_key_is_unauthenticated(client, make_key, secret: str) -> None:
     make_key(Scope.CONTENT)
 
-    response = client.get("/v1/projects", HTTP_X_API_KEY=secret) if secret else client.get(
-        "/v1/projects", HTTP_AUTHORIZATION="Bearer "
+    response = (
+        client.get("/v1/projects", HTTP_X_API_KEY=secret)
+        if secret
+        else client.get("/v1/projects", HTTP_AUTHORIZATION="Bearer ")
     )
 
     assert response.status_code == 401
@@ -99,7 +101,10 @@ def test_project_bound_key_sees_only_its_project(client, make_key) -> None:
     own = client.get(f"/v1/projects/{mine.pk}", **handle.headers)
     other = client.get(f"/v1/projects/{theirs.pk}", **handle.headers)
     patch_other = client.patch(
-        f"/v1/projects/{theirs.pk}", data={"name": "stolen"}, content_type="application/json", **handle.headers
+        f"/v1/projects/{theirs.pk}",
+        data={"name": "stolen"},
+        content_type="application/json",
+        **handle.headers,
     )
 
     assert [p["id"] for p in listing["data"]] == [str(mine.pk)]
@@ -116,7 +121,9 @@ def test_project_bound_key_cannot_create_projects(client, make_key) -> None:
     mine = services.project_create(name="mine")
     handle = make_key(Scope.CONTENT, project=mine)
 
-    response = client.post("/v1/projects", data={"name": "new"}, content_type="application/json", **handle.headers)
+    response = client.post(
+        "/v1/projects", data={"name": "new"}, content_type="application/json", **handle.headers
+    )
 
     assert response.status_code == 403
     assert Project.objects.count() == 1

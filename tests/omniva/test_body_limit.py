@@ -29,7 +29,9 @@ def test_body_under_the_limit_is_accepted(api, settings) -> None:
 
 
 def test_invalid_content_length_is_malformed_request(api) -> None:
-    response = api.post("/v1/projects", data="{}", content_type="application/json", CONTENT_LENGTH="-5")
+    response = api.post(
+        "/v1/projects", data="{}", content_type="application/json", CONTENT_LENGTH="-5"
+    )
 
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "MALFORMED_REQUEST"

@@ -69,7 +69,9 @@ def test_wrong_method_is_method_not_allowed(api) -> None:
 
 
 def test_unsupported_content_type_is_415(api) -> None:
-    response = api.post("/v1/projects", data="name=x", content_type="application/x-www-form-urlencoded")
+    response = api.post(
+        "/v1/projects", data="name=x", content_type="application/x-www-form-urlencoded"
+    )
 
     assert_error_envelope(response, 415, "UNSUPPORTED_MEDIA_TYPE")
     assert not Project.objects.exists()

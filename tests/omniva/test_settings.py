@@ -59,7 +59,9 @@ def test_values_are_parsed(monkeypatch) -> None:
         ("verbose", lambda: env_choice("OMNIVA_BAD", "info", {"info", "debug"})),
     ],
 )
-def test_bad_values_raise_improperly_configured_naming_the_variable(monkeypatch, value, call) -> None:
+def test_bad_values_raise_improperly_configured_naming_the_variable(
+    monkeypatch, value, call
+) -> None:
     monkeypatch.setenv("OMNIVA_BAD", value)
 
     with pytest.raises(ImproperlyConfigured, match="OMNIVA_BAD"):
@@ -78,11 +80,23 @@ def test_secret_key_is_generated_once_and_kept_private(tmp_path) -> None:
 
 
 def _settings_in_subprocess(tmp_path, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMNIVA_", "DATABASE_URL", "PORT"))}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OMNIVA_", "DATABASE_URL", "PORT"))
+    }
     return subprocess.run(
-        [sys.executable, "-c", "import django; django.setup(); from django.conf import settings; print(settings.DEBUG)"],
+        [
+            sys.executable,
+            "-c",
+            "import django; django.setup(); "
+            "from django.conf import settings; print(settings.DEBUG)",
+        ],
         cwd=REPO_ROOT,
-        env={**clean, "DJANGO_SETTINGS_MODULE": "omniva.settings", "OMNIVA_VAR_DIR": str(tmp_path / "var"), **env},
+        env={
+            **clean,
+            "DJANGO_SETTINGS_MODULE": "omniva.settings",
+            "OMNIVA_VAR_DIR": str(tmp_path / "var"),
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=60,

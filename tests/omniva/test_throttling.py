@@ -55,5 +55,6 @@ def test_refused_requests_do_not_spend_the_allowance() -> None:
     first_wait = services.rate_limit_take(bucket="s", rate_per_s=0.01, burst=1)
     second_wait = services.rate_limit_take(bucket="s", rate_per_s=0.01, burst=1)
 
-    assert first_wait is not None and second_wait is not None
+    assert first_wait is not None
+    assert second_wait is not None
     assert second_wait <= first_wait  # refusals did not push the next slot further out

@@ -1,4 +1,4 @@
-"""`manage.py apikey create NAME [--scope S …] [--project ID]`, `apikey list`, `apikey revoke NAME`."""
+"""`manage.py apikey create NAME [--scope S …] [--project ID]`, `list`, `revoke NAME`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         actions = parser.add_subparsers(dest="action", required=True)
-        create = actions.add_parser("create", help="Create a key; its secret is printed on the last line.")
+        create = actions.add_parser(
+            "create", help="Create a key; its secret is printed on the last line."
+        )
         create.add_argument("name")
         create.add_argument(
             "--scope",
@@ -59,17 +61,23 @@ class Command(BaseCommand):
             return
         rows = [("NAME", "PREFIX", "SCOPES", "PROJECT", "LAST USED", "STATE")]
         for key in keys:
-            rows.append((
-                key.name,
-                key.prefix,
-                ",".join(key.scopes),
-                key.project.name if key.project else "-",
-                key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "never",
-                "revoked" if key.revoked_at else "active",
-            ))
+            rows.append(
+                (
+                    key.name,
+                    key.prefix,
+                    ",".join(key.scopes),
+                    key.project.name if key.project else "-",
+                    key.last_used_at.strftime("%Y-%m-%d %H:%M") if key.last_used_at else "never",
+                    "revoked" if key.revoked_at else "active",
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
-            self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+            self.stdout.write(
+                "  ".join(
+                    cell.ljust(width) for cell, width in zip(row, widths, strict=True)
+                ).rstrip()
+            )
 
     def _revoke(self, options: dict[str, Any]) -> None:
         key = services.api_key_revoke(name=options["name"])

@@ -17,7 +17,9 @@ def embedded_server() -> EmbeddedServer:
 
 
 class Command(BaseCommand):
-    help = "Start, stop or inspect the embedded PostgreSQL server (used when DATABASE_URL is unset)."
+    help = (
+        "Start, stop or inspect the embedded PostgreSQL server (used when DATABASE_URL is unset)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=["start", "stop", "status", "url"])
@@ -27,7 +29,9 @@ class Command(BaseCommand):
         action = options["action"]
         if action == "start":
             outcome = server.start(owner_pid=None)
-            self.stdout.write(f"PostgreSQL {outcome} in {server.pgdata} (stop it with `manage.py db stop`).")
+            self.stdout.write(
+                f"PostgreSQL {outcome} in {server.pgdata} (stop it with `manage.py db stop`)."
+            )
         elif action == "stop":
             stopped = server.stop()
             self.stdout.write("Stopped." if stopped else "It was not running.")

@@ -54,7 +54,7 @@ class Child:
             env=self.env,
             cwd=settings.BASE_DIR,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 (no threads run yet)
+            preexec_fn=_die_with_parent,
         )
 
     def terminate(self) -> None:
@@ -94,7 +94,9 @@ class Command(BaseCommand):
                 child.start()
             if self._wait_until_listening(options["host"], options["port"], children):
                 base = f"http://{self._display_host(options['host'])}:{options['port']}"
-                self._say(f"Omniva is up: {base}/v1/health · admin {base}/admin/ · Ctrl-C stops it.")
+                self._say(
+                    f"Omniva is up: {base}/v1/health · admin {base}/admin/ · Ctrl-C stops it."
+                )
             exit_code = self._supervise(children)
         finally:
             self._stop_children(children)
@@ -112,7 +114,9 @@ class Command(BaseCommand):
         if settings.DATABASE_URL:
             self._say("Database: external (DATABASE_URL).")
             return None
-        server = EmbeddedServer(settings.VAR_DIR / "pg", database=settings.DATABASES["default"]["NAME"])
+        server = EmbeddedServer(
+            settings.VAR_DIR / "pg", database=settings.DATABASES["default"]["NAME"]
+        )
         outcome = server.start(owner_pid=os.getpid())
         described = {
             "started": "started",
@@ -163,7 +167,10 @@ class Command(BaseCommand):
         while not self._stop_requested.is_set():
             if any(child.process and child.process.poll() is not None for child in children):
                 return False
-            with contextlib.suppress(OSError), socket.create_connection((connect_host, port), timeout=0.5):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((connect_host, port), timeout=0.5),
+            ):
                 return True
             self._stop_requested.wait(0.1)
         return False

@@ -1,0 +1,50 @@
+"""/v1/health and /health: healthy with a worker cluster running, degraded without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _health(client) -> dict:
+    response = client.get("/v1/health")
+    assert response.status_code == 200
+    return response.json()["data"]
+
+
+def test_without_workers_the_service_is_degraded(client) -> None:
+    report = _health(client)
+
+    assert report["status"] == "degraded"
+    assert report["checks"]["database"]["status"] == "ok"
+    assert report["checks"]["workers"]["status"] == "degraded"
+    assert report["checks"]["queues"]["queues"]["default"]["depth"] == 0
+    assert set(report) >= {"status", "version", "uptime_s", "checks", "metrics"}
+
+
+@pytest.mark.slow
+def test_a_running_worker_cluster_makes_it_healthy(
+    client, processes, test_database_url, tmp_path
+) -> None:
+    processes.manage(
+        "qcluster", env={"DATABASE_URL": test_database_url}, log=tmp_path / "qcluster.log"
+    )
+
+    report = wait_for(
+        lambda: (r := _health(client))["status"] == "healthy" and r,
+        timeout=60,
+        interval=0.2,
+        what="a worker cluster to report in",
+    )
+
+    assert report["checks"]["workers"]["clusters"][0]["status"] in {"Idle", "Working", "Starting"}
+
+
+def test_root_health_is_the_same_report(client) -> None:
+    response = client.get("/health")
+
+    assert response.status_code == 200
+    assert response.json()["data"]["checks"]["database"]["status"] == "ok"
