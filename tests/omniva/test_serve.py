@@ -41,16 +41,15 @@ class Serve:
     def health(self):
         return try_http_get(f"{self.url}/v1/health", timeout=5)
 
-    def wait_healthy(self) -> dict:
+    def wait_healthy(self, *, clusters: int = 1) -> dict:
         def healthy():
             assert self.process.poll() is None, self.output()
             result = self.health()
-            return (
-                result
-                and result.status == 200
-                and result.json()["data"]["status"] == "healthy"
-                and result
-            )
+            if not (result and result.status == 200):
+                return None
+            data = result.json()["data"]
+            reported = len(data["checks"]["workers"].get("clusters", []))
+            return data["status"] == "healthy" and reported >= clusters and result
 
         return wait_for(healthy, timeout=90, interval=0.2, what="serve to report healthy").json()
 
@@ -66,7 +65,7 @@ def test_serve_answers_health_and_ctrl_c_leaves_no_process(
 ) -> None:
     serve = Serve(processes, scratch_var, tmp_path / "serve.log")
 
-    body = serve.wait_healthy()
+    body = serve.wait_healthy(clusters=2)
     children = serve.descendants()
     postmaster = serve.database().running_pid()
     serve.process.send_signal(signal.SIGINT)
