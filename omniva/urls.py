@@ -16,4 +16,7 @@ urlpatterns = [
     path("", include("django_prometheus.urls")),
 ]
 
+handler400 = "omniva.api.views.bad_request"
+handler403 = "omniva.api.views.permission_denied"
+handler404 = "omniva.api.views.page_not_found"
 handler500 = "omniva.api.views.server_error"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
+from django.views.defaults import bad_request as django_bad_request
+from django.views.defaults import page_not_found as django_page_not_found
+from django.views.defaults import permission_denied as django_permission_denied
 from django.views.defaults import server_error as django_server_error
 from drf_spectacular.utils import extend_schema
 from rest_framework import generics
@@ -155,8 +158,29 @@ class NotFoundView(APIView):
     get = post = put = patch = delete = head = options = _not_found
 
 
+# Django's own error handlers, for errors raised outside DRF views (a bad Host header
+# in middleware, say): the envelope under /v1, Django's pages elsewhere.
+
+
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if is_api_path(request.path):
+        return error_response(request, ErrorCode.MALFORMED_REQUEST, "Bad request.")
+    return django_bad_request(request, exception)
+
+
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if is_api_path(request.path):
+        return error_response(request, ErrorCode.PERMISSION_DENIED, "Permission denied.")
+    return django_permission_denied(request, exception)
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if is_api_path(request.path):
+        return error_response(request, ErrorCode.NOT_FOUND, "Not found.")
+    return django_page_not_found(request, exception)
+
+
 def server_error(request: HttpRequest) -> HttpResponse:
-    """handler500: the envelope under /v1, Django's page elsewhere."""
     if is_api_path(request.path):
         return error_response(request, ErrorCode.INTERNAL_ERROR, "Internal server error.")
     return django_server_error(request)

@@ -116,3 +116,17 @@ def test_paths_outside_v1_keep_django_pages(client) -> None:
 
     assert response.status_code == 404
     assert not response["Content-Type"].startswith("application/json")
+
+
+def test_a_disallowed_host_under_v1_is_an_enveloped_400(client) -> None:
+    response = client.get("/v1/info", HTTP_HOST="evil.example")
+
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "MALFORMED_REQUEST"
+
+
+def test_not_acceptable_is_answered_in_json_envelope(api) -> None:
+    response = api.get("/v1/info", HTTP_ACCEPT="text/csv")
+
+    assert response.status_code == 406
+    assert response.json()["error"]["code"] == "NOT_ACCEPTABLE"

@@ -29,4 +29,7 @@ urlpatterns = [
     path("v1/test-database-down", DatabaseDownView.as_view()),
     *real_urlpatterns,
 ]
+handler400 = "omniva.api.views.bad_request"
+handler403 = "omniva.api.views.permission_denied"
+handler404 = "omniva.api.views.page_not_found"
 handler500 = "omniva.api.views.server_error"
