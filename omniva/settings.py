@@ -328,18 +328,38 @@ OMNIVA_QUEUES = ["default", "gpu"]
 OMNIVA_WORKERS = env_int("OMNIVA_WORKERS", 2, minimum=1, maximum=64)
 OMNIVA_GPU_WORKERS = env_int("OMNIVA_GPU_WORKERS", 1, minimum=1, maximum=16)
 
+# A stage attempt holds its queue task under a lease that its worker's heartbeat renews
+# (every third of it); a worker that dies loses the task after one lease.
+OMNIVA_TASK_LEASE_S = env_int("OMNIVA_TASK_LEASE_S", 60, minimum=1)
+# After a cancel, how long a running stage has to reach a checkpoint before it is forced.
+OMNIVA_CANCEL_GRACE_S = env_int("OMNIVA_CANCEL_GRACE_S", 30, minimum=1)
+# Defaults of a job's timeout_s (seed 001: 10 minutes) and queue_timeout_s; 0 means none.
+OMNIVA_JOB_TIMEOUT_S = env_int("OMNIVA_JOB_TIMEOUT_S", 600, minimum=0) or None
+OMNIVA_QUEUE_TIMEOUT_S = env_int("OMNIVA_QUEUE_TIMEOUT_S", 0, minimum=0) or None
+
 # Named queues are django-q2 clusters: `Q_CLUSTER_NAME=gpu manage.py qcluster` serves `gpu`.
+# Our broker (jobs/broker.py) claims `bulk` tasks at a time; the pusher keeps at most
+# `queue_limit` claimed tasks waiting for a free worker. Time limits are the job's own
+# (timeout_s, enforced by jobs/tasks.py); django-q2's own task timeout is only a
+# backstop of a week (it must be set, and shorter than `retry`, or django-q2 warns).
 Q_CLUSTER = {
     "name": "default",
     "orm": "default",
+    "broker_class": "jobs.broker.PostgresBroker",
     "workers": OMNIVA_WORKERS,
-    "timeout": env_int("OMNIVA_TASK_TIMEOUT_S", 3600, minimum=1),
-    "retry": env_int("OMNIVA_TASK_TIMEOUT_S", 3600, minimum=1) + 60,
+    "bulk": OMNIVA_WORKERS,
+    "queue_limit": OMNIVA_WORKERS * 2,
+    "timeout": 7 * 86400,
+    "retry": 7 * 86400 + 60,
     "save_limit": 250,
     "catch_up": False,
     "label": "Queues",
     "ALT_CLUSTERS": {
-        "gpu": {"workers": OMNIVA_GPU_WORKERS},
+        "gpu": {
+            "workers": OMNIVA_GPU_WORKERS,
+            "bulk": OMNIVA_GPU_WORKERS,
+            "queue_limit": OMNIVA_GPU_WORKERS * 2,
+        },
     },
 }
 

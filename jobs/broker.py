@@ -1,0 +1,276 @@
+"""Our django-q2 broker on PostgreSQL (`Q_CLUSTER["broker_class"]`).
+
+One table, `jobs_queuetask` (jobs.models.QueueTask), indexed on (queue, priority desc,
+id). A claim is one statement: it picks the ready rows of a queue in priority then age
+order with FOR UPDATE SKIP LOCKED, so concurrent pushers never block on or take the same
+row, and moves their `visible_at` forward by the lease. The acknowledgement deletes the
+row, fenced by the delivery count, so a worker whose lease ran out and whose row was
+delivered again cannot delete the newer delivery. A row whose lease runs out is simply
+ready again: redelivery needs no sweeper.
+
+An idle pusher waits on LISTEN `omniva_queue_<queue>`; every enqueue NOTIFYs in its own
+transaction, so the wake-up arrives when the task becomes visible to the claim. A slow
+poll (one second, or sooner when a delayed task comes due) is only a fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from django.conf import settings
+from django.db import connection
+from django_q.brokers import Broker
+from django_q.conf import Conf
+
+logger = logging.getLogger("omniva.broker")
+
+FALLBACK_POLL_S = 1.0
+RECONNECT_PAUSE_S = 0.5
+
+CLAIM_SQL = """
+UPDATE jobs_queuetask SET visible_at = now() + make_interval(secs => %(lease)s),
+                          deliveries = deliveries + 1
+WHERE id IN (
+    SELECT id FROM jobs_queuetask
+    WHERE queue = %(queue)s AND visible_at <= now()
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, deliveries, priority, payload
+"""
+
+ENQUEUE_SQL = """
+INSERT INTO jobs_queuetask (queue, priority, payload, visible_at, deliveries, stage_run_id,
+                            created_at)
+VALUES (%s, %s, %s, now() + make_interval(secs => %s), 0, %s, now())
+RETURNING id
+"""
+
+
+def channel_for(queue: str) -> str:
+    return f"omniva_queue_{queue}"
+
+
+def task_lease_s() -> float:
+    return float(settings.OMNIVA_TASK_LEASE_S)
+
+
+def enqueue_payload(
+    *,
+    queue: str,
+    payload: str,
+    priority: int = 5,
+    delay_s: float = 0.0,
+    stage_run_id: int | None = None,
+) -> int:
+    """Insert a task row in the caller's transaction; its NOTIFY is delivered at commit."""
+    with connection.cursor() as cursor:
+        cursor.execute(ENQUEUE_SQL, [queue, priority, payload, delay_s, stage_run_id])
+        task_id = cursor.fetchone()[0]
+        cursor.execute("SELECT pg_notify(%s, '')", [channel_for(queue)])
+    return task_id
+
+
+def parse_ack_id(ack_id: str) -> tuple[int, int]:
+    row_id, deliveries = str(ack_id).split(":", 1)
+    return int(row_id), int(deliveries)
+
+
+def extend_lease(*, ack_id: str, lease_s: float) -> bool:
+    """Keep a delivered row invisible while its task runs; False when it was delivered anew."""
+    row_id, deliveries = parse_ack_id(ack_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_queuetask SET visible_at = now() + make_interval(secs => %s) "
+            "WHERE id = %s AND deliveries = %s",
+            [lease_s, row_id, deliveries],
+        )
+        return cursor.rowcount == 1
+
+
+def acknowledge_delivery(*, ack_id: str) -> None:
+    row_id, deliveries = parse_ack_id(ack_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM jobs_queuetask WHERE id = %s AND deliveries = %s", [row_id, deliveries]
+        )
+
+
+def drop_stage_tasks(*, stage_run_ids: list[int]) -> int:
+    """Delete the rows of stage runs that must not run (their job was cancelled or deleted)."""
+    if not stage_run_ids:
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM jobs_queuetask WHERE stage_run_id = ANY(%s)", [list(stage_run_ids)]
+        )
+        return cursor.rowcount
+
+
+class PostgresBroker(Broker):
+    """The Broker API of django-q2 over jobs_queuetask.
+
+    The pusher and the monitor each run in their own process and each get a copy of
+    this object; every process opens its own autocommit connection on first use.
+    """
+
+    def __init__(self, list_key: str | None = None) -> None:
+        super().__init__(list_key=list_key)
+        self._conn: psycopg.Connection | None = None
+        self._conn_pid: int | None = None
+
+    def __getstate__(self) -> Any:
+        return self.list_key, self._info
+
+    def __setstate__(self, state: Any) -> None:
+        self.list_key, self._info = state
+        self.connection = self.get_connection(self.list_key)
+        self.cache = self.get_cache()
+        self._conn = None
+        self._conn_pid = None
+
+    @staticmethod
+    def get_connection(list_key: str | None = None) -> None:
+        return None
+
+    @property
+    def queue(self) -> str:
+        return self.list_key or Conf.CLUSTER_NAME
+
+    # A connection of our own, not Django's: django-q2 closes Django's connections between
+    # tasks, and LISTEN must stay registered on one session for the pusher's life.
+    def _db(self) -> psycopg.Connection:
+        if self._conn is not None and self._conn_pid == os.getpid() and not self._conn.closed:
+            return self._conn
+        params = connection.get_connection_params()
+        params.pop("cursor_factory", None)
+        params.pop("context", None)
+        params.pop("prepare_threshold", None)
+        conn = psycopg.connect(**params, autocommit=True)
+        conn.execute(f'LISTEN "{channel_for(self.queue)}"')
+        self._conn, self._conn_pid = conn, os.getpid()
+        return conn
+
+    def _reset(self, exc: Exception) -> None:
+        logger.warning("broker connection lost (%s); reconnecting", exc.__class__.__name__)
+        if self._conn is not None and self._conn_pid == os.getpid():
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+        time.sleep(RECONNECT_PAUSE_S)
+
+    def info(self) -> str:
+        if not self._info:
+            self._info = "PostgreSQL (omniva)"
+        return self._info
+
+    def ping(self) -> bool:
+        try:
+            self._db().execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
+
+    def enqueue(self, task: str) -> int:
+        # Tasks that django-q2 enqueues itself (schedules, async_task): normal priority.
+        return enqueue_payload(queue=self.queue, payload=task)
+
+    def claim(self, limit: int) -> list[tuple[str, str]]:
+        rows = (
+            self._db()
+            .execute(CLAIM_SQL, {"lease": task_lease_s(), "queue": self.queue, "limit": limit})
+            .fetchall()
+        )
+        # RETURNING does not keep the subquery's order: restore priority, then age.
+        rows.sort(key=lambda row: (-row[2], row[0]))
+        return [(f"{row_id}:{deliveries}", payload) for row_id, deliveries, _, payload in rows]
+
+    def _seconds_until_next_due(self) -> float | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT EXTRACT(EPOCH FROM min(visible_at) - now()) FROM jobs_queuetask "
+                "WHERE queue = %s",
+                [self.queue],
+            )
+            .fetchone()
+        )
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+    def dequeue(self) -> list[tuple[str, str]] | None:
+        limit = max(1, int(Conf.BULK))
+        try:
+            tasks = self.claim(limit)
+            if tasks:
+                return tasks
+            wait_s = FALLBACK_POLL_S
+            due = self._seconds_until_next_due()
+            if due is not None:
+                wait_s = min(wait_s, due + 0.001)
+            for _ in self._db().notifies(timeout=wait_s, stop_after=1):
+                pass
+            return self.claim(limit) or None
+        except psycopg.OperationalError as exc:
+            self._reset(exc)
+            return None
+
+    def acknowledge(self, task_id: str) -> None:
+        row_id, deliveries = parse_ack_id(task_id)
+        for attempt in range(3):
+            try:
+                self._db().execute(
+                    "DELETE FROM jobs_queuetask WHERE id = %s AND deliveries = %s",
+                    [row_id, deliveries],
+                )
+                return
+            except psycopg.OperationalError as exc:
+                # Not acknowledged means delivered again after the lease: the stage's own
+                # fencing makes that second delivery a no-op, so giving up is safe.
+                self._reset(exc)
+                if attempt == 2:
+                    logger.error("could not acknowledge task %s", task_id)
+
+    def fail(self, task_id: str) -> None:
+        self.acknowledge(task_id)
+
+    def delete(self, task_id: str) -> None:
+        self.acknowledge(task_id)
+
+    def queue_size(self) -> int:
+        return (
+            self._db()
+            .execute(
+                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at <= now()",
+                [self.queue],
+            )
+            .fetchone()[0]
+        )
+
+    def lock_size(self) -> int:
+        return (
+            self._db()
+            .execute(
+                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at > now()",
+                [self.queue],
+            )
+            .fetchone()[0]
+        )
+
+    def purge_queue(self) -> int:
+        return (
+            self._db().execute("DELETE FROM jobs_queuetask WHERE queue = %s", [self.queue]).rowcount
+        )
+
+    def delete_queue(self) -> int:
+        return self.purge_queue()
+
+
+def lease_delta() -> timedelta:
+    return timedelta(seconds=task_lease_s())

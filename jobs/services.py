@@ -1,0 +1,910 @@
+"""The orchestrator: every transition of a job and its stage runs, one function each.
+
+Each function runs in one transaction and locks the job row first (SELECT … FOR
+UPDATE), so the transitions of one job are serialized whichever process makes them:
+two parallel stages completing at once cannot both miss that the job is done. Lock
+order is child job before batch parent, never the reverse.
+
+Enqueueing is an INSERT into the broker's table in the same transaction, and the
+NOTIFYs (queue wake-ups, job finished) are transactional too: a task or a wake-up
+exists exactly when the transition that made it committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Avg
+from django.utils import timezone
+from django_q.signing import SignedPackage
+
+from jobs import broker, pipelines
+from jobs.models import (
+    ACTIVE_STATUSES,
+    FINISHED_STATUSES,
+    RETRYABLE_STATUSES,
+    Job,
+    JobLog,
+    JobStatus,
+    QueueTask,
+    StageRun,
+    StageStatus,
+)
+from omniva.errors import ErrorCode, OmnivaError
+from omniva.models import Project
+
+logger = logging.getLogger("omniva.jobs")
+
+JOB_DONE_CHANNEL = "omniva_job_done"
+BATCH_PIPELINE = "batch"
+SATURATION_CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class StageClaim:
+    """What a worker needs to run one attempt of a stage it was granted."""
+
+    stage_run_id: int
+    job_id: str
+    pipeline: str
+    stage: str
+    attempt: int
+    token: str
+    params: dict[str, Any]
+    inputs: dict[str, Any]
+    deadline: datetime | None
+    ack_id: str | None
+
+
+@dataclass(frozen=True)
+class SupervisionState:
+    """What the heartbeat of a running stage learns: keep going, or why to stop."""
+
+    lease_held: bool
+    cancel_requested_at: datetime | None = None
+    deadline: datetime | None = None
+
+
+# --- helpers shared by the transitions -----------------------------------------------------
+
+
+def _lock_job(job_id: Any) -> Job:
+    try:
+        return Job.objects.select_for_update().get(pk=job_id)
+    except (Job.DoesNotExist, ValueError, TypeError):
+        raise OmnivaError(ErrorCode.JOB_NOT_FOUND, f"No job {job_id}.") from None
+
+
+def _lock_job_of_stage(stage_run_id: int) -> tuple[Job, StageRun] | None:
+    job_id = StageRun.objects.filter(pk=stage_run_id).values_list("job_id", flat=True).first()
+    if job_id is None:
+        return None
+    job = Job.objects.select_for_update().filter(pk=job_id).first()
+    run = StageRun.objects.filter(pk=stage_run_id).first()
+    if job is None or run is None:
+        return None
+    return job, run
+
+
+def _log(job: Job, message: str, *, stage: str = "", level: str = "info") -> None:
+    JobLog.objects.create(job=job, stage=stage, level=level, message=message[:10_000])
+
+
+def _lease_until(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.OMNIVA_TASK_LEASE_S)
+
+
+def _deadline(job: Job) -> datetime | None:
+    if job.timeout_s and job.started_at:
+        return job.started_at + timedelta(seconds=job.timeout_s)
+    return None
+
+
+def _cancel_grace() -> timedelta:
+    return timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
+
+
+def _definition(job: Job) -> pipelines.Pipeline:
+    definition = pipelines.get(job.pipeline)
+    if definition is None:
+        raise OmnivaError(ErrorCode.UNKNOWN_PIPELINE, f"Unknown pipeline {job.pipeline!r}.")
+    return definition
+
+
+def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
+    """The signed django-q2 task that runs one stage: `jobs.tasks.run_stage(run.id)`."""
+    return SignedPackage.dumps(
+        {
+            "id": uuid.uuid4().hex,
+            "name": f"{job.pipeline}.{run.name}:{run.pk}",
+            "func": "jobs.tasks.run_stage",
+            "args": (run.pk,),
+            "kwargs": {},
+            "started": timezone.now(),
+            "save": False,
+            "cluster": queue,
+        }
+    )
+
+
+# The engines app sets this at start-up (issue 5): it turns a stage with an engine type
+# into an event. Until then such a stage cannot be submitted.
+engine_stage_dispatcher: Any = None
+
+
+def _enqueue_stage(job: Job, run: StageRun, stage: pipelines.Stage, *, delay_s: float = 0) -> None:
+    now = timezone.now()
+    run.status = StageStatus.QUEUED
+    run.queued_at = now
+    run.lease_token = None
+    run.lease_expires_at = None
+    run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
+    if stage.engine_type:
+        engine_stage_dispatcher(job=job, run=run, stage=stage, delay_s=delay_s)
+        return
+    broker.enqueue_payload(
+        queue=stage.queue,
+        payload=task_payload(run=run, job=job, queue=stage.queue),
+        priority=job.priority,
+        delay_s=delay_s,
+        stage_run_id=run.pk,
+    )
+
+
+def _update_progress(job: Job) -> None:
+    average = StageRun.objects.filter(job=job).aggregate(p=Avg("progress"))["p"] or 0.0
+    job.progress = round(float(average), 2)
+
+
+def _finish_job(
+    job: Job,
+    status: JobStatus,
+    *,
+    now: datetime,
+    result: Any = None,
+    error: dict[str, Any] | None = None,
+    stage_status: StageStatus = StageStatus.CANCELLED,
+) -> None:
+    """Move `job` to a final status; its unfinished stages end with `stage_status`."""
+    job.status = status
+    job.finished_at = now
+    job.next_attempt_at = None
+    job.result = result
+    job.error = error
+    if status == JobStatus.COMPLETED:
+        job.progress = 100.0
+    job.save()
+    open_runs = list(
+        StageRun.objects.filter(job=job).exclude(
+            status__in=[StageStatus.COMPLETED, StageStatus.FAILED]
+        )
+    )
+    for run in open_runs:
+        if run.status in (StageStatus.QUEUED, StageStatus.RUNNING):
+            run.status = stage_status
+            run.finished_at = now
+        run.lease_token = None
+        run.lease_expires_at = None
+    StageRun.objects.bulk_update(
+        open_runs, ["status", "finished_at", "lease_token", "lease_expires_at"]
+    )
+    broker.drop_stage_tasks(stage_run_ids=[run.pk for run in open_runs])
+    message = f"job {status}"
+    if error:
+        message += f": {error.get('code')}: {error.get('message')}"
+    if job.cancel_reason and status == JobStatus.CANCELLED:
+        message += f" ({job.cancel_reason})"
+    _log(job, message, level="error" if status == JobStatus.FAILED else "info")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [JOB_DONE_CHANNEL, str(job.pk)])
+    if job.parent_id:
+        _batch_child_finished(parent_id=job.parent_id, now=now)
+
+
+def _batch_child_finished(*, parent_id: Any, now: datetime) -> None:
+    parent = Job.objects.select_for_update().filter(pk=parent_id).first()
+    if parent is None or parent.is_finished:
+        return
+    children = list(parent.children.order_by("created_at", "id"))
+    done = [child for child in children if child.is_finished]
+    parent.progress = round(100.0 * len(done) / len(children), 2) if children else 100.0
+    if len(done) < len(children):
+        parent.save(update_fields=["progress", "updated_at"])
+        return
+    results = [
+        {"job": str(child.pk), "pipeline": child.pipeline, "result": child.result}
+        for child in children
+        if child.status == JobStatus.COMPLETED
+    ]
+    errors = [
+        {
+            "job": str(child.pk),
+            "pipeline": child.pipeline,
+            "status": child.status,
+            "error": child.error,
+        }
+        for child in children
+        if child.status != JobStatus.COMPLETED
+    ]
+    result = {"results": results, "errors": errors, "total": len(children)}
+    if parent.cancel_requested_at:
+        _finish_job(parent, JobStatus.CANCELLED, now=now, result=result)
+    elif children and not results:
+        error = {"code": "BATCH_FAILED", "message": "Every item of the batch failed."}
+        _finish_job(parent, JobStatus.FAILED, now=now, result=result, error=error)
+    else:
+        _finish_job(parent, JobStatus.COMPLETED, now=now, result=result)
+
+
+# --- saturation ------------------------------------------------------------------------------
+
+_depth_cache: dict[str, tuple[float, int]] = {}
+
+
+def queue_depth(queue: str) -> int:
+    return QueueTask.objects.filter(queue=queue).count()
+
+
+def queue_guard(queues: set[str]) -> None:
+    """Refuse new work for a queue whose backlog passed OMNIVA_QUEUE_LIMIT (503, Retry-After).
+
+    The depth is cached per process for a second: the limit is a pressure valve, and
+    counting a deep backlog on every submission would itself add to the pressure.
+    """
+    limit = settings.OMNIVA_QUEUE_LIMIT
+    now = time.monotonic()
+    for queue in sorted(queues):
+        cached = _depth_cache.get(queue)
+        if cached is None or now - cached[0] > SATURATION_CACHE_S:
+            cached = (now, queue_depth(queue))
+            _depth_cache[queue] = cached
+        if cached[1] >= limit:
+            raise OmnivaError(
+                ErrorCode.QUEUE_SATURATED,
+                f"Queue {queue!r} has {cached[1]} tasks waiting (limit {limit}); retry later.",
+                retry_after_s=5,
+                details={"queue": queue, "depth": cached[1], "limit": limit},
+            )
+
+
+# --- submit ----------------------------------------------------------------------------------
+
+
+def parse_priority(value: Any) -> int:
+    from jobs.models import PRIORITY_WORDS
+
+    if isinstance(value, str) and value.strip().lower() in PRIORITY_WORDS:
+        return PRIORITY_WORDS[value.strip().lower()]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            "priority is 0-10 or one of low, normal, high, urgent.",
+            details={"priority": ["0-10 or low, normal, high, urgent"]},
+        )
+    return value
+
+
+def job_submit(
+    *,
+    pipeline: str,
+    params: dict[str, Any] | None = None,
+    priority: int = 5,
+    max_retries: int | None = None,
+    timeout_s: int | None = None,
+    queue_timeout_s: int | None = None,
+    project: Project | None = None,
+    idempotency_key: str | None = None,
+    parent: Job | None = None,
+) -> tuple[Job, bool]:
+    """Create a job and enqueue its root stages; (job, created). A known idempotency key
+    returns the job it first created, never a second one."""
+    definition = pipelines.get(pipeline)
+    if definition is None:
+        known = ", ".join(p.name for p in pipelines.all_pipelines())
+        raise OmnivaError(
+            ErrorCode.UNKNOWN_PIPELINE,
+            f"Unknown pipeline {pipeline!r}; known: {known}.",
+            details={"pipeline": [f"unknown: {pipeline}"]},
+        )
+    params = {} if params is None else params
+    errors = definition.validation_errors(params)
+    if errors:
+        raise OmnivaError(ErrorCode.VALIDATION_ERROR, "The params are not valid.", details=errors)
+    if idempotency_key:
+        existing = Job.objects.filter(idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing, False
+    dag = definition.dag(params)
+    if any(dag.stage(name).engine_type for name in dag.order) and engine_stage_dispatcher is None:
+        raise OmnivaError(
+            ErrorCode.SERVICE_UNAVAILABLE, f"Pipeline {pipeline!r} needs engines, not enabled."
+        )
+    queue_guard({dag.stage(name).queue for name in dag.roots() if not dag.stage(name).engine_type})
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            job = Job.objects.create(
+                pipeline=pipeline,
+                params=params,
+                priority=parse_priority(priority),
+                max_retries=settings.OMNIVA_MAX_RETRIES if max_retries is None else max_retries,
+                timeout_s=timeout_s if timeout_s is not None else settings.OMNIVA_JOB_TIMEOUT_S,
+                queue_timeout_s=queue_timeout_s
+                if queue_timeout_s is not None
+                else settings.OMNIVA_QUEUE_TIMEOUT_S,
+                project=project,
+                idempotency_key=idempotency_key or None,
+                parent=parent,
+                pending_since=now,
+            )
+            runs = StageRun.objects.bulk_create(
+                [
+                    StageRun(
+                        job=job,
+                        name=stage.name,
+                        position=position,
+                        queue="" if stage.engine_type else stage.queue,
+                        engine_type=stage.engine_type or "",
+                    )
+                    for position, stage in enumerate(dag.stages)
+                ]
+            )
+            by_name = {run.name: run for run in runs}
+            for name in dag.roots():
+                _enqueue_stage(job, by_name[name], dag.stage(name))
+    except IntegrityError:
+        if idempotency_key:
+            existing = Job.objects.filter(idempotency_key=idempotency_key).first()
+            if existing is not None:
+                return existing, False
+        raise
+    return job, True
+
+
+def job_submit_batch(
+    *,
+    items: list[dict[str, Any]],
+    priority: int | None = None,
+    max_retries: int | None = None,
+    project: Project | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """A parent job whose children run independently; it ends when all of them have."""
+    if idempotency_key:
+        existing = Job.objects.filter(idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing, False
+    batch_priority = 5 if priority is None else parse_priority(priority)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            parent = Job.objects.create(
+                pipeline=BATCH_PIPELINE,
+                params={"items": len(items)},
+                priority=batch_priority,
+                status=JobStatus.RUNNING,
+                max_retries=settings.OMNIVA_MAX_RETRIES if max_retries is None else max_retries,
+                project=project,
+                idempotency_key=idempotency_key or None,
+                pending_since=now,
+                started_at=now,
+            )
+            for index, item in enumerate(items):
+                try:
+                    job_submit(
+                        pipeline=item["pipeline"],
+                        params=item.get("params") or {},
+                        priority=item.get("priority", batch_priority),
+                        max_retries=parent.max_retries,
+                        project=project,
+                        parent=parent,
+                    )
+                except OmnivaError as exc:
+                    raise OmnivaError(
+                        exc.code,
+                        f"items[{index}]: {exc.message}",
+                        details={f"items.{index}": exc.details or exc.message},
+                        retry_after_s=exc.retry_after_s,
+                    ) from None
+            _log(parent, f"batch of {len(items)} jobs submitted")
+    except IntegrityError:
+        if idempotency_key:
+            existing = Job.objects.filter(idempotency_key=idempotency_key).first()
+            if existing is not None:
+                return existing, False
+        raise
+    return parent, True
+
+
+# --- stage transitions (called by workers) ---------------------------------------------------
+
+
+def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) -> StageClaim | None:
+    """Grant one attempt of a queued stage to `worker`, or None when it must not run.
+
+    A stage still `running` whose lease ran out belongs to a worker that died: that
+    attempt counts as failed, and this delivery is the next attempt if one is left.
+    """
+    with transaction.atomic():
+        locked = _lock_job_of_stage(stage_run_id)
+        if locked is None:
+            return None
+        job, run = locked
+        now = timezone.now()
+        if job.is_finished:
+            return None
+        if job.cancel_requested_at:
+            _finish_job(job, JobStatus.CANCELLED, now=now)
+            return None
+        if (
+            job.started_at is None
+            and job.queue_timeout_s
+            and job.pending_since
+            and now > job.pending_since + timedelta(seconds=job.queue_timeout_s)
+        ):
+            error = {
+                "code": "TIMEOUT",
+                "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
+            }
+            _finish_job(
+                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
+            )
+            return None
+        deadline = _deadline(job)
+        if deadline and now >= deadline:
+            error = {"code": "TIMEOUT", "message": f"Ran past timeout_s ({job.timeout_s} s)."}
+            _finish_job(
+                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
+            )
+            return None
+        if run.status == StageStatus.RUNNING:
+            if run.lease_expires_at and run.lease_expires_at > now:
+                return None  # another attempt holds it and is alive
+            lost = {
+                "code": "WORKER_LOST",
+                "message": f"The worker running attempt {run.attempt} stopped responding.",
+                "stage": run.name,
+            }
+            _log(job, lost["message"], stage=run.name, level="warning")
+            if run.attempt - run.attempt_floor > job.max_retries:
+                run.status = StageStatus.FAILED
+                run.error = lost
+                run.finished_at = now
+                run.save()
+                _finish_job(job, JobStatus.FAILED, now=now, error=lost)
+                return None
+        elif run.status != StageStatus.QUEUED:
+            return None
+        run.attempt += 1
+        run.status = StageStatus.RUNNING
+        run.lease_token = uuid.uuid4()
+        run.lease_expires_at = _lease_until(now)
+        run.worker = worker[:200]
+        run.started_at = now
+        run.finished_at = None
+        run.progress = 0.0
+        run.error = None
+        run.save()
+        job.attempts = max(job.attempts, run.attempt)
+        job.status = JobStatus.RUNNING
+        job.next_attempt_at = None
+        if job.started_at is None:
+            job.started_at = now
+        job.save(
+            update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"]
+        )
+        definition = _definition(job)
+        dag = definition.dag(job.params)
+        parents = dag.stage(run.name).depends_on
+        inputs = dict(
+            StageRun.objects.filter(job=job, name__in=parents).values_list("name", "output")
+        )
+        return StageClaim(
+            stage_run_id=run.pk,
+            job_id=str(job.pk),
+            pipeline=job.pipeline,
+            stage=run.name,
+            attempt=run.attempt,
+            token=str(run.lease_token),
+            params=job.params,
+            inputs=inputs,
+            deadline=_deadline(job),
+            ack_id=ack_id,
+        )
+
+
+def _held_run(stage_run_id: int, token: str) -> tuple[Job, StageRun]:
+    """Lock the job of a running stage whose lease `token` still holds, or raise."""
+    locked = _lock_job_of_stage(stage_run_id)
+    if locked is None:
+        raise OmnivaError(ErrorCode.STAGE_LEASE_LOST, "The stage run no longer exists.")
+    job, run = locked
+    if run.status != StageStatus.RUNNING or str(run.lease_token) != str(token):
+        raise OmnivaError(
+            ErrorCode.STAGE_LEASE_LOST,
+            f"Attempt token of {job.pipeline}.{run.name} is stale; the result is dropped.",
+        )
+    return job, run
+
+
+def stage_report(
+    *,
+    stage_run_id: int,
+    token: str,
+    progress: float | None = None,
+    message: str | None = None,
+    level: str = "info",
+) -> None:
+    """A checkpoint: record progress and a log line, extend the lease, and raise
+    StageInterrupted when the attempt must stop (cancelled, timed out, lease lost)."""
+    from jobs.stages import StageCancelled, StageLeaseLost, StageTimedOut
+
+    with transaction.atomic():
+        try:
+            job, run = _held_run(stage_run_id, token)
+        except OmnivaError:
+            raise StageLeaseLost() from None
+        now = timezone.now()
+        if job.cancel_requested_at or job.is_finished:
+            raise StageCancelled()
+        deadline = _deadline(job)
+        if deadline and now >= deadline:
+            raise StageTimedOut()
+        fields = ["lease_expires_at"]
+        run.lease_expires_at = _lease_until(now)
+        if progress is not None:
+            run.progress = progress
+            fields.append("progress")
+        run.save(update_fields=fields)
+        if progress is not None:
+            _update_progress(job)
+            job.save(update_fields=["progress", "updated_at"])
+        if message:
+            _log(job, message, stage=run.name, level=level)
+
+
+def stage_heartbeat(*, stage_run_id: int, token: str, ack_id: str | None) -> SupervisionState:
+    """Extend the attempt's lease and its queue row's; report a cancel or the deadline."""
+    with transaction.atomic():
+        now = timezone.now()
+        held = StageRun.objects.filter(
+            pk=stage_run_id, status=StageStatus.RUNNING, lease_token=token
+        ).update(lease_expires_at=_lease_until(now))
+        if not held:
+            return SupervisionState(lease_held=False)
+        if ack_id:
+            broker.extend_lease(ack_id=ack_id, lease_s=settings.OMNIVA_TASK_LEASE_S)
+        job = (
+            Job.objects.only("cancel_requested_at", "timeout_s", "started_at", "status")
+            .filter(stages__pk=stage_run_id)
+            .get()
+        )
+        return SupervisionState(
+            lease_held=not job.is_finished,
+            cancel_requested_at=job.cancel_requested_at,
+            deadline=_deadline(job),
+        )
+
+
+def stage_complete(*, stage_run_id: int, token: str, output: Any) -> Job:
+    """Store the output; start every child whose parents all completed; finish the job
+    when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
+    with transaction.atomic():
+        job, run = _held_run(stage_run_id, token)
+        now = timezone.now()
+        if job.is_finished:
+            raise OmnivaError(ErrorCode.STAGE_LEASE_LOST, "The job already ended.")
+        run.status = StageStatus.COMPLETED
+        run.output = output
+        run.progress = 100.0
+        run.finished_at = now
+        run.lease_token = None
+        run.lease_expires_at = None
+        run.error = None
+        run.save()
+        if job.cancel_requested_at:
+            _finish_job(job, JobStatus.CANCELLED, now=now)
+            return job
+        definition = _definition(job)
+        dag = definition.dag(job.params)
+        runs = {r.name: r for r in StageRun.objects.filter(job=job)}
+        if all(r.status == StageStatus.COMPLETED for r in runs.values()):
+            outputs = {name: r.output for name, r in runs.items()}
+            _finish_job(job, JobStatus.COMPLETED, now=now, result=definition.result(outputs, dag))
+            return job
+        for child in dag.children(run.name):
+            child_run = runs[child]
+            if child_run.status != StageStatus.WAITING:
+                continue
+            if all(runs[p].status == StageStatus.COMPLETED for p in dag.stage(child).depends_on):
+                _enqueue_stage(job, child_run, dag.stage(child))
+        _update_progress(job)
+        job.save(update_fields=["progress", "updated_at"])
+        return job
+
+
+def _backoff_s(retry_number: int) -> int:
+    backoff = settings.OMNIVA_RETRY_BACKOFF_S
+    return backoff[min(retry_number - 1, len(backoff) - 1)] if backoff else 0
+
+
+def stage_fail(
+    *, stage_run_id: int, token: str, code: str, message: str, retryable: bool = True
+) -> Job:
+    """A failed attempt: retry after the backoff while retries are left, else fail the job."""
+    with transaction.atomic():
+        job, run = _held_run(stage_run_id, token)
+        now = timezone.now()
+        if job.is_finished:
+            raise OmnivaError(ErrorCode.STAGE_LEASE_LOST, "The job already ended.")
+        error = {"code": code, "message": message[:2000], "stage": run.name, "attempt": run.attempt}
+        run.error = error
+        run.lease_token = None
+        run.lease_expires_at = None
+        if job.cancel_requested_at:
+            run.status = StageStatus.CANCELLED
+            run.finished_at = now
+            run.save()
+            _finish_job(job, JobStatus.CANCELLED, now=now)
+            return job
+        retries_used = run.attempt - run.attempt_floor
+        if retryable and retries_used <= job.max_retries:
+            delay = _backoff_s(retries_used)
+            run.save()
+            _log(
+                job,
+                f"attempt {run.attempt} failed: {code}: {message[:500]}; retry in {delay} s",
+                stage=run.name,
+                level="warning",
+            )
+            _enqueue_stage(
+                job, run, _definition(job).dag(job.params).stage(run.name), delay_s=delay
+            )
+            job.status = JobStatus.RETRYING
+            job.next_attempt_at = now + timedelta(seconds=delay)
+            job.save(update_fields=["status", "next_attempt_at", "updated_at"])
+            return job
+        run.status = StageStatus.FAILED
+        run.finished_at = now
+        run.save()
+        _finish_job(
+            job,
+            JobStatus.FAILED,
+            now=now,
+            error={"code": code, "message": message[:2000], "stage": run.name},
+        )
+        return job
+
+
+def stage_cancelled(*, stage_run_id: int, token: str) -> Job | None:
+    """The stage stopped at a checkpoint because its job was cancelled."""
+    with transaction.atomic():
+        try:
+            job, _run = _held_run(stage_run_id, token)
+        except OmnivaError:
+            return None
+        if not job.is_finished:
+            _finish_job(job, JobStatus.CANCELLED, now=timezone.now())
+        return job
+
+
+def stage_timed_out(*, stage_run_id: int, token: str) -> Job | None:
+    """The stage ran past its job's timeout_s and was stopped."""
+    with transaction.atomic():
+        try:
+            job, run = _held_run(stage_run_id, token)
+        except OmnivaError:
+            return None
+        if not job.is_finished:
+            error = {
+                "code": "TIMEOUT",
+                "message": f"Ran past timeout_s ({job.timeout_s} s).",
+                "stage": run.name,
+            }
+            _finish_job(
+                job,
+                JobStatus.TIMED_OUT,
+                now=timezone.now(),
+                error=error,
+                stage_status=StageStatus.TIMED_OUT,
+            )
+        return job
+
+
+def stage_force_cancel(*, stage_run_id: int, token: str) -> bool:
+    """The grace after a cancel ran out and the stage did not stop: end the job anyway,
+    revoking the attempt's token so whatever it returns later is dropped."""
+    with transaction.atomic():
+        try:
+            job, run = _held_run(stage_run_id, token)
+        except OmnivaError:
+            return False
+        if job.is_finished or not job.cancel_requested_at:
+            return False
+        _log(
+            job,
+            "stage did not stop within the cancel grace period; forced",
+            stage=run.name,
+            level="warning",
+        )
+        _finish_job(job, JobStatus.CANCELLED, now=timezone.now())
+        return True
+
+
+def stage_force_timeout(*, stage_run_id: int, token: str) -> bool:
+    """The stage ran past the deadline and did not stop at the alarm: time the job out."""
+    return stage_timed_out(stage_run_id=stage_run_id, token=token) is not None
+
+
+# --- job transitions (called by users) -------------------------------------------------------
+
+
+def job_cancel(*, job_id: Any, reason: str = "") -> tuple[Job, bool]:
+    """Cancel a job: (job, finished_now). A job with a running stage is marked and stops at
+    its next checkpoint (finished_now False); any other active job is cancelled at once."""
+    with transaction.atomic():
+        job = _lock_job(job_id)
+        now = timezone.now()
+        if job.is_finished:
+            raise OmnivaError(
+                ErrorCode.JOB_NOT_CANCELLABLE, f"Job {job.pk} already ended ({job.status})."
+            )
+        if not job.cancel_requested_at:
+            job.cancel_requested_at = now
+            job.cancel_reason = (reason or "cancelled by request")[:500]
+            job.save(update_fields=["cancel_requested_at", "cancel_reason", "updated_at"])
+            _log(job, f"cancel requested: {job.cancel_reason}")
+        if job.pipeline == BATCH_PIPELINE:
+            for child in job.children.filter(status__in=ACTIVE_STATUSES).order_by("created_at"):
+                job_cancel_child(child_id=child.pk, reason=job.cancel_reason)
+            job.refresh_from_db()
+            if not job.is_finished:
+                _batch_child_finished(parent_id=job.pk, now=now)
+                job.refresh_from_db()
+            return job, job.is_finished
+        running = StageRun.objects.filter(job=job, status=StageStatus.RUNNING)
+        live = running.filter(lease_expires_at__gt=now)
+        overdue = now - job.cancel_requested_at >= _cancel_grace()
+        if live.exists() and not overdue:
+            return job, False
+        _finish_job(job, JobStatus.CANCELLED, now=now)
+        return job, True
+
+
+def job_cancel_child(*, child_id: Any, reason: str) -> None:
+    with contextlib.suppress(OmnivaError):  # it ended meanwhile
+        job_cancel(job_id=child_id, reason=reason)
+
+
+def job_retry(*, job_id: Any) -> Job:
+    """Run a failed, cancelled or timed-out job again: only the stages that did not
+    complete run, with their retry allowance renewed."""
+    with transaction.atomic():
+        job = _lock_job(job_id)
+        if job.status not in RETRYABLE_STATUSES:
+            raise OmnivaError(
+                ErrorCode.JOB_NOT_RETRYABLE,
+                f"Job {job.pk} is {job.status}; only failed, cancelled or timed-out jobs retry.",
+            )
+        now = timezone.now()
+        job.status = JobStatus.PENDING if job.pipeline != BATCH_PIPELINE else JobStatus.RUNNING
+        job.error = None
+        job.result = None
+        job.finished_at = None
+        job.cancel_requested_at = None
+        job.cancel_reason = ""
+        job.next_attempt_at = None
+        job.pending_since = now
+        job.started_at = now if job.pipeline == BATCH_PIPELINE else None
+        job.save()
+        _log(job, "retried by request")
+        if job.pipeline == BATCH_PIPELINE:
+            for child in job.children.filter(status__in=RETRYABLE_STATUSES).order_by("created_at"):
+                job_retry(job_id=child.pk)
+            _batch_child_finished(parent_id=job.pk, now=now)
+            job.refresh_from_db()
+            return job
+        definition = _definition(job)
+        dag = definition.dag(job.params)
+        runs = {run.name: run for run in StageRun.objects.filter(job=job)}
+        for run in runs.values():
+            if run.status == StageStatus.COMPLETED:
+                continue
+            run.status = StageStatus.WAITING
+            run.attempt_floor = run.attempt
+            run.error = None
+            run.output = None
+            run.progress = 0.0
+            run.lease_token = None
+            run.lease_expires_at = None
+            run.started_at = None
+            run.finished_at = None
+            run.save()
+        for name in dag.order:
+            run = runs[name]
+            if run.status == StageStatus.WAITING and all(
+                runs[p].status == StageStatus.COMPLETED for p in dag.stage(name).depends_on
+            ):
+                _enqueue_stage(job, run, dag.stage(name))
+        _update_progress(job)
+        job.save(update_fields=["progress", "updated_at"])
+        return job
+
+
+def _job_files(job_id: Any) -> Path:
+    return Path(settings.MEDIA_ROOT) / "jobs" / str(job_id)
+
+
+def job_delete(*, job_id: Any) -> None:
+    """Remove a finished job with its stages, logs, children and files."""
+    with transaction.atomic():
+        job = _lock_job(job_id)
+        if not job.is_finished:
+            raise OmnivaError(
+                ErrorCode.JOB_ACTIVE, f"Job {job.pk} is {job.status}; cancel it before deleting."
+            )
+        ids = [job.pk, *job.children.values_list("pk", flat=True)]
+        broker.drop_stage_tasks(
+            stage_run_ids=list(StageRun.objects.filter(job_id__in=ids).values_list("pk", flat=True))
+        )
+        job.delete()
+        transaction.on_commit(
+            lambda: [shutil.rmtree(_job_files(i), ignore_errors=True) for i in ids]
+        )
+
+
+def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -> int:
+    """Delete finished jobs (top-level, with their children) that ended over max_age_s ago."""
+    wanted = list(statuses or FINISHED_STATUSES)
+    unknown = sorted(set(wanted) - set(FINISHED_STATUSES))
+    if unknown:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"Only finished jobs are cleaned up; not {', '.join(unknown)}.",
+            details={"statuses": [f"not a finished status: {s}" for s in unknown]},
+        )
+    cutoff = timezone.now() - timedelta(seconds=max_age_s)
+    with transaction.atomic():
+        doomed = Job.objects.filter(parent__isnull=True, status__in=wanted, finished_at__lt=cutoff)
+        ids = list(doomed.values_list("pk", flat=True))
+        if not ids:
+            return 0
+        _deleted, per_model = Job.objects.filter(pk__in=ids).delete()
+        cleared = per_model.get("jobs.Job", 0)
+        transaction.on_commit(
+            lambda: [shutil.rmtree(_job_files(i), ignore_errors=True) for i in ids]
+        )
+    return cleared
+
+
+def job_expire_if_due(*, job_id: Any) -> Job:
+    """Time out a job still waiting past queue_timeout_s (read paths call this, so a queue
+    with no worker at all still reports TIMEOUT)."""
+    with transaction.atomic():
+        job = _lock_job(job_id)
+        now = timezone.now()
+        if (
+            job.status == JobStatus.PENDING
+            and job.started_at is None
+            and job.queue_timeout_s
+            and job.pending_since
+            and now > job.pending_since + timedelta(seconds=job.queue_timeout_s)
+        ):
+            error = {
+                "code": "TIMEOUT",
+                "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
+            }
+            _finish_job(
+                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
+            )
+        return job

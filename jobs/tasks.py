@@ -1,0 +1,214 @@
+"""django-q2 entry points: `run_stage(stage_run_id)` runs one attempt of one stage.
+
+While the stage function runs, a supervisor thread heartbeats: it extends the attempt's
+lease and its queue row's, so a live worker keeps its task and a dead one loses it
+after one lease. The supervisor also enforces what the stage code may ignore: past the
+job's deadline the main thread gets SIGALRM (StageTimedOut); once a cancel's grace
+period is over the job is cancelled in the database (the attempt's token is revoked,
+so its result would be refused) and the main thread gets SIGUSR1 (StageCancelled). A
+stage stuck in native code that does not return even then takes its worker process
+down with it; django-q2 starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.utils import timezone
+
+from jobs import pipelines, services
+from jobs.stages import (
+    StageCancelled,
+    StageContext,
+    StageError,
+    StageInterrupted,
+    StageLeaseLost,
+    StageTimedOut,
+)
+from omniva.errors import OmnivaError
+
+logger = logging.getLogger("omniva.jobs.worker")
+
+# How long the main thread gets, after the signal, to leave a stage that was forced to
+# stop before the supervisor ends the worker process.
+FORCE_EXIT_AFTER_S = 10.0
+
+# The delivery (ack id) of the task this worker process is executing, set by the
+# pre_execute signal of django-q2 (see jobs/apps.py).
+_current_delivery: dict[str, Any] = {"ack_id": None}
+
+
+def remember_delivery(sender: Any, func: Any, task: dict[str, Any], **kwargs: Any) -> None:
+    _current_delivery["ack_id"] = task.get("ack_id")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Supervisor(threading.Thread):
+    def __init__(self, claim: services.StageClaim, main_thread_id: int) -> None:
+        super().__init__(name=f"stage-supervisor-{claim.stage_run_id}", daemon=True)
+        self.claim = claim
+        self.main_thread_id = main_thread_id
+        self.done = threading.Event()
+        self.forced: type[StageInterrupted] | None = None
+        lease = float(settings.OMNIVA_TASK_LEASE_S)
+        self.interval = max(0.1, min(lease / 3, float(settings.OMNIVA_CANCEL_GRACE_S) / 2 or 1))
+
+    def run(self) -> None:
+        try:
+            while not self.done.wait(self.interval):
+                if self.forced is not None:
+                    if not self.done.wait(FORCE_EXIT_AFTER_S):
+                        logger.error(
+                            "stage %s ignored its stop; ending the worker", self.claim.stage
+                        )
+                        os._exit(70)
+                    return
+                self._beat()
+        finally:
+            connection.close()
+
+    def _beat(self) -> None:
+        claim = self.claim
+        try:
+            state = services.stage_heartbeat(
+                stage_run_id=claim.stage_run_id, token=claim.token, ack_id=claim.ack_id
+            )
+        except DatabaseError as exc:
+            logger.warning("heartbeat failed: %s", exc.__class__.__name__)
+            connection.close()
+            return
+        now = timezone.now()
+        if not state.lease_held:
+            return  # the result will be refused; the stage ends on its own or at its deadline
+        if state.cancel_requested_at and now - state.cancel_requested_at >= timezone.timedelta(
+            seconds=settings.OMNIVA_CANCEL_GRACE_S
+        ):
+            if services.stage_force_cancel(stage_run_id=claim.stage_run_id, token=claim.token):
+                self._interrupt(StageCancelled, signal.SIGUSR1)
+        elif (
+            # The alarm fired and the stage did not stop (native code): time out anyway.
+            state.deadline
+            and now >= state.deadline + timezone.timedelta(seconds=1)
+            and services.stage_force_timeout(stage_run_id=claim.stage_run_id, token=claim.token)
+        ):
+            self._interrupt(StageTimedOut, signal.SIGUSR1)
+
+    def _interrupt(self, kind: type[StageInterrupted], signum: int) -> None:
+        if self.claim.ack_id:
+            from jobs.broker import acknowledge_delivery
+
+            acknowledge_delivery(ack_id=self.claim.ack_id)
+        self.forced = kind
+        os.kill(os.getpid(), signum)
+
+
+@contextmanager
+def supervised(claim: services.StageClaim) -> Iterator[None]:
+    """Run the body under the supervisor, with the deadline alarm and the forced-stop signal."""
+    in_stage = {"active": True}
+    supervisor = _Supervisor(claim, threading.get_ident())
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        if in_stage["active"]:
+            raise StageTimedOut()
+
+    def on_forced(signum: int, frame: Any) -> None:
+        if in_stage["active"]:
+            raise supervisor.forced or StageCancelled()
+
+    is_main = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+    if is_main:
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, on_alarm)
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_forced)
+        if claim.deadline is not None:
+            remaining = (claim.deadline - timezone.now()).total_seconds()
+            signal.setitimer(signal.ITIMER_REAL, max(0.001, remaining))
+    supervisor.start()
+    try:
+        yield
+    finally:
+        in_stage["active"] = False
+        if is_main:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        supervisor.done.set()
+        supervisor.join()
+
+
+def run_stage(stage_run_id: int) -> None:
+    """Run one attempt of a stage; every outcome goes through one orchestrator function."""
+    ack_id = _current_delivery.get("ack_id")
+    claim = services.stage_start(stage_run_id=stage_run_id, worker=worker_name(), ack_id=ack_id)
+    if claim is None:
+        return
+    execute_claim(claim)
+
+
+def execute_claim(claim: services.StageClaim) -> None:
+    definition = pipelines.get(claim.pipeline)
+    ids = {"stage_run_id": claim.stage_run_id, "token": claim.token}
+    try:
+        if definition is None:
+            raise StageError(
+                "UNKNOWN_PIPELINE",
+                f"Pipeline {claim.pipeline!r} is not installed here.",
+                retryable=False,
+            )
+        stage = definition.dag(claim.params).stage(claim.stage)
+        context = StageContext(
+            job_id=claim.job_id,
+            stage=claim.stage,
+            stage_run_id=claim.stage_run_id,
+            attempt=claim.attempt,
+            token=claim.token,
+            params=claim.params,
+            inputs=claim.inputs,
+            pipeline=claim.pipeline,
+        )
+        with supervised(claim):
+            output = stage.run(context)
+    except StageCancelled:
+        services.stage_cancelled(**ids)
+    except StageTimedOut:
+        services.stage_timed_out(**ids)
+    except StageLeaseLost:
+        logger.warning("stage %s lost its lease; its result is dropped", claim.stage)
+    except StageError as exc:
+        _report_failure(ids, exc.code, exc.message, retryable=exc.retryable)
+    except Exception as exc:
+        logger.warning("stage %s raised:\n%s", claim.stage, traceback.format_exc())
+        _report_failure(ids, "STAGE_FAILED", f"{exc.__class__.__name__}: {exc}", retryable=True)
+    else:
+        try:
+            services.stage_complete(**ids, output=output)
+        except OmnivaError as exc:
+            logger.warning("completion of %s refused: %s", claim.stage, exc.message)
+        except (TypeError, ValueError) as exc:
+            _report_failure(
+                ids,
+                "BAD_OUTPUT",
+                f"The stage returned what JSON cannot hold: {exc}",
+                retryable=False,
+            )
+
+
+def _report_failure(ids: dict[str, Any], code: str, message: str, *, retryable: bool) -> None:
+    try:
+        services.stage_fail(**ids, code=code, message=message, retryable=retryable)
+    except OmnivaError as exc:
+        logger.warning("failure report refused: %s", exc.message)
