@@ -34,11 +34,11 @@ FALLBACK_POLL_S = 1.0
 RECONNECT_PAUSE_S = 0.5
 
 CLAIM_SQL = """
-UPDATE jobs_queuetask SET visible_at = now() + make_interval(secs => %(lease)s),
+UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
                           deliveries = deliveries + 1
 WHERE id IN (
     SELECT id FROM jobs_queuetask
-    WHERE queue = %(queue)s AND visible_at <= now()
+    WHERE queue = %(queue)s AND visible_at <= statement_timestamp()
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -49,7 +49,7 @@ RETURNING id, deliveries, priority, payload
 ENQUEUE_SQL = """
 INSERT INTO jobs_queuetask (queue, priority, payload, visible_at, deliveries, stage_run_id,
                             created_at)
-VALUES (%s, %s, %s, now() + make_interval(secs => %s), 0, %s, now())
+VALUES (%s, %s, %s, statement_timestamp() + make_interval(secs => %s), 0, %s, statement_timestamp())
 RETURNING id
 """
 
@@ -88,7 +88,7 @@ def extend_lease(*, ack_id: str, lease_s: float) -> bool:
     row_id, deliveries = parse_ack_id(ack_id)
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE jobs_queuetask SET visible_at = now() + make_interval(secs => %s) "
+            "UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %s) "
             "WHERE id = %s AND deliveries = %s",
             [lease_s, row_id, deliveries],
         )
@@ -196,7 +196,7 @@ class PostgresBroker(Broker):
         row = (
             self._db()
             .execute(
-                "SELECT EXTRACT(EPOCH FROM min(visible_at) - now()) FROM jobs_queuetask "
+                "SELECT EXTRACT(EPOCH FROM min(visible_at) - statement_timestamp()) FROM jobs_queuetask "
                 "WHERE queue = %s",
                 [self.queue],
             )
@@ -247,7 +247,7 @@ class PostgresBroker(Broker):
         return (
             self._db()
             .execute(
-                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at <= now()",
+                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at <= statement_timestamp()",
                 [self.queue],
             )
             .fetchone()[0]
@@ -257,7 +257,7 @@ class PostgresBroker(Broker):
         return (
             self._db()
             .execute(
-                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at > now()",
+                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at > statement_timestamp()",
                 [self.queue],
             )
             .fetchone()[0]

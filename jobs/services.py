@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Avg
 from django.utils import timezone
@@ -81,7 +82,7 @@ class SupervisionState:
 def _lock_job(job_id: Any) -> Job:
     try:
         return Job.objects.select_for_update().get(pk=job_id)
-    except (Job.DoesNotExist, ValueError, TypeError):
+    except (Job.DoesNotExist, ValueError, TypeError, DjangoValidationError):
         raise OmnivaError(ErrorCode.JOB_NOT_FOUND, f"No job {job_id}.") from None
 
 

@@ -40,15 +40,6 @@ def check_database() -> CheckResult:
     return {"status": "ok", "latency_ms": selectors.database_ping()}
 
 
-def check_queues() -> CheckResult:
-    queues = selectors.queue_stats()
-    saturated = [name for name, q in queues.items() if q["depth"] >= settings.OMNIVA_QUEUE_LIMIT]
-    result: CheckResult = {"status": "degraded" if saturated else "ok", "queues": queues}
-    if saturated:
-        result["detail"] = f"backlog over the limit: {', '.join(saturated)}"
-    return result
-
-
 def check_workers() -> CheckResult:
     clusters = selectors.worker_clusters()
     if not clusters:
@@ -57,7 +48,6 @@ def check_workers() -> CheckResult:
 
 
 register_check("database", check_database, critical=True)
-register_check("queues", check_queues)
 register_check("workers", check_workers)
 
 

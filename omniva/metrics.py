@@ -1,7 +1,11 @@
 """Prometheus metrics of Omniva beside django-prometheus's.
 
-Gauges that describe shared state (queue depth and lag) are read from the database
-at scrape time, so any node's /metrics tells the truth about the whole deployment.
+Everything here is read from the database at scrape time: jobs are submitted by daphne
+and finished by qcluster workers in other processes (and on other machines), and the
+database is the one place that saw all of it, so any node's /metrics tells the truth
+about the whole deployment and agrees with /v1/metrics. The job counters count the jobs
+the database still holds: a cleanup lowers them, which Prometheus reads as a counter
+reset, as it would a restart.
 """
 
 from __future__ import annotations
@@ -9,7 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
+from prometheus_client.core import (
+    REGISTRY,
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger("omniva.metrics")
@@ -17,7 +26,7 @@ logger = logging.getLogger("omniva.metrics")
 
 class QueueCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from omniva import selectors
+        from jobs import selectors
 
         try:
             stats = selectors.queue_stats()
@@ -41,6 +50,58 @@ class QueueCollector(Collector):
         return []
 
 
+def _histogram(name: str, documentation: str, labels: list[str], rows: list) -> Iterator:
+    from jobs.selectors import DURATION_BUCKETS
+
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for row in rows:
+        buckets = [
+            (str(bound), count) for bound, count in zip(DURATION_BUCKETS, row["buckets"], strict=True)
+        ]
+        buckets.append(("+Inf", row["count"]))
+        family.add_metric(list(row["labels"]), buckets, row["sum"])
+    yield family
+
+
+class JobCollector(Collector):
+    def collect(self) -> Iterator:
+        from jobs import selectors
+
+        try:
+            totals = selectors.job_totals_by_pipeline()
+            histograms = selectors.duration_histograms()
+        except Exception as exc:
+            logger.warning("job metrics unavailable: %s", exc.__class__.__name__)
+            return
+        submitted = CounterMetricFamily(
+            "omniva_jobs_submitted", "Jobs submitted", labels=["pipeline"]
+        )
+        for pipeline, count in sorted(totals["submitted"].items()):
+            submitted.add_metric([pipeline], count)
+        yield submitted
+        finished = CounterMetricFamily(
+            "omniva_jobs_finished", "Jobs finished, by final status", labels=["pipeline", "status"]
+        )
+        for (pipeline, status), count in sorted(totals["finished"].items()):
+            finished.add_metric([pipeline, status], count)
+        yield finished
+        yield from _histogram(
+            "omniva_job_duration_seconds",
+            "Run time of completed jobs",
+            ["pipeline"],
+            histograms["jobs"],
+        )
+        yield from _histogram(
+            "omniva_stage_duration_seconds",
+            "Run time of completed stage attempts",
+            ["pipeline", "stage", "queue"],
+            histograms["stages"],
+        )
+
+    def describe(self) -> list:
+        return []
+
+
 _registered = False
 
 
@@ -48,6 +109,7 @@ def register() -> None:
     global _registered
     if not _registered:
         REGISTRY.register(QueueCollector())
+        REGISTRY.register(JobCollector())
         _registered = True
 
 

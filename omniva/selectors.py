@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -34,34 +35,6 @@ def uptime_s() -> float:
     return round((timezone.now() - STARTED_AT).total_seconds(), 3)
 
 
-def queue_stats() -> dict[str, dict[str, Any]]:
-    """Depth, ready count and lag (age of the oldest ready task) of each named queue."""
-    from django_q.models import OrmQ
-
-    now = timezone.now()
-    rows = (
-        OrmQ.objects.filter(key__in=settings.OMNIVA_QUEUES)
-        .values("key")
-        .annotate(
-            depth=Count("id"),
-            ready=Count("id", filter=Q(lock__lte=now)),
-            oldest_ready=Min("lock", filter=Q(lock__lte=now)),
-        )
-    )
-    by_queue = {row["key"]: row for row in rows}
-    stats: dict[str, dict[str, Any]] = {}
-    for queue in settings.OMNIVA_QUEUES:
-        row = by_queue.get(queue)
-        oldest = row["oldest_ready"] if row else None
-        stats[queue] = {
-            "depth": row["depth"] if row else 0,
-            "ready": row["ready"] if row else 0,
-            "lag_ms": round((now - oldest).total_seconds() * 1000) if oldest else 0,
-            "limit": settings.OMNIVA_QUEUE_LIMIT,
-        }
-    return stats
-
-
 def worker_clusters() -> list[dict[str, Any]]:
     """The django-q2 clusters that reported in the last few seconds."""
     from django_q.status import Stat
@@ -78,12 +51,29 @@ def worker_clusters() -> list[dict[str, Any]]:
     ]
 
 
+# Apps add their parts of /v1/info and /v1/metrics at start-up (the core imports no
+# app): each contributor gets the dict being built and fills in its keys.
+InfoContributor = Callable[[dict[str, Any]], None]
+INFO_CONTRIBUTORS: list[InfoContributor] = []
+METRICS_CONTRIBUTORS: list[InfoContributor] = []
+
+
+def contribute_info(contributor: InfoContributor) -> None:
+    if contributor not in INFO_CONTRIBUTORS:
+        INFO_CONTRIBUTORS.append(contributor)
+
+
+def contribute_metrics(contributor: InfoContributor) -> None:
+    if contributor not in METRICS_CONTRIBUTORS:
+        METRICS_CONTRIBUTORS.append(contributor)
+
+
 def database_kind() -> str:
     return "external" if settings.DATABASE_URL else "embedded"
 
 
 def service_info() -> dict[str, Any]:
-    return {
+    info: dict[str, Any] = {
         "name": "omniva",
         "version": omniva.__version__,
         "config": {
@@ -105,6 +95,9 @@ def service_info() -> dict[str, Any]:
             },
         },
     }
+    for contributor in INFO_CONTRIBUTORS:
+        contributor(info)
+    return info
 
 
 def service_metrics() -> dict[str, Any]:
@@ -114,8 +107,7 @@ def service_metrics() -> dict[str, Any]:
         requests=Count("id"), errors=Count("id", filter=Q(status__gte=500))
     )
     last = AuditRecord.objects.aggregate(at=Max("at"))["at"]
-    return {
-        "queues": queue_stats(),
+    metrics: dict[str, Any] = {
         "workers": {"clusters": len(worker_clusters())},
         "api": {
             "requests_last_minute": api["requests"],
@@ -124,6 +116,9 @@ def service_metrics() -> dict[str, Any]:
         "last_activity": last.isoformat().replace("+00:00", "Z") if last else None,
         "uptime_s": uptime_s(),
     }
+    for contributor in METRICS_CONTRIBUTORS:
+        contributor(metrics)
+    return metrics
 
 
 def database_ping() -> float:

@@ -51,6 +51,7 @@ class InfoSerializer(serializers.Serializer):
 
 
 class MetricsSerializer(serializers.Serializer):
+    jobs = serializers.DictField()
     queues = serializers.DictField(child=serializers.DictField())
     workers = serializers.DictField()
     api = serializers.DictField()

@@ -74,3 +74,65 @@ def make_due(job: Job) -> None:
 @pytest.fixture
 def due() -> Callable[[Job], None]:
     return make_due
+
+
+@pytest.fixture(autouse=True)
+def fresh_saturation_cache() -> None:
+    """The queue-depth cache is per process; a test must not see the previous test's."""
+    from jobs import services
+
+    services._depth_cache.clear()
+
+
+# A pipeline only the tests know (they run its stages in-process with `drain`): `first`
+# then `second`; `second` fails while `fail_second` is set in RUNS. RUNS counts the
+# runs of each stage.
+RUNS: dict[str, int] = {}
+
+
+def _first(ctx: Any) -> dict[str, Any]:
+    RUNS["first"] = RUNS.get("first", 0) + 1
+    return {"from": "first"}
+
+
+def _second(ctx: Any) -> dict[str, Any]:
+    from jobs.stages import StageError
+
+    RUNS["second"] = RUNS.get("second", 0) + 1
+    if RUNS.get("fail_second"):
+        raise StageError("BROKEN", "second is broken", retryable=False)
+    return {"got": ctx.inputs["first"]}
+
+
+def _stubborn(ctx: Any) -> dict[str, Any]:
+    import time
+
+    RUNS["stubborn_started"] = RUNS.get("stubborn_started", 0) + 1
+    time.sleep(float(ctx.params.get("seconds", 10)))  # no checkpoint on purpose
+    RUNS["stubborn_finished"] = RUNS.get("stubborn_finished", 0) + 1
+    return {}
+
+
+@pytest.fixture
+def two_stage_pipeline() -> Any:
+    from jobs.pipelines import Pipeline, Stage, _REGISTRY, register
+
+    RUNS.clear()
+    pipeline = register(
+        Pipeline(
+            name="test_two_stage",
+            description="first → second",
+            stages=(Stage("first", _first), Stage("second", _second, depends_on=("first",))),
+        )
+    )
+    stubborn = register(
+        Pipeline(
+            name="test_stubborn",
+            description="sleeps without checkpoints",
+            stages=(Stage("stubborn", _stubborn),),
+            params_schema={"type": "object"},
+        )
+    )
+    yield pipeline
+    _REGISTRY.pop(pipeline.name, None)
+    _REGISTRY.pop(stubborn.name, None)

@@ -1,0 +1,170 @@
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from jobs import selectors
+from jobs.models import PRIORITY_WORDS, Job, JobLog, JobStatus, StageRun
+
+MAX_TIMEOUT_S = 7 * 86400
+
+
+@extend_schema_field(
+    {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 10}, {"enum": list(PRIORITY_WORDS)}]}
+)
+class PriorityField(serializers.Field):
+    """0-10, or one of the words low (2), normal (5), high (8), urgent (10)."""
+
+    default_error_messages = {"invalid": "Give 0-10 or one of low, normal, high, urgent."}
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, str) and data.strip().lower() in PRIORITY_WORDS:
+            return PRIORITY_WORDS[data.strip().lower()]
+        if isinstance(data, bool) or not isinstance(data, int) or not 0 <= data <= 10:
+            self.fail("invalid")
+        return data
+
+    def to_representation(self, value: int) -> int:
+        return value
+
+
+class ParamsField(serializers.JSONField):
+    default_error_messages = {"not_object": "params must be a JSON object."}
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        value = super().to_internal_value(data)
+        if not isinstance(value, dict):
+            self.fail("not_object")
+        return value
+
+
+class JobSubmitSerializer(serializers.Serializer):
+    pipeline = serializers.CharField(max_length=100)
+    params = ParamsField(required=False, default=dict)
+    priority = PriorityField(required=False, default=5)
+    max_retries = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    timeout_s = serializers.IntegerField(required=False, min_value=1, max_value=MAX_TIMEOUT_S)
+    queue_timeout_s = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_TIMEOUT_S
+    )
+    project = serializers.UUIDField(required=False, allow_null=True)
+    idempotency_key = serializers.CharField(required=False, max_length=200, allow_blank=False)
+    sync = serializers.BooleanField(required=False, default=False)
+    sync_timeout_s = serializers.FloatField(required=False, default=30, min_value=0, max_value=300)
+
+
+class BatchItemSerializer(serializers.Serializer):
+    pipeline = serializers.CharField(max_length=100)
+    params = ParamsField(required=False, default=dict)
+    priority = PriorityField(required=False)
+
+
+class JobBatchSerializer(serializers.Serializer):
+    items = BatchItemSerializer(many=True, allow_empty=False, max_length=1000)
+    priority = PriorityField(required=False)
+    max_retries = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    project = serializers.UUIDField(required=False, allow_null=True)
+    idempotency_key = serializers.CharField(required=False, max_length=200, allow_blank=False)
+
+
+class JobCancelSerializer(serializers.Serializer):
+    reason = serializers.CharField(required=False, allow_blank=True, max_length=500, default="")
+
+
+class JobCleanupSerializer(serializers.Serializer):
+    max_age_s = serializers.IntegerField(required=False, default=86400, min_value=0)
+    statuses = serializers.ListField(
+        child=serializers.ChoiceField(
+            choices=[JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT]
+        ),
+        required=False,
+        allow_empty=False,
+    )
+
+
+class JobFilterSerializer(serializers.Serializer):
+    status = serializers.MultipleChoiceField(choices=JobStatus.choices, required=False)
+    pipeline = serializers.CharField(required=False, max_length=100)
+    project = serializers.UUIDField(required=False)
+    parent = serializers.UUIDField(required=False)
+    priority_min = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+
+
+class StageRunSerializer(serializers.ModelSerializer):
+    queue = serializers.SerializerMethodField()
+    engine_type = serializers.SerializerMethodField()
+
+    class Meta:
+        model = StageRun
+        fields = [
+            "name", "status", "attempt", "queue", "engine_type", "worker", "progress",
+            "started_at", "finished_at", "duration_ms", "error",
+        ]  # fmt: skip
+
+    def get_queue(self, run: StageRun) -> str | None:
+        return run.queue or None
+
+    def get_engine_type(self, run: StageRun) -> str | None:
+        return run.engine_type or None
+
+
+class JobSerializer(serializers.ModelSerializer):
+    stages = StageRunSerializer(many=True, read_only=True)
+    progress = serializers.SerializerMethodField()
+    estimated_completion_ms = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "pipeline", "status", "priority", "progress", "params", "result", "error",
+            "attempts", "max_retries", "timeout_s", "queue_timeout_s", "project", "parent",
+            "idempotency_key", "created_at", "started_at", "finished_at", "next_attempt_at",
+            "queue_time_ms", "run_time_ms", "cancel_reason", "estimated_completion_ms", "stages",
+        ]  # fmt: skip
+
+    @extend_schema_field(OpenApiTypes.FLOAT)
+    def get_progress(self, job: Job) -> float:
+        if job.pipeline == "batch" and not job.is_finished:
+            return selectors.batch_progress(job)
+        return job.progress
+
+    @extend_schema_field({"type": "integer", "nullable": True})
+    def get_estimated_completion_ms(self, job: Job) -> int | None:
+        if not self.context.get("with_estimate"):
+            return None
+        return selectors.estimated_completion_ms(job)
+
+    def to_representation(self, job: Job) -> dict[str, Any]:
+        data = super().to_representation(job)
+        if job.is_finished or not self.context.get("with_estimate"):
+            data.pop("estimated_completion_ms", None)
+        return data
+
+
+class JobLogSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = JobLog
+        fields = ["at", "level", "stage", "message"]
+
+
+class PipelineStageSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    depends_on = serializers.ListField(child=serializers.CharField())
+    queue = serializers.CharField(allow_null=True)
+    engine_type = serializers.CharField(allow_null=True)
+
+
+class PipelineSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    params_schema = serializers.DictField()
+    stages = PipelineStageSerializer(many=True)
+
+
+class CleanupResultSerializer(serializers.Serializer):
+    cleared = serializers.IntegerField()

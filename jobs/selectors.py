@@ -1,0 +1,219 @@
+"""Reads of the job engine: job lists, queue statistics, job metrics, estimates."""
+
+from __future__ import annotations
+
+import statistics
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import connection
+from django.db.models import Avg, Count, F, Max, QuerySet
+from django.utils import timezone
+
+from jobs import pipelines
+from jobs.models import ACTIVE_STATUSES, Job, JobStatus, QueueTask
+from omniva.models import Project
+
+# Histogram buckets (seconds) of job and stage durations in /metrics.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+def job_list(*, project: Project | None = None, filters: dict[str, Any] | None = None) -> QuerySet:
+    jobs = Job.objects.select_related("project").order_by("-created_at", "-id")
+    if project is not None:
+        jobs = jobs.filter(project=project)
+    filters = filters or {}
+    if "status" in filters:
+        jobs = jobs.filter(status__in=filters["status"])
+    if "pipeline" in filters:
+        jobs = jobs.filter(pipeline=filters["pipeline"])
+    if "project" in filters:
+        jobs = jobs.filter(project_id=filters["project"])
+    if "parent" in filters:
+        jobs = jobs.filter(parent_id=filters["parent"])
+    if "priority_min" in filters:
+        jobs = jobs.filter(priority__gte=filters["priority_min"])
+    if "created_after" in filters:
+        jobs = jobs.filter(created_at__gte=filters["created_after"])
+    if "created_before" in filters:
+        jobs = jobs.filter(created_at__lt=filters["created_before"])
+    return jobs
+
+
+def job_for_caller(*, job_id: Any, project: Project | None) -> Job | None:
+    jobs = Job.objects.select_related("project")
+    if project is not None:
+        jobs = jobs.filter(project=project)
+    try:
+        return jobs.filter(pk=job_id).first()
+    except (ValueError, TypeError, DjangoValidationError):
+        return None
+
+
+def batch_progress(job: Job) -> float:
+    """A batch's progress: its children's together, counting running ones where they are."""
+    average = job.children.aggregate(p=Avg("progress"))["p"]
+    return round(float(average or 0.0), 2)
+
+
+def queue_stats() -> dict[str, dict[str, Any]]:
+    """Depth, ready and leased counts, and lag (age of the oldest ready task) per queue."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT queue, count(*), count(*) FILTER (WHERE visible_at <= statement_timestamp()), "
+            "EXTRACT(EPOCH FROM statement_timestamp() - min(visible_at) FILTER (WHERE visible_at <= statement_timestamp())) "
+            "FROM jobs_queuetask GROUP BY queue"
+        )
+        rows = {queue: (depth, ready, lag) for queue, depth, ready, lag in cursor.fetchall()}
+    queues = list(dict.fromkeys([*settings.OMNIVA_QUEUES, *rows]))
+    stats: dict[str, dict[str, Any]] = {}
+    for queue in queues:
+        depth, ready, lag = rows.get(queue, (0, 0, None))
+        stats[queue] = {
+            "depth": depth,
+            "ready": ready,
+            "leased": depth - ready,
+            "lag_ms": round(float(lag) * 1000) if lag is not None else 0,
+            "limit": settings.OMNIVA_QUEUE_LIMIT,
+        }
+    return stats
+
+
+def job_counts() -> dict[str, Any]:
+    by_status = dict(Job.objects.values_list("status").annotate(n=Count("id")))
+    total = sum(by_status.values())
+    completed = by_status.get(JobStatus.COMPLETED, 0)
+    ended_badly = sum(
+        by_status.get(s, 0) for s in (JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED)
+    )
+    average = Job.objects.filter(status=JobStatus.COMPLETED, started_at__isnull=False).aggregate(
+        avg=Avg(F("finished_at") - F("started_at"))
+    )["avg"]
+    last = Job.objects.aggregate(at=Max("updated_at"))["at"]
+    return {
+        "total": total,
+        "pending": by_status.get(JobStatus.PENDING, 0),
+        "running": by_status.get(JobStatus.RUNNING, 0),
+        "retrying": by_status.get(JobStatus.RETRYING, 0),
+        "completed": completed,
+        "failed": by_status.get(JobStatus.FAILED, 0),
+        "cancelled": by_status.get(JobStatus.CANCELLED, 0),
+        "timed_out": by_status.get(JobStatus.TIMED_OUT, 0),
+        "average_job_time_ms": round(average.total_seconds() * 1000, 1) if average else None,
+        "success_rate": round(completed / (completed + ended_badly), 4)
+        if completed + ended_badly
+        else None,
+        "last_activity": _iso(last),
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat().replace("+00:00", "Z") if moment else None
+
+
+def recent_median_run_ms(pipeline: str, *, sample: int = 50) -> float | None:
+    durations = [
+        (finished - started).total_seconds() * 1000
+        for started, finished in Job.objects.filter(
+            pipeline=pipeline, status=JobStatus.COMPLETED, started_at__isnull=False
+        )
+        .order_by("-finished_at")
+        .values_list("started_at", "finished_at")[:sample]
+    ]
+    return statistics.median(durations) if durations else None
+
+
+def estimated_completion_ms(job: Job) -> int | None:
+    """Seed 004's estimate: the pipeline's recent median run time, plus, for a job not yet
+    started, the queued work of at least its priority spread over the queue's workers."""
+    if job.status not in ACTIVE_STATUSES:
+        return None
+    median = recent_median_run_ms(job.pipeline)
+    if median is None:
+        return None
+    if job.started_at is not None:
+        elapsed = (timezone.now() - job.started_at).total_seconds() * 1000
+        return max(0, round(median - elapsed))
+    queues = {run.queue for run in job.stages.all() if run.queue} or {"default"}
+    ahead = QueueTask.objects.filter(
+        queue__in=queues, priority__gte=job.priority, visible_at__lte=timezone.now()
+    ).count()
+    workers = settings.OMNIVA_GPU_WORKERS if queues == {"gpu"} else settings.OMNIVA_WORKERS
+    return round(median * (1 + ahead / max(1, workers)))
+
+
+def duration_histograms() -> dict[str, list[dict[str, Any]]]:
+    """Cumulative bucket counts of job and stage durations, for the Prometheus collector."""
+    buckets = ", ".join(
+        f"count(*) FILTER (WHERE d <= {bound})" for bound in DURATION_BUCKETS
+    )
+    out: dict[str, list[dict[str, Any]]] = {"jobs": [], "stages": []}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT pipeline, count(*), sum(d), {buckets} FROM ("  # noqa: S608 (constants only)
+            "  SELECT pipeline, EXTRACT(EPOCH FROM finished_at - started_at) AS d"
+            "  FROM jobs_job WHERE status = 'completed' AND started_at IS NOT NULL"
+            ") t GROUP BY pipeline"
+        )
+        for pipeline, count, total, *counts in cursor.fetchall():
+            out["jobs"].append(
+                {"labels": (pipeline,), "count": count, "sum": float(total or 0), "buckets": counts}
+            )
+        cursor.execute(
+            f"SELECT pipeline, name, queue, count(*), sum(d), {buckets} FROM ("  # noqa: S608
+            "  SELECT j.pipeline, s.name, COALESCE(NULLIF(s.queue, ''), s.engine_type) AS queue,"
+            "  EXTRACT(EPOCH FROM s.finished_at - s.started_at) AS d"
+            "  FROM jobs_stagerun s JOIN jobs_job j ON j.id = s.job_id"
+            "  WHERE s.status = 'completed' AND s.started_at IS NOT NULL"
+            ") t GROUP BY pipeline, name, queue"
+        )
+        for pipeline, name, queue, count, total, *counts in cursor.fetchall():
+            out["stages"].append(
+                {
+                    "labels": (pipeline, name, queue),
+                    "count": count,
+                    "sum": float(total or 0),
+                    "buckets": counts,
+                }
+            )
+    return out
+
+
+def job_totals_by_pipeline() -> dict[str, Any]:
+    submitted = dict(Job.objects.values_list("pipeline").annotate(n=Count("id")))
+    finished = [
+        ((row["pipeline"], row["status"]), row["n"])
+        for row in Job.objects.filter(finished_at__isnull=False)
+        .values("pipeline", "status")
+        .annotate(n=Count("id"))
+    ]
+    return {"submitted": submitted, "finished": dict(finished)}
+
+
+def contribute_info(info: dict[str, Any]) -> None:
+    info["config"]["pipelines"] = [p.name for p in pipelines.all_pipelines()]
+    info["config"]["task_lease_s"] = settings.OMNIVA_TASK_LEASE_S
+    info["config"]["cancel_grace_s"] = settings.OMNIVA_CANCEL_GRACE_S
+    info["config"]["job_timeout_s"] = settings.OMNIVA_JOB_TIMEOUT_S
+    info["config"]["queue_timeout_s"] = settings.OMNIVA_QUEUE_TIMEOUT_S
+
+
+def contribute_metrics(metrics: dict[str, Any]) -> None:
+    metrics["jobs"] = job_counts()
+    metrics["queues"] = queue_stats()
+    last = metrics.get("last_activity")
+    jobs_last = metrics["jobs"]["last_activity"]
+    if jobs_last and (last is None or jobs_last > last):
+        metrics["last_activity"] = jobs_last
+
+
+def check_queues() -> dict[str, Any]:
+    queues = queue_stats()
+    saturated = [name for name, q in queues.items() if q["depth"] >= settings.OMNIVA_QUEUE_LIMIT]
+    result: dict[str, Any] = {"status": "degraded" if saturated else "ok", "queues": queues}
+    if saturated:
+        result["detail"] = f"backlog over the limit: {', '.join(saturated)}"
+    return result
+
