@@ -95,6 +95,18 @@ def extend_lease(*, ack_id: str, lease_s: float) -> bool:
         return cursor.rowcount == 1
 
 
+def defer_delivery(*, ack_id: str, until: Any) -> None:
+    """Put a delivered row back, visible again at `until`, as a new delivery (so the
+    acknowledgement that follows this task's return does not delete it)."""
+    row_id, deliveries = parse_ack_id(ack_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE jobs_queuetask SET visible_at = %s, deliveries = deliveries + 1 "
+            "WHERE id = %s AND deliveries = %s",
+            [until, row_id, deliveries],
+        )
+
+
 def acknowledge_delivery(*, ack_id: str) -> None:
     row_id, deliveries = parse_ack_id(ack_id)
     with connection.cursor() as cursor:

@@ -25,7 +25,7 @@ def job_list(*, project: Project | None = None, filters: dict[str, Any] | None =
     if project is not None:
         jobs = jobs.filter(project=project)
     filters = filters or {}
-    if "status" in filters:
+    if filters.get("status"):
         jobs = jobs.filter(status__in=filters["status"])
     if "pipeline" in filters:
         jobs = jobs.filter(pipeline=filters["pipeline"])

@@ -470,7 +470,13 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
             return None
         if run.status == StageStatus.RUNNING:
             if run.lease_expires_at and run.lease_expires_at > now:
-                return None  # another attempt holds it and is alive
+                # The attempt's lease has not quite run out (the row's lease started a
+                # moment before it, at the claim): look again when it has.
+                if ack_id:
+                    broker.defer_delivery(
+                        ack_id=ack_id, until=run.lease_expires_at + timedelta(milliseconds=50)
+                    )
+                return None
             lost = {
                 "code": "WORKER_LOST",
                 "message": f"The worker running attempt {run.attempt} stopped responding.",

@@ -25,6 +25,7 @@ from jobs.services import JOB_DONE_CHANNEL
 logger = logging.getLogger("omniva.jobs.waiting")
 
 RECHECK_S = 5.0
+STOP_CHECK_S = 1.0
 
 
 class JobDoneListener:
@@ -34,6 +35,7 @@ class JobDoneListener:
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
         self._params: dict[str, Any] | None = None
+        self._stopping = threading.Event()
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -47,15 +49,27 @@ class JobDoneListener:
             self._thread.start()
         self._listening.wait(timeout=5)
 
+    def stop(self) -> None:
+        """Stop listening (tests; a server's listener lives as long as its process)."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping.set()
+        thread.join(timeout=5)
+        self._thread = None
+        self._stopping.clear()
+        self._listening.clear()
+
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 with psycopg.connect(**(self._params or {}), autocommit=True) as conn:
                     conn.execute(f'LISTEN "{JOB_DONE_CHANNEL}"')
                     self._listening.set()
                     self._wake_all()  # anything that finished while we were reconnecting
-                    for notify in conn.notifies():
-                        self._wake(notify.payload)
+                    while not self._stopping.is_set():
+                        for notify in conn.notifies(timeout=STOP_CHECK_S):
+                            self._wake(notify.payload)
             except psycopg.Error as exc:
                 self._listening.clear()
                 logger.warning("job listener lost its connection (%s)", exc.__class__.__name__)

@@ -77,6 +77,15 @@ def due() -> Callable[[Job], None]:
 
 
 @pytest.fixture(autouse=True)
+def stop_job_listener() -> Any:
+    """Sync waits start a LISTEN thread; stop it so no connection outlives the test."""
+    yield
+    from jobs.waiting import listener
+
+    listener.stop()
+
+
+@pytest.fixture(autouse=True)
 def fresh_saturation_cache() -> None:
     """The queue-depth cache is per process; a test must not see the previous test's."""
     from jobs import services

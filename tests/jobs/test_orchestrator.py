@@ -17,7 +17,7 @@ from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun, StageStatus
 from jobs.stages import StageCancelled, StageLeaseLost
 from omniva.errors import ErrorCode, OmnivaError
 from tests.conftest import wait_for
-from tests.jobs.conftest import RUNS
+from tests.jobs.conftest import RUNS, claim_one
 
 pytestmark = pytest.mark.django_db
 
@@ -395,3 +395,19 @@ def test_a_stage_that_ignores_a_cancel_is_forced_after_the_grace(two_stage_pipel
     assert RUNS.get("stubborn_finished") is None
     assert JobLog.objects.filter(job=job, message__contains="forced").exists()
     assert not QueueTask.objects.exists()
+
+
+def test_a_delivery_that_arrives_before_the_attempts_lease_ran_out_is_deferred() -> None:
+    job = submit("noop")
+    run = job.stages.get()
+    ack_id, _task = claim_one("default")
+    claim = services.stage_start(stage_run_id=run.pk, worker="first", ack_id=ack_id)
+    assert claim is not None
+    # The row's lease ran out a moment before the attempt's did: it comes back early.
+    QueueTask.objects.update(visible_at=timezone.now())
+    early_ack, _ = claim_one("default")
+    assert services.stage_start(stage_run_id=run.pk, worker="second", ack_id=early_ack) is None
+    row = QueueTask.objects.get()
+    run.refresh_from_db()
+    assert row.visible_at > run.lease_expires_at
+    assert f"{row.pk}:{row.deliveries}" != early_ack, "its acknowledgement must not delete it"

@@ -1,0 +1,91 @@
+"""Real `qcluster` processes on our broker: a DAG job end to end, cancel, and redelivery."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import services
+from jobs.models import Job, JobLog, JobStatus, QueueTask, StageStatus
+from tests.conftest import ProcessGroup, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def start_worker(
+    processes: ProcessGroup, database_url: str, log: Path, **env: str
+) -> Any:
+    return processes.manage(
+        "qcluster",
+        env={"DATABASE_URL": database_url, "Q_CLUSTER_NAME": "default", **env},
+        log=log,
+    )
+
+
+def job_status(job: Job) -> str:
+    job.refresh_from_db()
+    return job.status
+
+
+def test_a_qcluster_worker_runs_a_dag_job_to_completion(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+) -> None:
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log")
+    job, _ = services.job_submit(pipeline="fan_out_fan_in", params={"width": 3})
+
+    wait_for(
+        lambda: job_status(job) == JobStatus.COMPLETED,
+        timeout=60,
+        interval=0.1,
+        what=f"the job to complete (log: {(tmp_path / 'qcluster.log').read_text()[-2000:]})",
+    )
+    assert job.result == {"parts": [0, 1, 2], "sum_of_squares": 5}
+    stages = list(job.stages.all())
+    assert all(stage.status == StageStatus.COMPLETED for stage in stages)
+    workers = {stage.worker.rsplit(":", 1)[1] for stage in stages}
+    assert str(os.getpid()) not in workers
+    assert not QueueTask.objects.exists(), "every delivery is acknowledged"
+
+
+def test_a_running_job_cancelled_stops_at_its_next_checkpoint(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+) -> None:
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log")
+    job, _ = services.job_submit(pipeline="sleep", params={"seconds": 60})
+    wait_for(lambda: job_status(job) == JobStatus.RUNNING, timeout=60, what="the job to start")
+
+    _, finished_now = services.job_cancel(job_id=job.pk, reason="operator")
+    assert not finished_now
+
+    wait_for(lambda: job_status(job) == JobStatus.CANCELLED, timeout=15, what="the cancel")
+    assert job.cancel_reason == "operator"
+    assert job.stages.get().status == StageStatus.CANCELLED
+
+
+def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+) -> None:
+    start_worker(
+        processes, test_database_url, tmp_path / "qcluster.log", OMNIVA_TASK_LEASE_S="2"
+    )
+    job, _ = services.job_submit(pipeline="sleep", params={"seconds": 4})
+    wait_for(lambda: job_status(job) == JobStatus.RUNNING, timeout=60, what="the job to start")
+    worker_pid = int(job.stages.get().worker.rsplit(":", 1)[1])
+
+    os.kill(worker_pid, signal.SIGKILL)
+
+    wait_for(
+        lambda: job_status(job) == JobStatus.COMPLETED,
+        timeout=60,
+        interval=0.1,
+        what="the stage to be delivered again and complete",
+    )
+    stage = job.stages.get()
+    assert stage.attempt == 2
+    assert int(stage.worker.rsplit(":", 1)[1]) != worker_pid
+    assert JobLog.objects.filter(job=job, message__contains="stopped responding").exists()
+    assert job.result == {"slept_s": 4}
