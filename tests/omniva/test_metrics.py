@@ -15,7 +15,13 @@ def test_v1_metrics_reports_queues_and_api_traffic(api) -> None:
     assert body["status"] == "success"
     data = body["data"]
     assert set(data["queues"]) == {"default", "gpu"}
-    assert data["queues"]["default"] == {"depth": 0, "ready": 0, "lag_ms": 0, "limit": 10000}
+    assert data["queues"]["default"] == {
+        "depth": 0,
+        "ready": 0,
+        "leased": 0,
+        "lag_ms": 0,
+        "limit": 10000,
+    }
     assert data["api"]["requests_last_minute"] >= 2
     assert data["last_activity"] is not None
 
