@@ -46,11 +46,17 @@ WHERE id IN (
 RETURNING id, deliveries, priority, payload
 """
 
+# The INSERT and its NOTIFY in one round trip; the notification is delivered at commit.
 ENQUEUE_SQL = """
-INSERT INTO jobs_queuetask (queue, priority, payload, visible_at, deliveries, stage_run_id,
-                            created_at)
-VALUES (%s, %s, %s, statement_timestamp() + make_interval(secs => %s), 0, %s, statement_timestamp())
-RETURNING id
+WITH task AS (
+    INSERT INTO jobs_queuetask (queue, priority, payload, visible_at, deliveries,
+                                stage_run_id, created_at)
+    VALUES (%(queue)s, %(priority)s, %(payload)s,
+            statement_timestamp() + make_interval(secs => %(delay)s), 0, %(stage_run_id)s,
+            statement_timestamp())
+    RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, '') FROM task
 """
 
 
@@ -72,10 +78,18 @@ def enqueue_payload(
 ) -> int:
     """Insert a task row in the caller's transaction; its NOTIFY is delivered at commit."""
     with connection.cursor() as cursor:
-        cursor.execute(ENQUEUE_SQL, [queue, priority, payload, delay_s, stage_run_id])
-        task_id = cursor.fetchone()[0]
-        cursor.execute("SELECT pg_notify(%s, '')", [channel_for(queue)])
-    return task_id
+        cursor.execute(
+            ENQUEUE_SQL,
+            {
+                "queue": queue,
+                "priority": priority,
+                "payload": payload,
+                "delay": delay_s,
+                "stage_run_id": stage_run_id,
+                "channel": channel_for(queue),
+            },
+        )
+        return cursor.fetchone()[0]
 
 
 def parse_ack_id(ack_id: str) -> tuple[int, int]:
@@ -88,7 +102,8 @@ def extend_lease(*, ack_id: str, lease_s: float) -> bool:
     row_id, deliveries = parse_ack_id(ack_id)
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %s) "
+            "UPDATE jobs_queuetask "
+            "SET visible_at = statement_timestamp() + make_interval(secs => %s) "
             "WHERE id = %s AND deliveries = %s",
             [lease_s, row_id, deliveries],
         )
@@ -208,8 +223,8 @@ class PostgresBroker(Broker):
         row = (
             self._db()
             .execute(
-                "SELECT EXTRACT(EPOCH FROM min(visible_at) - statement_timestamp()) FROM jobs_queuetask "
-                "WHERE queue = %s",
+                "SELECT EXTRACT(EPOCH FROM min(visible_at) - statement_timestamp()) "
+                "FROM jobs_queuetask WHERE queue = %s",
                 [self.queue],
             )
             .fetchone()
@@ -259,7 +274,8 @@ class PostgresBroker(Broker):
         return (
             self._db()
             .execute(
-                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at <= statement_timestamp()",
+                "SELECT count(*) FROM jobs_queuetask "
+                "WHERE queue = %s AND visible_at <= statement_timestamp()",
                 [self.queue],
             )
             .fetchone()[0]
@@ -269,7 +285,8 @@ class PostgresBroker(Broker):
         return (
             self._db()
             .execute(
-                "SELECT count(*) FROM jobs_queuetask WHERE queue = %s AND visible_at > statement_timestamp()",
+                "SELECT count(*) FROM jobs_queuetask "
+                "WHERE queue = %s AND visible_at > statement_timestamp()",
                 [self.queue],
             )
             .fetchone()[0]

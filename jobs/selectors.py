@@ -62,9 +62,10 @@ def queue_stats() -> dict[str, dict[str, Any]]:
     """Depth, ready and leased counts, and lag (age of the oldest ready task) per queue."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT queue, count(*), count(*) FILTER (WHERE visible_at <= statement_timestamp()), "
-            "EXTRACT(EPOCH FROM statement_timestamp() - min(visible_at) FILTER (WHERE visible_at <= statement_timestamp())) "
-            "FROM jobs_queuetask GROUP BY queue"
+            "SELECT queue, count(*), count(*) FILTER (WHERE visible_at <= now), "
+            "EXTRACT(EPOCH FROM now - min(visible_at) FILTER (WHERE visible_at <= now)) "
+            "FROM jobs_queuetask, (SELECT statement_timestamp() AS now) AS clock "
+            "GROUP BY queue, now"
         )
         rows = {queue: (depth, ready, lag) for queue, depth, ready, lag in cursor.fetchall()}
     queues = list(dict.fromkeys([*settings.OMNIVA_QUEUES, *rows]))
@@ -146,9 +147,7 @@ def estimated_completion_ms(job: Job) -> int | None:
 
 def duration_histograms() -> dict[str, list[dict[str, Any]]]:
     """Cumulative bucket counts of job and stage durations, for the Prometheus collector."""
-    buckets = ", ".join(
-        f"count(*) FILTER (WHERE d <= {bound})" for bound in DURATION_BUCKETS
-    )
+    buckets = ", ".join(f"count(*) FILTER (WHERE d <= {bound})" for bound in DURATION_BUCKETS)
     out: dict[str, list[dict[str, Any]]] = {"jobs": [], "stages": []}
     with connection.cursor() as cursor:
         cursor.execute(
@@ -217,3 +216,27 @@ def check_queues() -> dict[str, Any]:
         result["detail"] = f"backlog over the limit: {', '.join(saturated)}"
     return result
 
+
+def format_duration(ms: int | None) -> str:
+    """`350 ms`, `12.3 s`, `5 min 3 s`, `2 h 5 min`; `-` when there is none."""
+    if ms is None:
+        return "-"
+    if ms < 1000:
+        return f"{ms} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def run_time_ms(job: Job) -> int | None:
+    """The run time of a finished job, or how long a started one has been running."""
+    if job.run_time_ms is not None:
+        return job.run_time_ms
+    if job.started_at is not None and not job.is_finished:
+        return round((timezone.now() - job.started_at).total_seconds() * 1000)
+    return None

@@ -87,14 +87,16 @@ def _lock_job(job_id: Any) -> Job:
 
 
 def _lock_job_of_stage(stage_run_id: int) -> tuple[Job, StageRun] | None:
-    job_id = StageRun.objects.filter(pk=stage_run_id).values_list("job_id", flat=True).first()
-    if job_id is None:
+    """The stage run and its job, the job row locked, in one statement."""
+    run = (
+        StageRun.objects.select_related("job")
+        .select_for_update(of=("job",))
+        .filter(pk=stage_run_id)
+        .first()
+    )
+    if run is None:
         return None
-    job = Job.objects.select_for_update().filter(pk=job_id).first()
-    run = StageRun.objects.filter(pk=stage_run_id).first()
-    if job is None or run is None:
-        return None
-    return job, run
+    return run.job, run
 
 
 def _log(job: Job, message: str, *, stage: str = "", level: str = "info") -> None:
@@ -143,13 +145,16 @@ def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
 engine_stage_dispatcher: Any = None
 
 
-def _enqueue_stage(job: Job, run: StageRun, stage: pipelines.Stage, *, delay_s: float = 0) -> None:
-    now = timezone.now()
-    run.status = StageStatus.QUEUED
-    run.queued_at = now
-    run.lease_token = None
-    run.lease_expires_at = None
-    run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
+def _enqueue_stage(
+    job: Job, run: StageRun, stage: pipelines.Stage, *, delay_s: float = 0, saved: bool = False
+) -> None:
+    """Queue one attempt of a stage; `saved` when the caller already stored the run queued."""
+    if not saved:
+        run.status = StageStatus.QUEUED
+        run.queued_at = timezone.now()
+        run.lease_token = None
+        run.lease_expires_at = None
+        run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
     if stage.engine_type:
         engine_stage_dispatcher(job=job, run=run, stage=stage, delay_s=delay_s)
         return
@@ -175,8 +180,10 @@ def _finish_job(
     result: Any = None,
     error: dict[str, Any] | None = None,
     stage_status: StageStatus = StageStatus.CANCELLED,
+    runs: list[StageRun] | None = None,
 ) -> None:
-    """Move `job` to a final status; its unfinished stages end with `stage_status`."""
+    """Move `job` to a final status; its unfinished stages end with `stage_status`.
+    `runs`, when the caller has them, are the job's stage runs as they stand."""
     job.status = status
     job.finished_at = now
     job.next_attempt_at = None
@@ -185,21 +192,22 @@ def _finish_job(
     if status == JobStatus.COMPLETED:
         job.progress = 100.0
     job.save()
-    open_runs = list(
-        StageRun.objects.filter(job=job).exclude(
-            status__in=[StageStatus.COMPLETED, StageStatus.FAILED]
-        )
-    )
+    if runs is None:
+        runs = list(StageRun.objects.filter(job=job))
+    open_runs = [
+        run for run in runs if run.status not in (StageStatus.COMPLETED, StageStatus.FAILED)
+    ]
     for run in open_runs:
         if run.status in (StageStatus.QUEUED, StageStatus.RUNNING):
             run.status = stage_status
             run.finished_at = now
         run.lease_token = None
         run.lease_expires_at = None
-    StageRun.objects.bulk_update(
-        open_runs, ["status", "finished_at", "lease_token", "lease_expires_at"]
-    )
-    broker.drop_stage_tasks(stage_run_ids=[run.pk for run in open_runs])
+    if open_runs:
+        StageRun.objects.bulk_update(
+            open_runs, ["status", "finished_at", "lease_token", "lease_expires_at"]
+        )
+        broker.drop_stage_tasks(stage_run_ids=[run.pk for run in open_runs])
     message = f"job {status}"
     if error:
         message += f": {error.get('code')}: {error.get('message')}"
@@ -348,6 +356,7 @@ def job_submit(
                 parent=parent,
                 pending_since=now,
             )
+            roots = set(dag.roots())
             runs = StageRun.objects.bulk_create(
                 [
                     StageRun(
@@ -356,13 +365,15 @@ def job_submit(
                         position=position,
                         queue="" if stage.engine_type else stage.queue,
                         engine_type=stage.engine_type or "",
+                        status=StageStatus.QUEUED if stage.name in roots else StageStatus.WAITING,
+                        queued_at=now if stage.name in roots else None,
                     )
                     for position, stage in enumerate(dag.stages)
                 ]
             )
-            by_name = {run.name: run for run in runs}
-            for name in dag.roots():
-                _enqueue_stage(job, by_name[name], dag.stage(name))
+            for run in runs:
+                if run.name in roots:
+                    _enqueue_stage(job, run, dag.stage(run.name), saved=True)
     except IntegrityError:
         if idempotency_key:
             existing = Job.objects.filter(idempotency_key=idempotency_key).first()
@@ -513,8 +524,10 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         definition = _definition(job)
         dag = definition.dag(job.params)
         parents = dag.stage(run.name).depends_on
-        inputs = dict(
-            StageRun.objects.filter(job=job, name__in=parents).values_list("name", "output")
+        inputs = (
+            dict(StageRun.objects.filter(job=job, name__in=parents).values_list("name", "output"))
+            if parents
+            else {}
         )
         return StageClaim(
             stage_run_id=run.pk,
@@ -624,10 +637,12 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any) -> Job:
             return job
         definition = _definition(job)
         dag = definition.dag(job.params)
-        runs = {r.name: r for r in StageRun.objects.filter(job=job)}
+        runs = {r.name: r for r in StageRun.objects.filter(job=job).exclude(pk=run.pk)}
+        runs[run.name] = run
         if all(r.status == StageStatus.COMPLETED for r in runs.values()):
             outputs = {name: r.output for name, r in runs.items()}
-            _finish_job(job, JobStatus.COMPLETED, now=now, result=definition.result(outputs, dag))
+            result = definition.result(outputs, dag)
+            _finish_job(job, JobStatus.COMPLETED, now=now, result=result, runs=list(runs.values()))
             return job
         for child in dag.children(run.name):
             child_run = runs[child]

@@ -56,7 +56,8 @@ def _histogram(name: str, documentation: str, labels: list[str], rows: list) -> 
     family = HistogramMetricFamily(name, documentation, labels=labels)
     for row in rows:
         buckets = [
-            (str(bound), count) for bound, count in zip(DURATION_BUCKETS, row["buckets"], strict=True)
+            (str(bound), count)
+            for bound, count in zip(DURATION_BUCKETS, row["buckets"], strict=True)
         ]
         buckets.append(("+Inf", row["count"]))
         family.add_metric(list(row["labels"]), buckets, row["sum"])

@@ -47,9 +47,7 @@ class JobSubmitSerializer(serializers.Serializer):
     priority = PriorityField(required=False, default=5)
     max_retries = serializers.IntegerField(required=False, min_value=0, max_value=10)
     timeout_s = serializers.IntegerField(required=False, min_value=1, max_value=MAX_TIMEOUT_S)
-    queue_timeout_s = serializers.IntegerField(
-        required=False, min_value=1, max_value=MAX_TIMEOUT_S
-    )
+    queue_timeout_s = serializers.IntegerField(required=False, min_value=1, max_value=MAX_TIMEOUT_S)
     project = serializers.UUIDField(required=False, allow_null=True)
     idempotency_key = serializers.CharField(required=False, max_length=200, allow_blank=False)
     sync = serializers.BooleanField(required=False, default=False)
@@ -78,7 +76,12 @@ class JobCleanupSerializer(serializers.Serializer):
     max_age_s = serializers.IntegerField(required=False, default=86400, min_value=0)
     statuses = serializers.ListField(
         child=serializers.ChoiceField(
-            choices=[JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT]
+            choices=[
+                JobStatus.COMPLETED,
+                JobStatus.FAILED,
+                JobStatus.CANCELLED,
+                JobStatus.TIMED_OUT,
+            ]
         ),
         required=False,
         allow_empty=False,

@@ -52,9 +52,7 @@ def idempotency_key(request: Request, body_key: str | None) -> str | None:
         if not header or len(header) > 200:
             raise ValidationError({IDEMPOTENCY_HEADER: ["1 to 200 characters."]})
         if body_key and body_key != header:
-            raise ValidationError(
-                {"idempotency_key": ["differs from the Idempotency-Key header."]}
-            )
+            raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header."]})
         return header
     return body_key
 

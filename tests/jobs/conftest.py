@@ -124,7 +124,7 @@ def _stubborn(ctx: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def two_stage_pipeline() -> Any:
-    from jobs.pipelines import Pipeline, Stage, _REGISTRY, register
+    from jobs.pipelines import _REGISTRY, Pipeline, Stage, register
 
     RUNS.clear()
     pipeline = register(

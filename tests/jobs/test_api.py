@@ -19,7 +19,9 @@ pytestmark = pytest.mark.django_db
 
 
 def post(api: Any, path: str, body: Any = None, **extra: Any) -> Any:
-    return api.post(path, body if body is not None else {}, content_type="application/json", **extra)
+    return api.post(
+        path, body if body is not None else {}, content_type="application/json", **extra
+    )
 
 
 def test_submit_answers_202_with_the_job_and_its_stages(api: Any) -> None:
@@ -49,7 +51,8 @@ def test_a_finished_job_shows_result_times_and_no_estimate(api: Any, drain: Any)
     assert job["status"] == "completed"
     assert job["result"] == {}
     assert job["progress"] == 100
-    assert job["queue_time_ms"] is not None and job["run_time_ms"] is not None
+    assert job["queue_time_ms"] is not None
+    assert job["run_time_ms"] is not None
     assert "estimated_completion_ms" not in job
     assert job["stages"][0]["worker"]
     assert job["stages"][0]["duration_ms"] is not None
@@ -88,9 +91,9 @@ def test_list_filters_by_status_pipeline_and_priority_newest_first(api: Any, dra
 
 
 def test_logs_are_listed_oldest_first_and_paginated(api: Any, drain: Any) -> None:
-    job_id = post(api, "/v1/jobs", {"pipeline": "fail_n_times", "params": {"n": 1}}).json()[
-        "data"
-    ]["id"]
+    job_id = post(api, "/v1/jobs", {"pipeline": "fail_n_times", "params": {"n": 1}}).json()["data"][
+        "id"
+    ]
     with override_settings(OMNIVA_RETRY_BACKOFF_S=[0]):
         drain()
         drain()
@@ -98,7 +101,8 @@ def test_logs_are_listed_oldest_first_and_paginated(api: Any, drain: Any) -> Non
     assert logs.json()["meta"]["pagination"]["count"] >= 2
     entry = logs.json()["data"][0]
     assert set(entry) == {"at", "level", "stage", "message"}
-    assert entry["stage"] == "flaky" and entry["level"] == "warning"
+    assert entry["stage"] == "flaky"
+    assert entry["level"] == "warning"
 
 
 def test_cancel_pending_is_200_and_cancel_finished_is_409(api: Any, drain: Any) -> None:
@@ -115,9 +119,9 @@ def test_cancel_pending_is_200_and_cancel_finished_is_409(api: Any, drain: Any) 
 def test_cancel_running_is_202(api: Any) -> None:
     from jobs import services
 
-    job_id = post(api, "/v1/jobs", {"pipeline": "sleep", "params": {"seconds": 5}}).json()[
-        "data"
-    ]["id"]
+    job_id = post(api, "/v1/jobs", {"pipeline": "sleep", "params": {"seconds": 5}}).json()["data"][
+        "id"
+    ]
     run = Job.objects.get(pk=job_id).stages.get()
     services.stage_start(stage_run_id=run.pk, worker="test")
     response = post(api, f"/v1/jobs/{job_id}/cancel")
@@ -162,9 +166,7 @@ def test_cleanup_reports_how_many_it_cleared(api: Any, drain: Any) -> None:
     assert bad.json()["error"]["code"] == "VALIDATION_ERROR"
 
 
-def test_batch_returns_a_parent_whose_result_aggregates_its_children(
-    api: Any, drain: Any
-) -> None:
+def test_batch_returns_a_parent_whose_result_aggregates_its_children(api: Any, drain: Any) -> None:
     body = {
         "items": [{"pipeline": "noop"}, {"pipeline": "fan_out_fan_in", "params": {"width": 2}}],
         "priority": "high",
@@ -174,7 +176,8 @@ def test_batch_returns_a_parent_whose_result_aggregates_its_children(
     parent = response.json()["data"]
     assert parent["pipeline"] == "batch"
     children = api.get(f"/v1/jobs?parent={parent['id']}").json()["data"]
-    assert len(children) == 2 and all(child["priority"] == 8 for child in children)
+    assert len(children) == 2
+    assert all(child["priority"] == 8 for child in children)
     drain(limit=1)
     assert api.get(f"/v1/jobs/{parent['id']}").json()["data"]["progress"] == 50
     drain()
@@ -192,7 +195,8 @@ def test_pipelines_lists_params_schema_and_stages(api: Any) -> None:
     assert fan["params_schema"]["properties"]["width"]["type"] == "integer"
     join = next(stage for stage in fan["stages"] if stage["name"] == "join")
     assert join["depends_on"] == ["part_0", "part_1", "part_2"]
-    assert join["queue"] == "default" and join["engine_type"] is None
+    assert join["queue"] == "default"
+    assert join["engine_type"] is None
 
 
 def test_metrics_count_jobs_by_status_and_queue_depth(api: Any, drain: Any) -> None:
@@ -210,7 +214,9 @@ def test_metrics_count_jobs_by_status_and_queue_depth(api: Any, drain: Any) -> N
     assert 'omniva_jobs_finished_total{pipeline="noop",status="completed"} 1.0' in text
     assert 'omniva_queue_depth{queue="default"} 1.0' in text
     assert 'omniva_job_duration_seconds_count{pipeline="noop"} 1.0' in text
-    assert 'omniva_stage_duration_seconds_count{pipeline="noop",queue="default",stage="noop"}' in text
+    assert (
+        'omniva_stage_duration_seconds_count{pipeline="noop",queue="default",stage="noop"}' in text
+    )
 
 
 def test_info_lists_the_pipelines(client: Any) -> None:
@@ -234,7 +240,11 @@ def test_a_pending_job_past_its_queue_timeout_reads_as_timed_out(api: Any) -> No
     ("body", "code", "field"),
     [
         ({"pipeline": "no_such_thing"}, "UNKNOWN_PIPELINE", "pipeline"),
-        ({"pipeline": "sleep", "params": {"seconds": "long"}}, "VALIDATION_ERROR", "params.seconds"),
+        (
+            {"pipeline": "sleep", "params": {"seconds": "long"}},
+            "VALIDATION_ERROR",
+            "params.seconds",
+        ),
         ({"pipeline": "noop", "params": {"extra": 1}}, "VALIDATION_ERROR", "params"),
         ({"pipeline": "noop", "params": [1]}, "VALIDATION_ERROR", "params"),
         ({"pipeline": "noop", "priority": 11}, "VALIDATION_ERROR", "priority"),

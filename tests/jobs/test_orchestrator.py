@@ -229,7 +229,8 @@ def test_a_stale_token_cannot_complete_a_stage(drain: Any) -> None:
     # The first worker's lease runs out; the task is delivered again.
     StageRun.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now())
     second = services.stage_start(stage_run_id=run.pk, worker="fresh")
-    assert second is not None and second.attempt == 2
+    assert second is not None
+    assert second.attempt == 2
     with pytest.raises(OmnivaError) as refused:
         services.stage_complete(stage_run_id=run.pk, token=first.token, output={"late": True})
     assert refused.value.code == ErrorCode.STAGE_LEASE_LOST

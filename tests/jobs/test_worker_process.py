@@ -16,9 +16,7 @@ from tests.conftest import ProcessGroup, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-def start_worker(
-    processes: ProcessGroup, database_url: str, log: Path, **env: str
-) -> Any:
+def start_worker(processes: ProcessGroup, database_url: str, log: Path, **env: str) -> Any:
     return processes.manage(
         "qcluster",
         env={"DATABASE_URL": database_url, "Q_CLUSTER_NAME": "default", **env},
@@ -69,9 +67,7 @@ def test_a_running_job_cancelled_stops_at_its_next_checkpoint(
 def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
     processes: ProcessGroup, test_database_url: str, tmp_path: Path
 ) -> None:
-    start_worker(
-        processes, test_database_url, tmp_path / "qcluster.log", OMNIVA_TASK_LEASE_S="2"
-    )
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log", OMNIVA_TASK_LEASE_S="2")
     job, _ = services.job_submit(pipeline="sleep", params={"seconds": 4})
     wait_for(lambda: job_status(job) == JobStatus.RUNNING, timeout=60, what="the job to start")
     worker_pid = int(job.stages.get().worker.rsplit(":", 1)[1])
