@@ -181,6 +181,11 @@ class PostgresBroker(Broker):
         params.pop("context", None)
         params.pop("prepare_threshold", None)
         conn = psycopg.connect(**params, autocommit=True)
+        # Claims and acknowledgements need not wait for the WAL flush: after a server
+        # crash a lost claim or acknowledgement only means the task is delivered again,
+        # and the stage's fencing makes that delivery a no-op. Enqueues and transitions
+        # run on Django's connection and stay durable.
+        conn.execute("SET synchronous_commit = off")
         conn.execute(f'LISTEN "{channel_for(self.queue)}"')
         self._conn, self._conn_pid = conn, os.getpid()
         return conn

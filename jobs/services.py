@@ -191,7 +191,17 @@ def _finish_job(
     job.error = error
     if status == JobStatus.COMPLETED:
         job.progress = 100.0
-    job.save()
+    job.save(
+        update_fields=[
+            "status",
+            "finished_at",
+            "next_attempt_at",
+            "result",
+            "error",
+            "progress",
+            "updated_at",
+        ]
+    )
     if runs is None:
         runs = list(StageRun.objects.filter(job=job))
     open_runs = [
@@ -213,7 +223,8 @@ def _finish_job(
         message += f": {error.get('code')}: {error.get('message')}"
     if job.cancel_reason and status == JobStatus.CANCELLED:
         message += f" ({job.cancel_reason})"
-    _log(job, message, level="error" if status == JobStatus.FAILED else "info")
+    if status != JobStatus.COMPLETED:  # a completion is on the job row; keep the log for news
+        _log(job, message, level="error" if status == JobStatus.FAILED else "info")
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [JOB_DONE_CHANNEL, str(job.pk)])
     if job.parent_id:
@@ -616,7 +627,14 @@ def stage_heartbeat(*, stage_run_id: int, token: str, ack_id: str | None) -> Sup
         )
 
 
-def stage_complete(*, stage_run_id: int, token: str, output: Any) -> Job:
+def _acknowledge(ack_id: str | None) -> None:
+    # The delivery ends in the transition's own transaction: one commit fewer than
+    # django-q2's acknowledgement after the task returned, and never one without the other.
+    if ack_id:
+        broker.acknowledge_delivery(ack_id=ack_id)
+
+
+def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | None = None) -> Job:
     """Store the output; start every child whose parents all completed; finish the job
     when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
     with transaction.atomic():
@@ -631,7 +649,18 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any) -> Job:
         run.lease_token = None
         run.lease_expires_at = None
         run.error = None
-        run.save()
+        run.save(
+            update_fields=[
+                "status",
+                "output",
+                "progress",
+                "finished_at",
+                "lease_token",
+                "lease_expires_at",
+                "error",
+            ]
+        )
+        _acknowledge(ack_id)
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
             return job
@@ -661,7 +690,13 @@ def _backoff_s(retry_number: int) -> int:
 
 
 def stage_fail(
-    *, stage_run_id: int, token: str, code: str, message: str, retryable: bool = True
+    *,
+    stage_run_id: int,
+    token: str,
+    code: str,
+    message: str,
+    retryable: bool = True,
+    ack_id: str | None = None,
 ) -> Job:
     """A failed attempt: retry after the backoff while retries are left, else fail the job."""
     with transaction.atomic():
@@ -669,6 +704,7 @@ def stage_fail(
         now = timezone.now()
         if job.is_finished:
             raise OmnivaError(ErrorCode.STAGE_LEASE_LOST, "The job already ended.")
+        _acknowledge(ack_id)
         error = {"code": code, "message": message[:2000], "stage": run.name, "attempt": run.attempt}
         run.error = error
         run.lease_token = None

@@ -45,11 +45,20 @@ FORCE_EXIT_AFTER_S = 10.0
 
 # The delivery (ack id) of the task this worker process is executing, set by the
 # pre_execute signal of django-q2 (see jobs/apps.py).
-_current_delivery: dict[str, Any] = {"ack_id": None}
+_current_delivery: dict[str, Any] = {"ack_id": None, "task": None}
 
 
 def remember_delivery(sender: Any, func: Any, task: dict[str, Any], **kwargs: Any) -> None:
     _current_delivery["ack_id"] = task.get("ack_id")
+    _current_delivery["task"] = task
+
+
+def _acknowledged() -> None:
+    """The transition acknowledged the delivery in its transaction: django-q2's monitor
+    need not (it acknowledges only tasks that still carry an ack id)."""
+    task = _current_delivery.get("task")
+    if task is not None:
+        task.pop("ack_id", None)
 
 
 def worker_name() -> str:
@@ -195,7 +204,8 @@ def execute_claim(claim: services.StageClaim) -> None:
         _report_failure(ids, "STAGE_FAILED", f"{exc.__class__.__name__}: {exc}", retryable=True)
     else:
         try:
-            services.stage_complete(**ids, output=output)
+            services.stage_complete(**ids, output=output, ack_id=claim.ack_id)
+            _acknowledged()
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)
         except (TypeError, ValueError) as exc:
@@ -208,7 +218,9 @@ def execute_claim(claim: services.StageClaim) -> None:
 
 
 def _report_failure(ids: dict[str, Any], code: str, message: str, *, retryable: bool) -> None:
+    ack_id = _current_delivery.get("ack_id")
     try:
-        services.stage_fail(**ids, code=code, message=message, retryable=retryable)
+        services.stage_fail(**ids, code=code, message=message, retryable=retryable, ack_id=ack_id)
+        _acknowledged()
     except OmnivaError as exc:
         logger.warning("failure report refused: %s", exc.message)

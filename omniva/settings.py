@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -196,7 +197,11 @@ TEMPLATES = [
 # `manage.py serve` / `manage.py db start` start it, settings only say where it listens.
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
-DB_CONN_MAX_AGE = env_int("OMNIVA_DB_CONN_MAX_AGE", 0, minimum=0)
+# Persistent connections pay off in qcluster workers (django-q2 would otherwise open a
+# connection for every task). Under daphne they would not: Django runs each request's
+# sync code in a thread of its own, and a connection kept per thread is a leak.
+_IS_WORKER = len(sys.argv) > 1 and sys.argv[1] == "qcluster"
+DB_CONN_MAX_AGE = env_int("OMNIVA_DB_CONN_MAX_AGE", 600 if _IS_WORKER else 0, minimum=0)
 DB_CONNECT_TIMEOUT_S = env_int("OMNIVA_DB_CONNECT_TIMEOUT_S", 5, minimum=1)
 
 if DATABASE_URL:
@@ -349,6 +354,11 @@ Q_CLUSTER = {
     "workers": OMNIVA_WORKERS,
     "bulk": OMNIVA_WORKERS,
     "queue_limit": OMNIVA_WORKERS * 2,
+    # django-q2 recycles a worker after `recycle` tasks; all workers reach it together and
+    # the guard replaces one per cycle, stalling the cluster, so recycle rarely and cap
+    # memory instead (max_rss, KiB).
+    "recycle": env_int("OMNIVA_WORKER_RECYCLE", 100_000, minimum=1),
+    "max_rss": env_int("OMNIVA_WORKER_MAX_RSS_MB", 4096, minimum=64) * 1024,
     "timeout": 7 * 86400,
     "retry": 7 * 86400 + 60,
     "save_limit": 250,

@@ -11,7 +11,7 @@ from django.contrib.messages import get_messages
 from django.test import Client
 
 from jobs import services
-from jobs.models import Job, JobStatus, QueueTask, StageRun, StageStatus
+from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun, StageStatus
 from omniva import services as core_services
 
 pytestmark = pytest.mark.django_db
@@ -138,6 +138,7 @@ def test_search_also_finds_a_job_by_its_exact_idempotency_key(staff_client) -> N
 def test_change_page_shows_the_job_with_its_stages_and_logs(staff_client, drain) -> None:
     job = submit("fan_out_fan_in", params={"width": 2})
     drain()
+    JobLog.objects.create(job=job, stage="join", message="job completed")
 
     response = staff_client.get(f"{CHANGELIST}{job.pk}/change/")
 

@@ -91,12 +91,11 @@ def test_list_filters_by_status_pipeline_and_priority_newest_first(api: Any, dra
 
 
 def test_logs_are_listed_oldest_first_and_paginated(api: Any, drain: Any) -> None:
-    job_id = post(api, "/v1/jobs", {"pipeline": "fail_n_times", "params": {"n": 1}}).json()["data"][
+    job_id = post(api, "/v1/jobs", {"pipeline": "fail_n_times", "params": {"n": 2}}).json()["data"][
         "id"
     ]
     with override_settings(OMNIVA_RETRY_BACKOFF_S=[0]):
-        drain()
-        drain()
+        drain()  # the backoff of 0 s makes the retries due at once
     logs = api.get(f"/v1/jobs/{job_id}/logs?limit=1")
     assert logs.json()["meta"]["pagination"]["count"] >= 2
     entry = logs.json()["data"][0]

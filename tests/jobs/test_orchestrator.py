@@ -288,8 +288,9 @@ def test_a_batch_whose_every_item_failed_fails(drain: Any) -> None:
     assert parent.error["code"] == "BATCH_FAILED"
 
 
+@override_settings(OMNIVA_RETRY_BACKOFF_S=[0])
 def test_delete_removes_a_finished_job_with_its_stages_and_logs(drain: Any) -> None:
-    job = submit("fan_out_fan_in")
+    job = submit("fail_n_times", params={"n": 1})
     drain()
     assert JobLog.objects.filter(job=job).exists()
     services.job_delete(job_id=job.pk)
