@@ -88,13 +88,13 @@ def _lock_job(job_id: Any) -> Job:
 
 def _lock_job_of_stage(stage_run_id: int) -> tuple[Job, StageRun] | None:
     """The stage run and its job, the job row locked, in one statement."""
-    run = (
-        StageRun.objects.select_related("job")
-        .select_for_update(of=("job",))
-        .filter(pk=stage_run_id)
-        .first()
-    )
-    if run is None:
+    try:
+        run = (
+            StageRun.objects.select_related("job")
+            .select_for_update(of=("job",))
+            .get(pk=stage_run_id)
+        )
+    except StageRun.DoesNotExist:
         return None
     return run.job, run
 
@@ -523,7 +523,8 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         run.finished_at = None
         run.progress = 0.0
         run.error = None
-        run.save()
+        fields = ["attempt", "status", "lease_token", "lease_expires_at", "worker", "started_at"]
+        run.save(update_fields=[*fields, "finished_at", "progress", "error"])
         job.attempts = max(job.attempts, run.attempt)
         job.status = JobStatus.RUNNING
         job.next_attempt_at = None
@@ -666,7 +667,8 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | 
             return job
         definition = _definition(job)
         dag = definition.dag(job.params)
-        runs = {r.name: r for r in StageRun.objects.filter(job=job).exclude(pk=run.pk)}
+        others = StageRun.objects.filter(job=job).exclude(pk=run.pk) if len(dag.order) > 1 else []
+        runs = {r.name: r for r in others}
         runs[run.name] = run
         if all(r.status == StageStatus.COMPLETED for r in runs.values()):
             outputs = {name: r.output for name, r in runs.items()}
