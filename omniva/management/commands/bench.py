@@ -1,4 +1,6 @@
-"""`manage.py bench [api]`: benchmarks that print tables of side-by-side ratios.
+"""`manage.py bench [api|queue]`: benchmarks that print tables of side-by-side ratios.
+
+With no suite named, every suite runs (`make bench`).
 
 `api` measures what the /v1 conventions cost a request: the same authenticated GET
 served by the full middleware stack, without the audit middleware, and without the
@@ -6,11 +8,16 @@ rate limiter, in interleaved rounds so that machine noise hits every variant ali
 It runs in-process (Django's test client), so the audit row is written before the
 call returns; under daphne it is written after the response is sent, so these
 figures are the upper bound of what a client can see.
+
+`queue` measures the job engine against real `qcluster` processes: our PostgreSQL
+broker beside django-q2's stock ORM broker (see jobs/benchmarks.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -18,7 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 from django.test import Client
 from django.test.utils import override_settings, setup_test_environment
@@ -28,19 +35,67 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
+SUITES = ["api", "queue"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2}
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Command(BaseCommand):
     help = "Run benchmarks and print their tables (see docs/benchmarks.md)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("suite", nargs="?", default="api", choices=["api"])
         parser.add_argument(
-            "--requests", type=int, default=400, help="Requests per variant per round."
+            "suite", nargs="?", choices=SUITES, help="The suite to run (default: every suite)."
         )
-        parser.add_argument("--rounds", type=int, default=5)
+        parser.add_argument(
+            "--rounds",
+            type=int,
+            help="Interleaved rounds per variant (api: 5, queue: 2).",
+        )
+        parser.add_argument(
+            "--requests", type=int, default=400, help="api: requests per variant per round."
+        )
+        parser.add_argument(
+            "--tasks", type=int, default=5000, help="queue: no-op tasks per throughput round."
+        )
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            default=1000,
+            help="queue: 1-stage noop jobs per round (a job costs ~10 tasks).",
+        )
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=settings.OMNIVA_WORKERS,
+            help="queue: workers of every cluster (OMNIVA_WORKERS; bulk and queue_limit follow).",
+        )
+        parser.add_argument(
+            "--samples", type=int, default=50, help="queue: idle latency samples per broker."
+        )
+        parser.add_argument(
+            "--backlog",
+            type=int,
+            default=10_000,
+            help="queue: low-priority tasks ahead of the urgent one.",
+        )
+        parser.add_argument(
+            "--q-set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="queue: change Q_CLUSTER for every cluster (JSON value), e.g. bulk=8.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        suites = [options["suite"]] if options["suite"] else SUITES
+        if "queue" in suites:
+            options["q_cluster"] = self._queue_options(options)
+        # SIGTERM (a timeout, CI) unwinds like Ctrl-C: clusters and the database stop.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         database = None
         if not settings.DATABASE_URL:
             database = EmbeddedServer(
@@ -49,7 +104,12 @@ class Command(BaseCommand):
             database.start(owner_pid=os.getpid())
         try:
             call_command("migrate", interactive=False, verbosity=0)
-            self.bench_api(options["requests"], options["rounds"])
+            for suite in suites:
+                rounds = options["rounds"] or DEFAULT_ROUNDS[suite]
+                if suite == "api":
+                    self.bench_api(options["requests"], rounds)
+                else:
+                    self.bench_queue(database, rounds, options)
         finally:
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
@@ -89,6 +149,58 @@ class Command(BaseCommand):
             self.stdout.write(f"{name:<22}{rate:>16.0f}{1000 / rate:>12.2f}{rate / base:>8.2f}x")
         self.stdout.write(f"rate-limit check (one UPSERT): {take_ms:.3f} ms per request")
         self.stdout.write(f"audit rows written by the full-stack rounds: {audited}")
+
+    @staticmethod
+    def _queue_options(options: dict[str, Any]) -> dict[str, Any]:
+        """Check the queue suite's options; return the Q_CLUSTER changes of --q-set."""
+        if min(options["tasks"], options["jobs"]) < 200:
+            raise CommandError("--tasks and --jobs must be at least 200")
+        if options["workers"] < 1 or options["samples"] < 1 or options["backlog"] < 1000:
+            raise CommandError("--workers and --samples must be at least 1, --backlog 1000")
+        q_cluster: dict[str, Any] = {}
+        for item in options["q_set"]:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise CommandError(f"--q-set takes KEY=VALUE, not {item!r}")
+            try:
+                q_cluster[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                q_cluster[key.strip()] = raw
+        return q_cluster
+
+    def bench_queue(
+        self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
+    ) -> None:
+        from jobs.benchmarks import BenchError, QueueBench, bench_database, work_folder
+
+        def say(message: str) -> None:
+            self.stdout.write(message)
+            self.stdout.flush()
+
+        if database is None:
+            say(
+                "bench queue runs in the database of DATABASE_URL: a `default` qcluster "
+                "already serving it would take the benchmark's jobs."
+            )
+        with bench_database(database) as url, work_folder() as folder:
+            bench = QueueBench(
+                database_url=url,
+                work_dir=folder,
+                tasks=options["tasks"],
+                jobs=options["jobs"],
+                workers=options["workers"],
+                rounds=rounds,
+                samples=options["samples"],
+                backlog=options["backlog"],
+                q_cluster=options["q_cluster"],
+                say=say,
+            )
+            try:
+                bench.run()
+            except BenchError as exc:
+                raise CommandError(f"bench queue failed: {exc}") from None
+            for line in bench.report():
+                self.stdout.write(line)
 
     @staticmethod
     def _time(client: Client, requests: int) -> float:

@@ -1,0 +1,740 @@
+"""The `queue` suite of `manage.py bench`, and the task functions it enqueues.
+
+Every figure comes from real `manage.py qcluster` processes on the same database,
+started and stopped by the benchmark, under the same settings for both brokers:
+
+- our broker (jobs.broker.PostgresBroker, what settings name), and
+- django-q2's stock ORM broker: the same settings with `broker_class` removed, so that
+  django-q2 falls back to its ORM broker on `Q_CLUSTER["orm"]`. Settings have no switch
+  for that, so that cluster is started as `python -c BOOTSTRAP`, which changes
+  `Q_CLUSTER` in the settings module before running the very same `qcluster` command.
+  Everything else comes from the same settings and environment, persistent worker
+  connections included: with CONN_MAX_AGE 0 django-q2's ORM broker would reconnect on
+  every poll and every acknowledgement (its get_connection calls
+  close_old_connections) and drain about a fifth as fast.
+
+What is measured:
+
+1. raw rate: N no-op tasks enqueued in one transaction, then a cluster is started; the
+   rate is N over the time from the first finished task seen to the empty queue (the
+   parent polls the queue's depth), so the cluster's start-up is not counted;
+2. the same for N one-stage `noop` jobs submitted with jobs.services.job_submit (each
+   task then runs jobs.tasks.run_stage: stage_start, the stage, stage_complete);
+3. on an idle running cluster, the time from just before an enqueue call to the start
+   of the task, which records time.time() in a file;
+4. the same for one urgent task (priority 10) enqueued while the cluster works through
+   a backlog of low-priority ones (priority 2); the ORM broker has no priorities.
+
+The rounds of 1 and 2 are interleaved, so that machine noise hits every variant alike.
+The benchmark runs in its own database (`omniva_bench`, dropped at the end) when the
+database is the embedded one; with DATABASE_URL it uses that database, and a `default`
+cluster already running there would take the jobs of figure 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+NOOP = "jobs.benchmarks.bench_noop"
+STAMP = "jobs.benchmarks.bench_stamp"
+
+BENCH_DATABASE = "omniva_bench"
+BENCH_QUEUE = "omniva_bench"  # raw tasks go here; jobs of the noop pipeline go to `default`
+JOBS_QUEUE = "default"
+LOW_PRIORITY = 2
+URGENT_PRIORITY = 10
+DEPTH_POLL_S = 0.05
+STAMP_POLL_S = 0.001
+STOP_GRACE_S = 15.0
+READY_TIMEOUT_S = 120.0
+
+# Targets on the project's 2-core machine (docs/benchmarks.md).
+TARGET_JOBS_RATIO = 0.5
+TARGET_IDLE_P50_MS = 10.0
+TARGET_URGENT_MS = 50.0
+
+# Runs `manage.py qcluster` with Q_CLUSTER changed by the JSON object in argv[1] (a key
+# set to null is removed). Settings are imported first, seeing the argv of a real
+# qcluster: Django's settings object then finds this very module, changed.
+BOOTSTRAP = """\
+import importlib, json, os, sys
+changes = json.loads(sys.argv[1])
+sys.argv = ["manage.py", "qcluster"]
+s = importlib.import_module(os.environ["DJANGO_SETTINGS_MODULE"])
+merged = {**s.Q_CLUSTER, **changes}
+s.Q_CLUSTER = {k: v for k, v in merged.items() if v is not None}
+from django.core.management import execute_from_command_line
+execute_from_command_line(["manage.py", "qcluster"])
+"""
+
+
+# --- the tasks the clusters run ---------------------------------------------------------
+
+
+def bench_noop() -> None:
+    """Nothing: what a no-op task costs is the queue machinery itself."""
+
+
+def bench_stamp(path: str) -> None:
+    """Write when this task started (time.time()) to `path`, atomically."""
+    started = time.time()
+    partial = f"{path}.partial"
+    with open(partial, "w") as handle:
+        handle.write(repr(started))
+    os.replace(partial, path)
+
+
+# --- the two brokers under test ---------------------------------------------------------
+
+
+def package(func: str, args: tuple[Any, ...], queue: str) -> str:
+    """A signed django-q2 task, the shape jobs.services.task_payload gives a stage."""
+    from django.utils import timezone
+    from django_q.signing import SignedPackage
+
+    return SignedPackage.dumps(
+        {
+            "id": uuid.uuid4().hex,
+            "name": f"bench:{func.rsplit('.', 1)[-1]}",
+            "func": func,
+            "args": args,
+            "kwargs": {},
+            "started": timezone.now(),
+            "save": False,
+            "cluster": queue,
+        }
+    )
+
+
+class QueueUnderTest:
+    """What the benchmark needs of a broker: enqueue, bulk-load, depth, purge."""
+
+    key = ""
+    label = ""
+    has_priority = False
+    table = ""
+    # Changes to Q_CLUSTER for its clusters (None: run with the settings as they are).
+    q_cluster: dict[str, Any] | None = None
+
+    def enqueue(self, queue: str, func: str, args: tuple[Any, ...], *, priority: int) -> None:
+        raise NotImplementedError
+
+    def load_backlog(self, queue: str, count: int, *, priority: int) -> None:
+        raise NotImplementedError
+
+    def depth(self, queue: str) -> int:
+        raise NotImplementedError
+
+    def purge(self, queue: str) -> None:
+        raise NotImplementedError
+
+
+class OmnivaQueue(QueueUnderTest):
+    key = "omniva"
+    label = "omniva broker"
+    has_priority = True
+    table = "jobs_queuetask"
+
+    def enqueue(self, queue: str, func: str, args: tuple[Any, ...], *, priority: int) -> None:
+        from jobs.broker import enqueue_payload
+
+        enqueue_payload(queue=queue, payload=package(func, args, queue), priority=priority)
+
+    def load_backlog(self, queue: str, count: int, *, priority: int) -> None:
+        # The rows enqueue_payload would write, in bulk (loading is not what is measured).
+        from django.db import connection, transaction
+        from django.utils import timezone
+
+        from jobs.broker import channel_for
+        from jobs.models import QueueTask
+
+        now = timezone.now()
+        rows = [
+            QueueTask(
+                queue=queue,
+                priority=priority,
+                payload=package(NOOP, (), queue),
+                visible_at=now,
+                deliveries=0,
+            )
+            for _ in range(count)
+        ]
+        with transaction.atomic():
+            QueueTask.objects.bulk_create(rows, batch_size=2000)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, '')", [channel_for(queue)])
+
+    def depth(self, queue: str) -> int:
+        from jobs.models import QueueTask
+
+        return QueueTask.objects.filter(queue=queue).count()
+
+    def purge(self, queue: str) -> None:
+        from jobs.models import QueueTask
+
+        QueueTask.objects.filter(queue=queue).delete()
+
+
+class StockOrmQueue(QueueUnderTest):
+    key = "orm"
+    label = "django-q2 ORM"
+    has_priority = False
+    table = "django_q_ormq"
+    q_cluster = {"broker_class": None, "orm": "default"}
+
+    def enqueue(self, queue: str, func: str, args: tuple[Any, ...], *, priority: int) -> None:
+        # What async_task(..., broker=ORM(queue), save=False) does, minus its log line.
+        from django_q.brokers.orm import ORM
+
+        ORM(list_key=queue).enqueue(package(func, args, queue))
+
+    def load_backlog(self, queue: str, count: int, *, priority: int) -> None:
+        from django.db import transaction
+        from django.utils import timezone
+        from django_q.models import OrmQ
+
+        now = timezone.now()
+        rows = [OrmQ(key=queue, payload=package(NOOP, (), queue), lock=now) for _ in range(count)]
+        with transaction.atomic():
+            OrmQ.objects.bulk_create(rows, batch_size=2000)
+
+    def depth(self, queue: str) -> int:
+        from django_q.models import OrmQ
+
+        return OrmQ.objects.filter(key=queue).count()
+
+    def purge(self, queue: str) -> None:
+        from django_q.models import OrmQ
+
+        OrmQ.objects.filter(key=queue).delete()
+
+
+# --- clusters as child processes --------------------------------------------------------
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the benchmark dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Cluster:
+    """One `qcluster` serving `queue`, in its own process group."""
+
+    queue: str
+    workers: int
+    database_url: str
+    log_path: Path
+    q_cluster: dict[str, Any] | None = None
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        from django.conf import settings
+
+        if self.q_cluster:
+            return [sys.executable, "-c", BOOTSTRAP, json.dumps(self.q_cluster)]
+        return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"]
+
+    def start(self) -> None:
+        from django.conf import settings
+
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "omniva.settings"),
+            "DATABASE_URL": self.database_url,
+            "Q_CLUSTER_NAME": self.queue,
+            "OMNIVA_WORKERS": str(self.workers),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            self.argv(),
+            env=env,
+            cwd=settings.BASE_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchError(
+                f"qcluster for {self.queue!r} exited with code {self.process.returncode}:\n"
+                + self.log_tail()
+            )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                # Only the leader: qcluster stops its own processes in order.
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=STOP_GRACE_S)
+            # Whatever is left in its group (a worker whose parent already exited).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# --- the measurements -------------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class Results:
+    task_rates: dict[str, list[float]] = field(default_factory=dict)
+    enqueue_rates: dict[str, list[float]] = field(default_factory=dict)
+    job_rates: list[float] = field(default_factory=list)
+    submit_rates: list[float] = field(default_factory=list)
+    idle_ms: dict[str, list[float]] = field(default_factory=dict)
+    idle_after_commit_ms: dict[str, list[float]] = field(default_factory=dict)
+    urgent_ms: dict[str, list[float]] = field(default_factory=dict)
+    urgent_after_commit_ms: dict[str, list[float]] = field(default_factory=dict)
+    urgent_ahead: dict[str, list[int]] = field(default_factory=dict)
+    load_before: float = 0.0
+    load_after: float = 0.0
+
+
+@dataclass
+class QueueBench:
+    database_url: str
+    work_dir: Path
+    tasks: int = 5000
+    jobs: int = 1000
+    workers: int = 2
+    rounds: int = 2
+    samples: int = 50
+    backlog: int = 10_000
+    urgent_samples: int = 5
+    q_cluster: dict[str, Any] = field(default_factory=dict)
+    say: Callable[[str], None] = print
+    results: Results = field(default_factory=Results)
+    clusters: list[Cluster] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.queues: list[QueueUnderTest] = [OmnivaQueue(), StockOrmQueue()]
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def cluster(self, under_test: QueueUnderTest, queue: str) -> Iterator[Cluster]:
+        changes = {**(under_test.q_cluster or {}), **self.q_cluster}
+        cluster = Cluster(
+            queue=queue,
+            workers=self.workers,
+            database_url=self.database_url,
+            log_path=self.work_dir / f"qcluster-{under_test.key}-{queue}.log",
+            q_cluster=changes or None,
+        )
+        self.clusters.append(cluster)
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+            self.clusters.remove(cluster)
+
+    def stop_all(self) -> None:
+        for cluster in list(self.clusters):
+            cluster.stop()
+        self.clusters.clear()
+
+    @staticmethod
+    def vacuum(*tables: str) -> None:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            for table in tables:
+                cursor.execute(f"VACUUM ANALYZE {table}")
+
+    def purge_all(self) -> None:
+        for under_test in self.queues:
+            under_test.purge(BENCH_QUEUE)
+
+    def wait_drained(
+        self, remaining: Callable[[], int], total: int, cluster: Cluster, timeout_s: float
+    ) -> float:
+        """Seconds from the first finished task seen to none left (polled)."""
+        first_seen: float | None = None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = remaining()
+            now = time.perf_counter()
+            if first_seen is None and left < total:
+                first_seen = now
+            if left == 0:
+                assert first_seen is not None
+                return now - first_seen
+            cluster.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{left} of {total} still not done after {timeout_s:.0f} s:\n"
+                    + cluster.log_tail()
+                )
+            time.sleep(DEPTH_POLL_S)
+
+    def wait_stamp(self, path: Path, cluster: Cluster, timeout_s: float) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                return float(path.read_text())
+            cluster.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"no task start within {timeout_s:.0f} s:\n" + cluster.log_tail())
+            time.sleep(STAMP_POLL_S)
+
+    def stamp_path(self) -> Path:
+        return self.work_dir / f"stamp-{uuid.uuid4().hex}"
+
+    def enqueue_stamp(
+        self, under_test: QueueUnderTest, queue: str, priority: int
+    ) -> tuple[Path, float, float]:
+        """Enqueue a stamp task in its own transaction: (path, before, committed) times."""
+        from django.db import transaction
+
+        path = self.stamp_path()
+        before = time.time()
+        with transaction.atomic():
+            under_test.enqueue(queue, STAMP, (str(path),), priority=priority)
+        return path, before, time.time()
+
+    def wait_ready(self, under_test: QueueUnderTest, cluster: Cluster) -> None:
+        path, _, _ = self.enqueue_stamp(under_test, cluster.queue, 5)
+        self.wait_stamp(path, cluster, READY_TIMEOUT_S)
+        self.wait_until(lambda: under_test.depth(cluster.queue) == 0, cluster, 30)
+
+    def wait_until(self, condition: Callable[[], bool], cluster: Cluster, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            cluster.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"condition not met in {timeout_s} s:\n" + cluster.log_tail())
+            time.sleep(DEPTH_POLL_S)
+
+    # --- 1. raw task rate ---------------------------------------------------------------
+
+    def task_rate(self, under_test: QueueUnderTest) -> None:
+        from django.db import transaction
+
+        under_test.purge(BENCH_QUEUE)
+        started = time.perf_counter()
+        with transaction.atomic():
+            for _ in range(self.tasks):
+                under_test.enqueue(BENCH_QUEUE, NOOP, (), priority=5)
+        enqueue_s = time.perf_counter() - started
+        self.vacuum(under_test.table)
+        with self.cluster(under_test, BENCH_QUEUE) as cluster:
+            elapsed = self.wait_drained(
+                lambda: under_test.depth(BENCH_QUEUE),
+                self.tasks,
+                cluster,
+                timeout_s=max(120.0, self.tasks / 10),
+            )
+        rate = self.tasks / elapsed
+        self.results.task_rates.setdefault(under_test.key, []).append(rate)
+        self.results.enqueue_rates.setdefault(under_test.key, []).append(self.tasks / enqueue_s)
+        self.say(
+            f"  {under_test.label}: {self.tasks} no-op tasks in {elapsed:.2f} s = {rate:.0f}/s"
+        )
+
+    # --- 2. jobs end to end -------------------------------------------------------------
+
+    def job_rate(self) -> None:
+        from django.db import transaction
+        from django.test.utils import override_settings
+        from django.utils import timezone
+
+        from jobs import services
+        from jobs.models import ACTIVE_STATUSES, Job, JobStatus
+
+        omniva = self.queues[0]
+        services._depth_cache.clear()
+        submitted_from = timezone.now()
+        started = time.perf_counter()
+        with (
+            override_settings(OMNIVA_QUEUE_LIMIT=self.jobs + 1),
+            transaction.atomic(),
+        ):
+            ids = [services.job_submit(pipeline="noop")[0].pk for _ in range(self.jobs)]
+        submit_s = time.perf_counter() - started
+        self.vacuum("jobs_queuetask", "jobs_job", "jobs_stagerun", "jobs_joblog")
+        active = Job.objects.filter(
+            pipeline="noop", created_at__gte=submitted_from, status__in=ACTIVE_STATUSES
+        )
+        with self.cluster(omniva, JOBS_QUEUE) as cluster:
+            elapsed = self.wait_drained(
+                active.count, self.jobs, cluster, timeout_s=max(120.0, self.jobs / 5)
+            )
+        done = Job.objects.filter(pk__in=ids, status=JobStatus.COMPLETED).count()
+        if done != self.jobs:
+            raise BenchError(f"only {done} of {self.jobs} noop jobs completed")
+        rate = self.jobs / elapsed
+        self.results.job_rates.append(rate)
+        self.results.submit_rates.append(self.jobs / submit_s)
+        Job.objects.filter(pk__in=ids).delete()
+        self.say(f"  omniva jobs: {self.jobs} noop jobs in {elapsed:.2f} s = {rate:.0f}/s")
+
+    # --- 3 and 4. latency, idle and behind a backlog -------------------------------------
+
+    def latencies(self, under_test: QueueUnderTest) -> None:
+        under_test.purge(BENCH_QUEUE)
+        with self.cluster(under_test, BENCH_QUEUE) as cluster:
+            self.wait_ready(under_test, cluster)
+            idle: list[float] = []
+            after_commit: list[float] = []
+            for _ in range(self.samples):
+                # A random pause longer than a poll period: the cluster is idle again,
+                # and the enqueue falls at a random point of a polling broker's cycle.
+                time.sleep(random.uniform(0.05, 0.25))  # noqa: S311
+                path, before, committed = self.enqueue_stamp(under_test, BENCH_QUEUE, 5)
+                started = self.wait_stamp(path, cluster, 30)
+                idle.append((started - before) * 1000)
+                after_commit.append((started - committed) * 1000)
+            self.results.idle_ms[under_test.key] = idle
+            self.results.idle_after_commit_ms[under_test.key] = after_commit
+            self.say(
+                f"  {under_test.label}: idle enqueue->start p50 "
+                f"{statistics.median(idle):.1f} ms, p95 {percentile(idle, 0.95):.1f} ms"
+            )
+            self.urgent(under_test, cluster)
+        under_test.purge(BENCH_QUEUE)
+
+    def urgent(self, under_test: QueueUnderTest, cluster: Cluster) -> None:
+        under_test.load_backlog(BENCH_QUEUE, self.backlog, priority=LOW_PRIORITY)
+        self.wait_until(lambda: under_test.depth(BENCH_QUEUE) < self.backlog, cluster, 60)
+        samples = self.urgent_samples if under_test.has_priority else 1
+        latencies: list[float] = []
+        after_commit: list[float] = []
+        ahead: list[int] = []
+        for _ in range(samples):
+            time.sleep(0.2)  # the cluster is busy with the backlog
+            left = under_test.depth(BENCH_QUEUE)
+            if left < self.backlog // 4:
+                break
+            path, before, committed = self.enqueue_stamp(under_test, BENCH_QUEUE, URGENT_PRIORITY)
+            started = self.wait_stamp(path, cluster, max(300.0, self.backlog / 10))
+            latencies.append((started - before) * 1000)
+            after_commit.append((started - committed) * 1000)
+            ahead.append(left)
+        if not latencies:
+            raise BenchError("the backlog drained before an urgent task could be sent")
+        self.results.urgent_ms[under_test.key] = latencies
+        self.results.urgent_after_commit_ms[under_test.key] = after_commit
+        self.results.urgent_ahead[under_test.key] = ahead
+        self.say(
+            f"  {under_test.label}: urgent start behind ~{ahead[0]} low-priority tasks: "
+            + ", ".join(f"{ms:.0f}" for ms in latencies)
+            + " ms"
+        )
+        under_test.purge(BENCH_QUEUE)
+
+    # --- the whole suite ----------------------------------------------------------------
+
+    def run(self) -> Results:
+        self.results.load_before = os.getloadavg()[0]
+        try:
+            self.purge_all()
+            for round_number in range(1, self.rounds + 1):
+                self.say(f"round {round_number}/{self.rounds}")
+                for under_test in self.queues:
+                    self.task_rate(under_test)
+                self.job_rate()
+            self.say("latency")
+            for under_test in self.queues:
+                self.latencies(under_test)
+        finally:
+            self.stop_all()
+            self.purge_all()
+        self.results.load_after = os.getloadavg()[0]
+        return self.results
+
+    # --- the table ----------------------------------------------------------------------
+
+    def report(self) -> list[str]:
+        r = self.results
+        ours, orm = (q.key for q in self.queues)
+        med = statistics.median
+        our_rate, orm_rate = med(r.task_rates[ours]), med(r.task_rates[orm])
+        job_rate = med(r.job_rates)
+        idle_ours, idle_orm = r.idle_ms[ours], r.idle_ms[orm]
+        urgent_ours, urgent_orm = r.urgent_ms[ours], r.urgent_ms[orm]
+
+        def met(ok: bool) -> str:
+            return "yes" if ok else "NO"
+
+        rows = [
+            (
+                "no-op tasks/s",
+                f"{our_rate:.0f}",
+                f"{orm_rate:.0f}",
+                ">= ORM",
+                met(our_rate >= orm_rate),
+            ),
+            (
+                "1-stage noop jobs/s",
+                f"{job_rate:.0f} ({job_rate / our_rate:.0%})",
+                "",
+                f">= {TARGET_JOBS_RATIO:.0%} of tasks/s",
+                met(job_rate >= TARGET_JOBS_RATIO * our_rate),
+            ),
+            (
+                "idle enqueue->start p50 ms",
+                f"{med(idle_ours):.1f}",
+                f"{med(idle_orm):.1f}",
+                f"< {TARGET_IDLE_P50_MS:.0f}",
+                met(med(idle_ours) < TARGET_IDLE_P50_MS),
+            ),
+            (
+                "idle enqueue->start p95 ms",
+                f"{percentile(idle_ours, 0.95):.1f}",
+                f"{percentile(idle_orm, 0.95):.1f}",
+                "",
+                "",
+            ),
+            (
+                f"urgent behind {self.backlog} ms",
+                f"{med(urgent_ours):.1f} (max {max(urgent_ours):.0f})",
+                f"{med(urgent_orm):.0f} (FIFO)",
+                f"< {TARGET_URGENT_MS:.0f}",
+                met(med(urgent_ours) < TARGET_URGENT_MS),
+            ),
+        ]
+        header = ("figure", "omniva broker", "django-q2 ORM", "target", "met")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: tuple[str, ...]) -> str:
+            first = cells[0].ljust(widths[0])
+            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+            return "  ".join([first, *rest]).rstrip()
+
+        changes = f"; Q_CLUSTER changes {self.q_cluster}" if self.q_cluster else ""
+        rounds = "; ".join(
+            f"{q.label} " + ", ".join(f"{v:.0f}" for v in r.task_rates[q.key]) for q in self.queues
+        )
+        enqueue = "; ".join(
+            f"{q.label} {med(r.enqueue_rates[q.key]):.0f} tasks/s" for q in self.queues
+        )
+        after_commit = "; ".join(
+            f"{q.label} idle {med(r.idle_after_commit_ms[q.key]):.1f} ms, "
+            f"urgent {med(r.urgent_after_commit_ms[q.key]):.1f} ms"
+            for q in self.queues
+        )
+        urgent = "; ".join(
+            f"{q.label} "
+            + ", ".join(
+                f"{ms:.0f} ({left})"
+                for ms, left in zip(r.urgent_ms[q.key], r.urgent_ahead[q.key], strict=True)
+            )
+            for q in self.queues
+        )
+        return [
+            "",
+            f"bench queue, {time.strftime('%Y-%m-%d %H:%M')}: {self.workers} workers, "
+            f"{self.tasks} tasks and {self.jobs} jobs x {self.rounds} rounds (medians), "
+            f"{self.samples} idle samples, backlog {self.backlog}{changes}",
+            f"{os.cpu_count()} cores, load average {r.load_before:.2f} before, "
+            f"{r.load_after:.2f} after",
+            line(header),
+            *(line(row) for row in rows),
+            f"rounds, tasks/s: {rounds}; jobs/s " + ", ".join(f"{v:.0f}" for v in r.job_rates),
+            f"enqueue in one transaction: {enqueue}; job_submit {med(r.submit_rates):.0f} jobs/s",
+            f"p50 from the enqueue's commit (not the call) to the start: {after_commit}",
+            f"urgent samples, ms (low-priority tasks left): {urgent}",
+        ]
+
+
+@contextlib.contextmanager
+def bench_database(server: Any | None) -> Iterator[str]:
+    """The database URL the suite runs in; the Django connection points at it meanwhile.
+
+    With the embedded server (`server`), a database of its own, migrated, dropped at
+    the end; with DATABASE_URL, that database.
+    """
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+
+    if server is None:
+        yield settings.DATABASE_URL
+        return
+    import psycopg
+    from psycopg import sql
+
+    server.ensure_database(BENCH_DATABASE)
+    connections.close_all()
+    database = connections["default"].settings_dict
+    previous = database["NAME"]
+    database["NAME"] = BENCH_DATABASE
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+        yield server.url(BENCH_DATABASE)
+    finally:
+        connections.close_all()
+        database["NAME"] = previous
+        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(BENCH_DATABASE)
+                )
+            )
+
+
+@contextlib.contextmanager
+def work_folder() -> Iterator[Path]:
+    """Stamp files and cluster logs; kept (and named) only when the suite fails."""
+    import shutil
+
+    folder = Path(tempfile.mkdtemp(prefix="omniva-bench-"))
+    try:
+        yield folder
+    except Exception:
+        print(f"bench queue: cluster logs kept in {folder}", file=sys.stderr)
+        raise
+    except BaseException:  # interrupted: nothing to look at
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
