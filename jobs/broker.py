@@ -60,6 +60,15 @@ SELECT id, pg_notify(%(channel)s, '') FROM task
 """
 
 
+def own_connection_params() -> dict[str, Any]:
+    """Django's connection settings, for a psycopg connection that Django does not manage
+    (a LISTEN must stay registered on one session that django-q2 never closes)."""
+    params = connection.get_connection_params()
+    for key in ("cursor_factory", "context", "prepare_threshold"):
+        params.pop(key, None)
+    return params
+
+
 def channel_for(queue: str) -> str:
     return f"omniva_queue_{queue}"
 
@@ -176,11 +185,7 @@ class PostgresBroker(Broker):
     def _db(self) -> psycopg.Connection:
         if self._conn is not None and self._conn_pid == os.getpid() and not self._conn.closed:
             return self._conn
-        params = connection.get_connection_params()
-        params.pop("cursor_factory", None)
-        params.pop("context", None)
-        params.pop("prepare_threshold", None)
-        conn = psycopg.connect(**params, autocommit=True)
+        conn = psycopg.connect(**own_connection_params(), autocommit=True)
         # Claims and acknowledgements need not wait for the WAL flush: after a server
         # crash a lost claim or acknowledgement only means the task is delivered again,
         # and the stage's fencing makes that delivery a no-op. Enqueues and transitions

@@ -231,6 +231,23 @@ def _finish_job(
         _batch_child_finished(parent_id=job.parent_id, now=now)
 
 
+def _expire_if_queue_timed_out(job: Job, now: datetime) -> bool:
+    """Seed 003's TIMEOUT: a job not started within queue_timeout_s ends `timed_out`."""
+    if (
+        job.started_at is not None
+        or not job.queue_timeout_s
+        or job.pending_since is None
+        or now <= job.pending_since + timedelta(seconds=job.queue_timeout_s)
+    ):
+        return False
+    error = {
+        "code": "TIMEOUT",
+        "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
+    }
+    _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
+    return True
+
+
 def _batch_child_finished(*, parent_id: Any, now: datetime) -> None:
     parent = Job.objects.select_for_update().filter(pk=parent_id).first()
     if parent is None or parent.is_finished:
@@ -469,19 +486,7 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
             return None
-        if (
-            job.started_at is None
-            and job.queue_timeout_s
-            and job.pending_since
-            and now > job.pending_since + timedelta(seconds=job.queue_timeout_s)
-        ):
-            error = {
-                "code": "TIMEOUT",
-                "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
-            }
-            _finish_job(
-                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
-            )
+        if _expire_if_queue_timed_out(job, now):
             return None
         deadline = _deadline(job)
         if deadline and now >= deadline:
@@ -952,19 +957,6 @@ def job_expire_if_due(*, job_id: Any) -> Job:
     with no worker at all still reports TIMEOUT)."""
     with transaction.atomic():
         job = _lock_job(job_id)
-        now = timezone.now()
-        if (
-            job.status == JobStatus.PENDING
-            and job.started_at is None
-            and job.queue_timeout_s
-            and job.pending_since
-            and now > job.pending_since + timedelta(seconds=job.queue_timeout_s)
-        ):
-            error = {
-                "code": "TIMEOUT",
-                "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
-            }
-            _finish_job(
-                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
-            )
+        if job.status == JobStatus.PENDING:
+            _expire_if_queue_timed_out(job, timezone.now())
         return job

@@ -17,8 +17,8 @@ from collections import defaultdict
 from typing import Any
 
 import psycopg
-from django.db import connection
 
+from jobs.broker import own_connection_params
 from jobs.models import Job
 from jobs.services import JOB_DONE_CHANNEL
 
@@ -41,10 +41,7 @@ class JobDoneListener:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 return
-            params = connection.get_connection_params()
-            for key in ("cursor_factory", "context", "prepare_threshold"):
-                params.pop(key, None)
-            self._params = params
+            self._params = own_connection_params()
             self._thread = threading.Thread(target=self._run, name="job-done-listener", daemon=True)
             self._thread.start()
         self._listening.wait(timeout=5)
