@@ -18,7 +18,7 @@ from jobs.waiting import wait_for_job
 from omniva.api.middleware import note_entities
 from omniva.api.permissions import bound_project
 from omniva.api.renderers import EnvelopeResponse
-from omniva.errors import ErrorCode
+from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Project, Scope
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -55,6 +55,16 @@ def idempotency_key(request: Request, body_key: str | None) -> str | None:
             raise ValidationError({"idempotency_key": ["differs from the Idempotency-Key header."]})
         return header
     return body_key
+
+
+def refuse_foreign_idempotency_match(request: Request, job: Job, created: bool) -> None:
+    """A known idempotency key returns its job, unless that job is another project's: a
+    key bound to a project must not learn of it (nor reuse its key)."""
+    bound = bound_project(request)
+    if not created and bound is not None and job.project_id != bound.pk:
+        raise OmnivaError(
+            ErrorCode.CONFLICT, "This idempotency key is already used outside this project."
+        )
 
 
 def render_job(job: Job, *, status: int = http.HTTP_200_OK) -> EnvelopeResponse:
@@ -100,6 +110,7 @@ class JobListView(JobsView, generics.ListAPIView):
         wanted["project"] = submit_project(request, wanted.pop("project", None))
         wanted["idempotency_key"] = idempotency_key(request, wanted.get("idempotency_key"))
         job, created = services.job_submit(**wanted)
+        refuse_foreign_idempotency_match(request, job, created)
         note_entities(request, job.pk)
         if sync and not job.is_finished:
             job = wait_for_job(job.pk, timeout_s=sync_timeout_s)
@@ -125,6 +136,7 @@ class JobBatchView(JobsView, APIView):
             project=submit_project(request, wanted.get("project")),
             idempotency_key=idempotency_key(request, wanted.get("idempotency_key")),
         )
+        refuse_foreign_idempotency_match(request, parent, created)
         note_entities(request, parent.pk)
         return render_job(parent, status=http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK)
 

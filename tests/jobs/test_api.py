@@ -354,6 +354,25 @@ def test_a_project_key_sees_and_submits_to_its_project_only(client: Any, make_ke
     assert crossing.status_code == 403
 
 
+def test_a_project_key_cannot_reach_another_projects_job_by_idempotency_key(
+    client: Any, make_key: Any
+) -> None:
+    mine = Project.objects.create(name="mine")
+    other = Project.objects.create(name="other")
+    key = make_key(Scope.JOBS_WRITE, project=mine)
+    admin = make_key(Scope.ADMIN)
+    body = {"pipeline": "noop", "idempotency_key": "shared"}
+    client.post(
+        "/v1/jobs", {**body, "project": str(other.pk)}, content_type="application/json",
+        **admin.headers,
+    )  # fmt: skip
+    response = client.post("/v1/jobs", body, content_type="application/json", **key.headers)
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "CONFLICT"
+    assert response.json()["data"] is None
+    assert Job.objects.count() == 1
+
+
 # --- sync submission ------------------------------------------------------------------------
 
 
