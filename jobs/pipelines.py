@@ -158,5 +158,15 @@ def get(name: str) -> Pipeline | None:
     return _REGISTRY.get(name)
 
 
+def single_stage_pipelines() -> list[str]:
+    """Pipelines of one fixed stage whose result is that stage's output: the job can
+    complete with its stage in one statement (jobs.services.stage_complete)."""
+    return [
+        pipeline.name
+        for pipeline in _REGISTRY.values()
+        if len(pipeline.stages) == 1 and pipeline.expand is None and pipeline.result is sink_output
+    ]
+
+
 def all_pipelines() -> list[Pipeline]:
     return sorted(_REGISTRY.values(), key=lambda pipeline: pipeline.name)

@@ -13,6 +13,7 @@ exists exactly when the transition that made it committed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
@@ -117,10 +118,10 @@ def _cancel_grace() -> timedelta:
     return timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
 
 
-def _definition(job: Job) -> pipelines.Pipeline:
-    definition = pipelines.get(job.pipeline)
+def _definition(pipeline: str) -> pipelines.Pipeline:
+    definition = pipelines.get(pipeline)
     if definition is None:
-        raise OmnivaError(ErrorCode.UNKNOWN_PIPELINE, f"Unknown pipeline {job.pipeline!r}.")
+        raise OmnivaError(ErrorCode.UNKNOWN_PIPELINE, f"Unknown pipeline {pipeline!r}.")
     return definition
 
 
@@ -475,6 +476,9 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
     A stage still `running` whose lease ran out belongs to a worker that died: that
     attempt counts as failed, and this delivery is the next attempt if one is left.
     """
+    claim = _start_granted_in_one_statement(stage_run_id, worker=worker, ack_id=ack_id)
+    if claim is not None:
+        return claim
     with transaction.atomic():
         locked = _lock_job_of_stage(stage_run_id)
         if locked is None:
@@ -538,14 +542,6 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         job.save(
             update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"]
         )
-        definition = _definition(job)
-        dag = definition.dag(job.params)
-        parents = dag.stage(run.name).depends_on
-        inputs = (
-            dict(StageRun.objects.filter(job=job, name__in=parents).values_list("name", "output"))
-            if parents
-            else {}
-        )
         return StageClaim(
             stage_run_id=run.pk,
             job_id=str(job.pk),
@@ -554,10 +550,96 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
             attempt=run.attempt,
             token=str(run.lease_token),
             params=job.params,
-            inputs=inputs,
+            inputs=_parent_outputs(job.pk, job.pipeline, job.params, run.name),
             deadline=_deadline(job),
             ack_id=ack_id,
         )
+
+
+def _parent_outputs(job_id: Any, pipeline: str, params: dict[str, Any], stage: str) -> dict:
+    parents = _definition(pipeline).dag(params).stage(stage).depends_on
+    if not parents:
+        return {}
+    runs = StageRun.objects.filter(job_id=job_id, name__in=parents)
+    return dict(runs.values_list("name", "output"))
+
+
+# The common case of a start in one statement, as a queue's claim is: a queued stage of
+# a job that is neither finished, cancelled nor out of time. It locks the job row first
+# like every transition; the stage run is only changed while its status is still
+# `queued` (re-checked on the newest row version once the lock is held). When any of
+# that does not hold it changes nothing, and stage_start decides under the full rules.
+START_SQL = """
+WITH target AS (
+    SELECT r.id AS run_id
+    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
+    WHERE r.id = %(run)s AND r.status = %(queued)s
+      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
+      AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
+           OR j.pending_since IS NULL
+           OR %(now)s <= j.pending_since + make_interval(secs => j.queue_timeout_s))
+      AND (COALESCE(j.timeout_s, 0) = 0 OR j.started_at IS NULL
+           OR %(now)s < j.started_at + make_interval(secs => j.timeout_s))
+    FOR UPDATE OF j
+), run AS (
+    UPDATE jobs_stagerun r
+    SET status = %(running)s, attempt = r.attempt + 1, lease_token = %(token)s,
+        lease_expires_at = %(lease)s, worker = %(worker)s, started_at = %(now)s,
+        finished_at = NULL, progress = 0, error = NULL
+    FROM target
+    WHERE r.id = target.run_id AND r.status = %(queued)s
+    RETURNING r.job_id, r.name, r.attempt
+)
+UPDATE jobs_job j
+SET status = %(running)s, attempts = GREATEST(j.attempts, run.attempt),
+    next_attempt_at = NULL, started_at = COALESCE(j.started_at, %(now)s), updated_at = %(now)s
+FROM run
+WHERE j.id = run.job_id
+RETURNING j.id, j.pipeline, j.params, j.started_at, j.timeout_s, run.name, run.attempt
+"""
+
+
+def _start_granted_in_one_statement(
+    stage_run_id: int, *, worker: str, ack_id: str | None
+) -> StageClaim | None:
+    now = timezone.now()
+    token = uuid.uuid4()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            START_SQL,
+            {
+                "run": stage_run_id,
+                "queued": StageStatus.QUEUED,
+                "running": StageStatus.RUNNING,
+                "finished": list(FINISHED_STATUSES),
+                "now": now,
+                "token": token,
+                "lease": _lease_until(now),
+                "worker": worker[:200],
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    job_id, pipeline, params, started_at, timeout_s, stage, attempt = row
+    params = _json_column(params)
+    return StageClaim(
+        stage_run_id=stage_run_id,
+        job_id=str(job_id),
+        pipeline=pipeline,
+        stage=stage,
+        attempt=attempt,
+        token=str(token),
+        params=params,
+        inputs=_parent_outputs(job_id, pipeline, params, stage),
+        deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
+        ack_id=ack_id,
+    )
+
+
+def _json_column(value: Any) -> Any:
+    # Django's psycopg setup hands jsonb to raw cursors as text (JSONField decodes it).
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _held_run(stage_run_id: int, token: str) -> tuple[Job, StageRun]:
@@ -640,9 +722,73 @@ def _acknowledge(ack_id: str | None) -> None:
         broker.acknowledge_delivery(ack_id=ack_id)
 
 
-def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | None = None) -> Job:
+# The common completion in one statement: the only stage of a one-stage pipeline
+# (pipelines.single_stage_pipelines) completes with its job, the delivery is
+# acknowledged and the job-done NOTIFY sent. Under the job's row lock like every
+# transition, and only while the attempt's token holds; otherwise it changes nothing and
+# stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
+COMPLETE_SOLE_STAGE_SQL = """
+WITH target AS (
+    SELECT r.id AS run_id
+    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
+    WHERE r.id = %(run)s AND r.status = %(running)s AND r.lease_token = %(token)s
+      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
+      AND j.parent_id IS NULL AND j.pipeline = ANY(%(pipelines)s)
+    FOR UPDATE OF j
+), run AS (
+    UPDATE jobs_stagerun r
+    SET status = %(completed)s, output = %(output)s::jsonb, progress = 100,
+        finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
+    FROM target
+    WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = %(token)s
+    RETURNING r.job_id
+), ack AS (
+    DELETE FROM jobs_queuetask
+    WHERE id = %(row)s AND deliveries = %(deliveries)s AND EXISTS (SELECT FROM run)
+), job AS (
+    UPDATE jobs_job j
+    SET status = %(completed)s, result = %(output)s::jsonb, error = NULL, progress = 100,
+        finished_at = %(now)s, next_attempt_at = NULL, updated_at = %(now)s
+    FROM run
+    WHERE j.id = run.job_id
+    RETURNING j.id
+)
+SELECT pg_notify(%(channel)s, job.id::text) FROM job
+"""
+
+
+def _completed_job_in_one_statement(
+    stage_run_id: int, *, token: str, output: Any, ack_id: str | None
+) -> bool:
+    row_id, deliveries = broker.parse_ack_id(ack_id) if ack_id else (None, None)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            COMPLETE_SOLE_STAGE_SQL,
+            {
+                "run": stage_run_id,
+                "token": token,
+                "running": StageStatus.RUNNING,
+                "completed": StageStatus.COMPLETED,
+                "finished": list(FINISHED_STATUSES),
+                "pipelines": pipelines.single_stage_pipelines(),
+                # What JSON cannot hold raises here, before anything is written.
+                "output": json.dumps(output, allow_nan=False),
+                "now": timezone.now(),
+                "row": row_id,
+                "deliveries": deliveries,
+                "channel": JOB_DONE_CHANNEL,
+            },
+        )
+        return cursor.fetchone() is not None
+
+
+def stage_complete(
+    *, stage_run_id: int, token: str, output: Any, ack_id: str | None = None
+) -> None:
     """Store the output; start every child whose parents all completed; finish the job
     when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
+    if _completed_job_in_one_statement(stage_run_id, token=token, output=output, ack_id=ack_id):
+        return
     with transaction.atomic():
         job, run = _held_run(stage_run_id, token)
         now = timezone.now()
@@ -669,8 +815,8 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | 
         _acknowledge(ack_id)
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
-            return job
-        definition = _definition(job)
+            return
+        definition = _definition(job.pipeline)
         dag = definition.dag(job.params)
         others = StageRun.objects.filter(job=job).exclude(pk=run.pk) if len(dag.order) > 1 else []
         runs = {r.name: r for r in others}
@@ -679,7 +825,7 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | 
             outputs = {name: r.output for name, r in runs.items()}
             result = definition.result(outputs, dag)
             _finish_job(job, JobStatus.COMPLETED, now=now, result=result, runs=list(runs.values()))
-            return job
+            return
         for child in dag.children(run.name):
             child_run = runs[child]
             if child_run.status != StageStatus.WAITING:
@@ -688,7 +834,7 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any, ack_id: str | 
                 _enqueue_stage(job, child_run, dag.stage(child))
         _update_progress(job)
         job.save(update_fields=["progress", "updated_at"])
-        return job
+        return
 
 
 def _backoff_s(retry_number: int) -> int:
@@ -733,7 +879,7 @@ def stage_fail(
                 level="warning",
             )
             _enqueue_stage(
-                job, run, _definition(job).dag(job.params).stage(run.name), delay_s=delay
+                job, run, _definition(job.pipeline).dag(job.params).stage(run.name), delay_s=delay
             )
             job.status = JobStatus.RETRYING
             job.next_attempt_at = now + timedelta(seconds=delay)
@@ -879,7 +1025,7 @@ def job_retry(*, job_id: Any) -> Job:
             _batch_child_finished(parent_id=job.pk, now=now)
             job.refresh_from_db()
             return job
-        definition = _definition(job)
+        definition = _definition(job.pipeline)
         dag = definition.dag(job.params)
         runs = {run.name: run for run in StageRun.objects.filter(job=job)}
         for run in runs.values():

@@ -66,31 +66,59 @@ def worker_name() -> str:
 
 
 class _Supervisor(threading.Thread):
-    def __init__(self, claim: services.StageClaim, main_thread_id: int) -> None:
-        super().__init__(name=f"stage-supervisor-{claim.stage_run_id}", daemon=True)
-        self.claim = claim
-        self.main_thread_id = main_thread_id
-        self.done = threading.Event()
+    """One per worker process, started with its first stage and kept: a thread per
+    stage would cost more than a short stage itself. It watches one attempt at a time
+    (`watch`/`release`, called by the main thread around the stage function)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="stage-supervisor", daemon=True)
+        self.changed = threading.Condition()
+        self.claim: services.StageClaim | None = None
         self.forced: type[StageInterrupted] | None = None
+
+    @staticmethod
+    def interval() -> float:
         lease = float(settings.OMNIVA_TASK_LEASE_S)
-        self.interval = max(0.1, min(lease / 3, float(settings.OMNIVA_CANCEL_GRACE_S) / 2 or 1))
+        return max(0.1, min(lease / 3, float(settings.OMNIVA_CANCEL_GRACE_S) / 2 or 1))
+
+    def watch(self, claim: services.StageClaim) -> None:
+        with self.changed:
+            self.claim = claim
+            self.forced = None
+            self.changed.notify()
+
+    def release(self) -> None:
+        with self.changed:
+            self.claim = None
+            self.changed.notify()
 
     def run(self) -> None:
-        try:
-            while not self.done.wait(self.interval):
-                if self.forced is not None:
-                    if not self.done.wait(FORCE_EXIT_AFTER_S):
-                        logger.error(
-                            "stage %s ignored its stop; ending the worker", self.claim.stage
-                        )
-                        os._exit(70)
-                    return
-                self._beat()
-        finally:
-            connection.close()
+        while True:
+            with self.changed:
+                idle = self.claim is None
+            if idle:
+                connection.close()  # a heartbeat's connection is not kept between stages
+            with self.changed:
+                self.changed.wait_for(lambda: self.claim is not None)
+                claim = self.claim
+                # Wake up once per interval while the same attempt runs.
+                if self._released(claim, self.interval()):
+                    continue
+                forced = self.forced
+            assert claim is not None
+            if forced is None:
+                self._beat(claim)
+                continue
+            with self.changed:
+                if not self._released(claim, FORCE_EXIT_AFTER_S):
+                    logger.error("stage %s ignored its stop; ending the worker", claim.stage)
+                    os._exit(70)
 
-    def _beat(self) -> None:
-        claim = self.claim
+    def _released(self, claim: services.StageClaim | None, timeout: float) -> bool:
+        """Wait (holding `changed`) until `claim` is no longer watched, or `timeout`."""
+        return self.changed.wait_for(lambda: self.claim is not claim, timeout)
+
+    def _beat(self, claim: services.StageClaim) -> None:
         try:
             state = services.stage_heartbeat(
                 stage_run_id=claim.stage_run_id, token=claim.token, ack_id=claim.ack_id
@@ -106,29 +134,51 @@ class _Supervisor(threading.Thread):
             seconds=settings.OMNIVA_CANCEL_GRACE_S
         ):
             if services.stage_force_cancel(stage_run_id=claim.stage_run_id, token=claim.token):
-                self._interrupt(StageCancelled, signal.SIGUSR1)
+                self._interrupt(claim, StageCancelled, signal.SIGUSR1)
         elif (
             # The alarm fired and the stage did not stop (native code): time out anyway.
             state.deadline
             and now >= state.deadline + timezone.timedelta(seconds=1)
             and services.stage_force_timeout(stage_run_id=claim.stage_run_id, token=claim.token)
         ):
-            self._interrupt(StageTimedOut, signal.SIGUSR1)
+            self._interrupt(claim, StageTimedOut, signal.SIGUSR1)
 
-    def _interrupt(self, kind: type[StageInterrupted], signum: int) -> None:
-        if self.claim.ack_id:
+    def _interrupt(
+        self, claim: services.StageClaim, kind: type[StageInterrupted], signum: int
+    ) -> None:
+        if claim.ack_id:
             from jobs.broker import acknowledge_delivery
 
-            acknowledge_delivery(ack_id=self.claim.ack_id)
-        self.forced = kind
-        os.kill(os.getpid(), signum)
+            acknowledge_delivery(ack_id=claim.ack_id)
+        # Signal under the lock: the main thread cannot release this attempt and start
+        # the next one in between, so the signal reaches the stage it was meant for (or
+        # finds its handler inactive).
+        with self.changed:
+            if self.claim is not claim:
+                return  # the stage ended meanwhile
+            self.forced = kind
+            os.kill(os.getpid(), signum)
+
+
+_supervisor: _Supervisor | None = None
+_supervisor_started = threading.Lock()
+
+
+def _the_supervisor() -> _Supervisor:
+    global _supervisor
+    with _supervisor_started:
+        # A forked worker inherits the variable, not the thread.
+        if _supervisor is None or not _supervisor.is_alive():
+            _supervisor = _Supervisor()
+            _supervisor.start()
+        return _supervisor
 
 
 @contextmanager
 def supervised(claim: services.StageClaim) -> Iterator[None]:
     """Run the body under the supervisor, with the deadline alarm and the forced-stop signal."""
     in_stage = {"active": True}
-    supervisor = _Supervisor(claim, threading.get_ident())
+    supervisor = _the_supervisor()
 
     def on_alarm(signum: int, frame: Any) -> None:
         if in_stage["active"]:
@@ -146,17 +196,16 @@ def supervised(claim: services.StageClaim) -> Iterator[None]:
         if claim.deadline is not None:
             remaining = (claim.deadline - timezone.now()).total_seconds()
             signal.setitimer(signal.ITIMER_REAL, max(0.001, remaining))
-    supervisor.start()
+    supervisor.watch(claim)
     try:
         yield
     finally:
         in_stage["active"] = False
+        supervisor.release()
         if is_main:
             signal.setitimer(signal.ITIMER_REAL, 0)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        supervisor.done.set()
-        supervisor.join()
 
 
 def run_stage(stage_run_id: int) -> None:

@@ -122,8 +122,14 @@ def _stubborn(ctx: Any) -> dict[str, Any]:
     return {}
 
 
+def _unserializable(ctx: Any) -> dict[str, Any]:
+    return {"ratio": float("nan")}  # json.dumps writes NaN, which PostgreSQL refuses
+
+
 @pytest.fixture
 def two_stage_pipeline() -> Any:
+    """test_two_stage (first → second), test_stubborn (ignores cancels) and
+    test_unserializable (returns what JSON cannot hold)."""
     from jobs.pipelines import _REGISTRY, Pipeline, Stage, register
 
     RUNS.clear()
@@ -142,6 +148,13 @@ def two_stage_pipeline() -> Any:
             params_schema={"type": "object"},
         )
     )
+    unserializable = register(
+        Pipeline(
+            name="test_unserializable",
+            description="returns NaN",
+            stages=(Stage("bad", _unserializable),),
+        )
+    )
     yield pipeline
-    _REGISTRY.pop(pipeline.name, None)
-    _REGISTRY.pop(stubborn.name, None)
+    for registered in (pipeline, stubborn, unserializable):
+        _REGISTRY.pop(registered.name, None)

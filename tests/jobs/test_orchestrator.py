@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from django.db import connection
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from jobs import services
@@ -240,6 +241,52 @@ def test_a_stale_token_cannot_complete_a_stage(drain: Any) -> None:
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
     assert job.result == {"fresh": True}
+
+
+def test_a_one_stage_job_starts_and_completes_in_one_statement_each() -> None:
+    job = submit("noop")
+    run = job.stages.get()
+    ack_id, _task = claim_one("default")
+    with CaptureQueriesContext(connection) as start:
+        claim = services.stage_start(stage_run_id=run.pk, worker="test", ack_id=ack_id)
+    assert claim is not None
+    assert len(start.captured_queries) == 1
+    assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+    with CaptureQueriesContext(connection) as complete:
+        services.stage_complete(
+            stage_run_id=run.pk, token=claim.token, output={"n": 1}, ack_id=ack_id
+        )
+    assert len(complete.captured_queries) == 1
+    job.refresh_from_db()
+    run.refresh_from_db()
+    assert (job.status, job.result, job.progress) == (JobStatus.COMPLETED, {"n": 1}, 100.0)
+    assert (run.status, run.output, run.lease_token) == (StageStatus.COMPLETED, {"n": 1}, None)
+    assert not QueueTask.objects.exists()  # the delivery was acknowledged with it
+
+
+def test_a_one_stage_job_cancelled_while_running_ends_cancelled_though_its_stage_completed() -> (
+    None
+):
+    job = submit("noop")
+    run = job.stages.get()
+    claim = services.stage_start(stage_run_id=run.pk, worker="test")
+    assert claim is not None
+    services.job_cancel(job_id=job.pk, reason="too late")
+    services.stage_complete(stage_run_id=run.pk, token=claim.token, output={})
+    job.refresh_from_db()
+    assert job.status == JobStatus.CANCELLED
+    assert job.result is None
+
+
+def test_a_stage_output_json_cannot_hold_fails_the_job_without_retries(
+    drain: Any, two_stage_pipeline: Any
+) -> None:
+    job = submit("test_unserializable")
+    drain()
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error["code"] == "BAD_OUTPUT"
+    assert job.attempts == 1
 
 
 def test_a_stage_whose_worker_died_on_every_attempt_fails_as_worker_lost(drain: Any) -> None:
