@@ -18,5 +18,22 @@ class JobsConfig(AppConfig):
         core_selectors.contribute_metrics(selectors.contribute_metrics)
         register_check("queues", selectors.check_queues)
 
+        # An engine stage's event reaches the orchestrator through these (engines/).
+        from engines import services as engines
+        from jobs import services
+
+        engines.stage_callbacks = engines.StageCallbacks(
+            lock=lambda stage_run_id: services._lock_job_of_stage(stage_run_id),
+            claimed=lambda stage_run_id, engine: services.stage_engine_claimed(
+                stage_run_id=stage_run_id, engine=engine
+            ),
+            progress=lambda stage_run_id, progress: services.stage_engine_progress(
+                stage_run_id=stage_run_id, progress=progress
+            ),
+            finished=lambda stage_run_id, output, error: services.stage_engine_finished(
+                stage_run_id=stage_run_id, output=output, error=error
+            ),
+        )
+
         # The worker needs its task's delivery id to heartbeat and acknowledge it.
         pre_execute.connect(tasks.remember_delivery, dispatch_uid="omniva.remember_delivery")

@@ -28,6 +28,8 @@ from django.db import connection
 from django_q.brokers import Broker
 from django_q.conf import Conf
 
+from omniva.notifications import own_connection_params
+
 logger = logging.getLogger("omniva.broker")
 
 FALLBACK_POLL_S = 1.0
@@ -58,15 +60,6 @@ WITH task AS (
 )
 SELECT id, pg_notify(%(channel)s, '') FROM task
 """
-
-
-def own_connection_params() -> dict[str, Any]:
-    """Django's connection settings, for a psycopg connection that Django does not manage
-    (a LISTEN must stay registered on one session that django-q2 never closes)."""
-    params = connection.get_connection_params()
-    for key in ("cursor_factory", "context", "prepare_threshold"):
-        params.pop(key, None)
-    return params
 
 
 def channel_for(queue: str) -> str:

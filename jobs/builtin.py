@@ -113,3 +113,17 @@ FAN_OUT_FAN_IN = register(
         },
     )
 )
+
+ENGINE_ECHO = register(
+    Pipeline(
+        name="engine_echo",
+        description="One stage on an `echo` engine (manage.py run_engine --type echo): "
+        "the engine returns what it was given.",
+        stages=(Stage("echo", engine_type="echo"),),
+        params_schema={
+            "type": "object",
+            "properties": {"message": {"type": "string", "maxLength": 10_000}},
+            "additionalProperties": False,
+        },
+    )
+)

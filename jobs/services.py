@@ -30,6 +30,7 @@ from django.db.models import Avg
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
+from engines import services as engines
 from jobs import broker, pipelines
 from jobs.models import (
     ACTIVE_STATUSES,
@@ -141,11 +142,6 @@ def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
     )
 
 
-# The engines app sets this at start-up (issue 5): it turns a stage with an engine type
-# into an event. Until then such a stage cannot be submitted.
-engine_stage_dispatcher: Any = None
-
-
 def _enqueue_stage(
     job: Job, run: StageRun, stage: pipelines.Stage, *, delay_s: float = 0, saved: bool = False
 ) -> None:
@@ -157,7 +153,20 @@ def _enqueue_stage(
         run.lease_expires_at = None
         run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
     if stage.engine_type:
-        engine_stage_dispatcher(job=job, run=run, stage=stage, delay_s=delay_s)
+        engines.event_create(
+            event_type=engines.event_type_for_engine(stage.engine_type),
+            priority=job.priority,
+            max_retries=job.max_retries,
+            stage_run_id=run.pk,
+            delay_s=delay_s,
+            data={
+                "job_id": str(job.pk),
+                "pipeline": job.pipeline,
+                "stage": run.name,
+                "params": job.params,
+                "inputs": _parent_outputs(job.pk, job.pipeline, job.params, run.name),
+            },
+        )
         return
     broker.enqueue_payload(
         queue=stage.queue,
@@ -219,6 +228,10 @@ def _finish_job(
             open_runs, ["status", "finished_at", "lease_token", "lease_expires_at"]
         )
         broker.drop_stage_tasks(stage_run_ids=[run.pk for run in open_runs])
+        engines.events_dead_end_for_stages(
+            stage_run_ids=[run.pk for run in open_runs if run.engine_type],
+            reason=f"its job ended ({status})",
+        )
     message = f"job {status}"
     if error:
         message += f": {error.get('code')}: {error.get('message')}"
@@ -363,10 +376,6 @@ def job_submit(
         if existing is not None:
             return existing, False
     dag = definition.dag(params)
-    if any(dag.stage(name).engine_type for name in dag.order) and engine_stage_dispatcher is None:
-        raise OmnivaError(
-            ErrorCode.SERVICE_UNAVAILABLE, f"Pipeline {pipeline!r} needs engines, not enabled."
-        )
     queue_guard({dag.stage(name).queue for name in dag.roots() if not dag.stage(name).engine_type})
     now = timezone.now()
     try:
@@ -958,6 +967,88 @@ def stage_force_timeout(*, stage_run_id: int, token: str) -> bool:
 
 
 # --- job transitions (called by users) -------------------------------------------------------
+
+
+# --- stages that run on engines ------------------------------------------------------
+# An engine stage is an Event (engines/); these are the orchestrator's side of its
+# life, called by engines through the callbacks registered in jobs/apps.py. Its end goes
+# through stage_complete / stage_fail like a worker stage's. The event's lease fences
+# the engine; the stage run has no lease of its own (lease_expires_at stays empty), so
+# a cancel ends it at once and dead-ends the event.
+
+
+def _mark_engine_stage_running(job: Job, run: StageRun, engine: str, now: datetime) -> None:
+    run.attempt += 1
+    run.worker = engine[:200]
+    if run.status != StageStatus.RUNNING:
+        run.status = StageStatus.RUNNING
+        run.lease_token = uuid.uuid4()
+        run.lease_expires_at = None
+        run.started_at = now
+        run.progress = 0.0
+    run.save(
+        update_fields=[
+            "attempt",
+            "worker",
+            "status",
+            "lease_token",
+            "lease_expires_at",
+            "started_at",
+            "progress",
+        ]
+    )
+    job.attempts = max(job.attempts, run.attempt)
+    job.status = JobStatus.RUNNING
+    job.next_attempt_at = None
+    job.started_at = job.started_at or now
+    job.save(update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"])
+
+
+def stage_engine_claimed(*, stage_run_id: int, engine: str) -> None:
+    """An engine took the stage's event: the stage is running there."""
+    with transaction.atomic():
+        locked = _lock_job_of_stage(stage_run_id)
+        if locked is None:
+            return
+        job, run = locked
+        if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
+            return
+        _mark_engine_stage_running(job, run, engine, timezone.now())
+
+
+def stage_engine_progress(*, stage_run_id: int, progress: float) -> None:
+    from jobs.stages import StageInterrupted
+
+    run = StageRun.objects.filter(pk=stage_run_id, status=StageStatus.RUNNING).first()
+    if run is None or run.lease_token is None:
+        return
+    with contextlib.suppress(StageInterrupted, OmnivaError):
+        stage_report(stage_run_id=run.pk, token=str(run.lease_token), progress=progress)
+
+
+def stage_engine_finished(*, stage_run_id: int, output: Any, error: dict[str, Any] | None) -> None:
+    """The stage's event completed (`output`) or was dead-lettered (`error`: its retries
+    are spent, so the job fails without more). Runs in the engine's transaction."""
+    with transaction.atomic():
+        locked = _lock_job_of_stage(stage_run_id)
+        if locked is None:
+            return
+        job, run = locked
+        if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
+            return
+        if run.status == StageStatus.QUEUED:  # the claim's own callback has not run yet
+            _mark_engine_stage_running(job, run, run.worker or "engine", timezone.now())
+        token = str(run.lease_token)
+        if error is None:
+            stage_complete(stage_run_id=run.pk, token=token, output=output)
+        else:
+            stage_fail(
+                stage_run_id=run.pk,
+                token=token,
+                code=str(error.get("code") or "ENGINE_ERROR"),
+                message=str(error.get("message") or ""),
+                retryable=False,
+            )
 
 
 def job_cancel(*, job_id: Any, reason: str = "") -> tuple[Job, bool]:

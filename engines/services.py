@@ -1,0 +1,548 @@
+"""Every write of engines and the leased event queue, one function per transition.
+
+Lock order: when an event runs a job stage, the job's row is locked before the event's
+(through `stage_callbacks.lock`), as the orchestrator does when it cancels a job and
+dead-ends the event; so the two never wait on each other in opposite orders.
+
+The claim is one statement (`CLAIM_SQL`): highest priority then oldest, SKIP LOCKED, a
+fresh lease token per event. A leased event whose `lock_until` passed is claimable
+again and the claim counts that as a failed attempt (`retry_count` + 1); one that had
+no retry left is dead-lettered by the next claim of its engine type instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from engines.models import (
+    EngineInstance,
+    EngineStatus,
+    Event,
+    EventStatus,
+    EventType,
+)
+from omniva.errors import ErrorCode, OmnivaError
+from omniva.notifications import Listener
+
+logger = logging.getLogger("omniva.engines")
+
+# Seed 000: batches of 3 by default, 10 at most; long polls of 30 s at most.
+DEFAULT_BATCH_SIZE = 3
+MAX_BATCH_SIZE = 10
+MAX_WAIT_S = 30.0
+# An event became claimable: NOTIFY with its engine type as the payload.
+EVENTS_CHANNEL = "omniva_events"
+
+listener = Listener(EVENTS_CHANNEL)
+
+
+@dataclass
+class StageCallbacks:
+    """How an event that runs a job stage reaches the orchestrator. jobs registers them
+    at start-up (engines never imports jobs, DESIGN.md)."""
+
+    # Lock the job of the stage run, before the event's row is locked.
+    lock: Callable[[int], None]
+    # An engine took the event (called after the claim committed).
+    claimed: Callable[[int, str], None]
+    # The engine reported progress (0-100) in a `processing` update.
+    progress: Callable[[int, float], None]
+    # The event completed (output) or was dead-lettered (error), in the same transaction.
+    finished: Callable[[int, Any, dict[str, Any] | None], None]
+
+
+stage_callbacks: StageCallbacks | None = None
+
+
+def _notify_claimable(engine_type: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, engine_type])
+
+
+def _backoff_s(retry_number: int) -> int:
+    backoff = settings.OMNIVA_RETRY_BACKOFF_S
+    return backoff[min(retry_number - 1, len(backoff) - 1)] if backoff else 0
+
+
+def _error(error: Any, default_code: str = "ENGINE_ERROR") -> dict[str, Any]:
+    if isinstance(error, dict):
+        return {
+            **error,
+            "code": str(error.get("code") or default_code),
+            "message": str(error.get("message") or "")[:2000],
+        }
+    return {"code": default_code, "message": str(error or "")[:2000]}
+
+
+# --- engines -------------------------------------------------------------------------
+
+
+def _release_leases(engine: EngineInstance, now: datetime) -> int:
+    """Put the events `engine` holds back in the queue; not a failed attempt."""
+    released = list(
+        Event.objects.select_for_update()
+        .filter(leased_by=engine, status=EventStatus.LEASED)
+        .values_list("engine_type", flat=True)
+    )
+    count = Event.objects.filter(leased_by=engine, status=EventStatus.LEASED).update(
+        status=EventStatus.PENDING,
+        lease_token=None,
+        lock_until=None,
+        leased_by=None,
+        available_at=now,
+        updated_at=now,
+    )
+    for engine_type in sorted(set(released)):
+        _notify_claimable(engine_type)
+    return count
+
+
+def engine_register(
+    *,
+    engine_type: str,
+    name: str | None = None,
+    capabilities: list[str] | None = None,
+    resource_limits: dict[str, Any] | None = None,
+) -> EngineInstance:
+    """Register an engine; a name an online engine holds is refused (409), an offline
+    holder of the name is replaced (its leases go back to the queue)."""
+    name = name or f"{engine_type}-{uuid.uuid4().hex[:8]}"
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            holder = EngineInstance.objects.select_for_update().filter(name=name).first()
+            if holder is not None:
+                if holder.is_online(now):
+                    raise OmnivaError(
+                        ErrorCode.ENGINE_ALREADY_REGISTERED,
+                        f"An online engine is registered as {name!r}.",
+                    )
+                _release_leases(holder, now)
+                holder.delete()
+            return EngineInstance.objects.create(
+                engine_type=engine_type,
+                name=name,
+                capabilities=list(capabilities or []),
+                resource_limits=dict(resource_limits or {}),
+                reported_status=EngineStatus.ACTIVE,
+                last_heartbeat=now,
+                registered_at=now,
+            )
+    except IntegrityError:  # registered concurrently under the same name
+        raise OmnivaError(
+            ErrorCode.ENGINE_ALREADY_REGISTERED, f"An online engine is registered as {name!r}."
+        ) from None
+
+
+def _engine(engine_id: Any, *, lock: bool = False) -> EngineInstance:
+    engines = EngineInstance.objects.select_for_update() if lock else EngineInstance.objects
+    try:
+        return engines.get(pk=engine_id)
+    except (EngineInstance.DoesNotExist, DjangoValidationError, ValueError, TypeError):
+        raise OmnivaError(ErrorCode.ENGINE_NOT_FOUND, f"No engine {engine_id}.") from None
+
+
+def engine_heartbeat(
+    *,
+    engine_id: Any,
+    status: str | None = None,
+    current_workload: int | None = None,
+    resource_utilization: dict[str, Any] | None = None,
+) -> EngineInstance:
+    """Record a heartbeat and extend the leases (still held) of the engine's events."""
+    with transaction.atomic():
+        engine = _engine(engine_id, lock=True)
+        now = timezone.now()
+        engine.last_heartbeat = now
+        if status:
+            engine.reported_status = status
+        if current_workload is not None:
+            engine.current_workload = current_workload
+        if resource_utilization is not None:
+            engine.resource_utilization = resource_utilization
+        engine.save()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE engines_event SET lock_until = %(now)s + make_interval(secs => lease_s),"
+                " updated_at = %(now)s"
+                " WHERE leased_by_id = %(engine)s AND status = %(leased)s"
+                " AND lock_until >= %(now)s",
+                {"now": now, "engine": engine.pk, "leased": EventStatus.LEASED},
+            )
+        return engine
+
+
+def engine_deregister(*, engine_id: Any) -> int:
+    """Remove an engine; the events it holds go back to the queue. Returns how many."""
+    with transaction.atomic():
+        engine = _engine(engine_id, lock=True)
+        released = _release_leases(engine, timezone.now())
+        engine.delete()
+        return released
+
+
+# --- event types and events ----------------------------------------------------------
+
+
+def event_type_create(
+    *,
+    name: str,
+    engine_type: str,
+    description: str = "",
+    default_priority: int = 5,
+    max_retries: int | None = None,
+    lease_s: int | None = None,
+) -> EventType:
+    try:
+        with transaction.atomic():
+            return EventType.objects.create(
+                name=name,
+                engine_type=engine_type,
+                description=description,
+                default_priority=default_priority,
+                max_retries=settings.OMNIVA_MAX_RETRIES if max_retries is None else max_retries,
+                lease_s=lease_s or settings.OMNIVA_EVENT_LEASE_S,
+            )
+    except IntegrityError:
+        raise OmnivaError(
+            ErrorCode.CONFLICT,
+            f"An event type named {name!r} exists.",
+            details={"name": ["already exists"]},
+        ) from None
+
+
+def event_type_for_engine(engine_type: str) -> EventType:
+    """The event type of job stages on `engine_type` (named like it), made on first use."""
+    event_type = EventType.objects.filter(name=engine_type).first()
+    if event_type is not None:
+        return event_type
+    try:
+        with transaction.atomic():
+            return EventType.objects.create(
+                name=engine_type,
+                engine_type=engine_type,
+                description=f"Job stages that run on {engine_type} engines.",
+                max_retries=settings.OMNIVA_MAX_RETRIES,
+                lease_s=settings.OMNIVA_EVENT_LEASE_S,
+            )
+    except IntegrityError:  # made concurrently
+        return EventType.objects.get(name=engine_type)
+
+
+def event_create(
+    *,
+    event_type: EventType,
+    data: dict[str, Any] | None = None,
+    priority: int | None = None,
+    max_retries: int | None = None,
+    stage_run_id: int | None = None,
+    delay_s: float = 0,
+) -> Event:
+    """Queue an event; engines of its type waiting in a long poll wake at commit."""
+    now = timezone.now()
+    event = Event.objects.create(
+        event_type=event_type,
+        engine_type=event_type.engine_type,
+        priority=event_type.default_priority if priority is None else priority,
+        data=data or {},
+        max_retries=event_type.max_retries if max_retries is None else max_retries,
+        lease_s=event_type.lease_s,
+        available_at=now + timedelta(seconds=delay_s),
+        stage_run_id=stage_run_id,
+        created_at=now,
+    )
+    if delay_s <= 0:
+        _notify_claimable(event.engine_type)
+    return event
+
+
+CLAIM_SQL = """
+UPDATE engines_event e
+SET status = %(leased)s,
+    retry_count = e.retry_count + CASE WHEN e.status = %(leased)s THEN 1 ELSE 0 END,
+    lease_token = gen_random_uuid(),
+    lock_until = %(now)s + make_interval(secs => e.lease_s),
+    leased_by_id = %(engine)s,
+    leased_at = %(now)s,
+    progress = 0,
+    updated_at = %(now)s
+FROM engines_eventtype t
+WHERE t.id = e.event_type_id AND e.id IN (
+    SELECT id FROM engines_event
+    WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
+      AND ((status = %(pending)s AND available_at <= %(now)s)
+           OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING e.*, t.name AS event_type_name
+"""
+
+
+def _dead_letter_exhausted(engine_type: str, now: datetime) -> None:
+    """Dead-letter the events of `engine_type` whose last allowed lease ran out. One
+    transaction each, taking the job's lock before the event's (see the module doc)."""
+    candidates = list(
+        Event.objects.filter(
+            engine_type=engine_type,
+            status=EventStatus.LEASED,
+            lock_until__lt=now,
+            retry_count__gte=F("max_retries"),
+        ).values_list("id", "stage_run_id")[:50]
+    )
+    for event_id, stage_run_id in candidates:
+        with transaction.atomic():
+            if stage_run_id is not None and stage_callbacks is not None:
+                stage_callbacks.lock(stage_run_id)
+            event = (
+                Event.objects.select_for_update(skip_locked=True)
+                .filter(pk=event_id, status=EventStatus.LEASED, lock_until__lt=now)
+                .first()
+            )
+            if event is None or event.retry_count < event.max_retries:
+                continue
+            error = {
+                "code": "LEASE_EXPIRED",
+                "message": f"The lease ran out on the last of {event.max_retries} retries.",
+            }
+            _to_dead_letter(event, error, now, retry_count=event.retry_count + 1)
+
+
+def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_size: int) -> list:
+    """One claim, without waiting: the leased events, highest priority then oldest."""
+    now = timezone.now()
+    _dead_letter_exhausted(engine_type, now)
+    limit = batch_size
+    if engine is not None and engine.max_concurrent_events:
+        held = Event.objects.filter(
+            leased_by=engine, status=EventStatus.LEASED, lock_until__gte=now
+        ).count()
+        limit = max(0, min(batch_size, engine.max_concurrent_events - held))
+    if limit == 0:
+        return []
+    with transaction.atomic():
+        events = list(
+            Event.objects.raw(
+                CLAIM_SQL,
+                {
+                    "leased": EventStatus.LEASED,
+                    "pending": EventStatus.PENDING,
+                    "now": now,
+                    "engine": engine.pk if engine else None,
+                    "engine_type": engine_type,
+                    "limit": limit,
+                },
+            )
+        )
+        if stage_callbacks is not None:
+            worker = engine.name if engine else f"{engine_type} engine"
+            for event in events:
+                if event.stage_run_id is not None:
+                    transaction.on_commit(
+                        lambda run=event.stage_run_id: _stage_claimed(run, worker)
+                    )
+    events.sort(key=lambda event: (-event.priority, event.pk))
+    return events
+
+
+def _stage_claimed(stage_run_id: int, worker: str) -> None:
+    try:
+        assert stage_callbacks is not None
+        stage_callbacks.claimed(stage_run_id, worker)
+    except Exception:
+        # The stage is marked running at its completion anyway; never fail the claim.
+        logger.exception("marking stage run %s as claimed failed", stage_run_id)
+
+
+def events_claim(
+    *,
+    engine_type: str,
+    engine_id: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    wait_s: float = 0,
+) -> list:
+    """Claim up to `batch_size` events; with `wait_s`, wait for the first to appear
+    (woken by NOTIFY, not by polling)."""
+    engine = _engine(engine_id) if engine_id else None
+    if engine is not None and engine.engine_type != engine_type:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"Engine {engine.name} is a {engine.engine_type} engine, not {engine_type}.",
+            details={"engine_id": ["belongs to another engine type"]},
+        )
+
+    def claim() -> list:
+        return events_claim_now(engine_type=engine_type, engine=engine, batch_size=batch_size)
+
+    if wait_s <= 0:
+        return claim()
+    return listener.wait_until(engine_type, read=claim, done=bool, timeout_s=wait_s)
+
+
+def _locked_event(event_id: Any) -> Event:
+    """Lock an event (its job first, when it runs a stage) or raise EVENT_NOT_FOUND."""
+    try:
+        stage_run_id = Event.objects.filter(pk=event_id).values_list("stage_run_id", flat=True)
+        found = list(stage_run_id[:1])
+    except (ValueError, TypeError):
+        found = []
+    if not found:
+        raise OmnivaError(ErrorCode.EVENT_NOT_FOUND, f"No event {event_id}.")
+    if found[0] is not None and stage_callbacks is not None:
+        stage_callbacks.lock(found[0])
+    return Event.objects.select_for_update().select_related("event_type").get(pk=event_id)
+
+
+def _to_dead_letter(
+    event: Event, error: dict[str, Any], now: datetime, *, retry_count: int | None = None
+) -> None:
+    event.status = EventStatus.DEAD_LETTERED
+    event.error = error
+    event.lease_token = None
+    event.lock_until = None
+    event.finished_at = now
+    if retry_count is not None:
+        event.retry_count = retry_count
+    event.save()
+    if event.stage_run_id is not None and stage_callbacks is not None:
+        stage_callbacks.finished(event.stage_run_id, None, error)
+
+
+def event_update_status(
+    *,
+    event_id: Any,
+    status: str,
+    lease_token: Any = None,
+    result: Any = None,
+    error: Any = None,
+    progress: float | None = None,
+) -> Event:
+    """An engine's report on an event it holds: `processing` extends the lease,
+    `completed` stores the result, `failed` retries after the backoff or dead-letters.
+    A stale token, or an event not (or no longer) leased, is refused: EVENT_LEASE_LOST."""
+    with transaction.atomic():
+        event = _locked_event(event_id)
+        now = timezone.now()
+        if event.status != EventStatus.LEASED or event.lease_expired(now):
+            raise OmnivaError(
+                ErrorCode.EVENT_LEASE_LOST,
+                f"Event {event.pk} is not leased (it is {event.status}"
+                + (", its lease ran out" if event.lease_expired(now) else "")
+                + ").",
+            )
+        if lease_token is not None and str(event.lease_token) != str(lease_token):
+            raise OmnivaError(
+                ErrorCode.EVENT_LEASE_LOST,
+                f"The lease token of event {event.pk} is stale; another claim holds it.",
+            )
+        if progress is not None:
+            event.progress = progress
+        if status == EventStatus.COMPLETED:
+            event.status = EventStatus.COMPLETED
+            event.result = result
+            event.error = None
+            event.progress = 100.0
+            event.lease_token = None
+            event.lock_until = None
+            event.finished_at = now
+            event.save()
+            if event.stage_run_id is not None and stage_callbacks is not None:
+                stage_callbacks.finished(event.stage_run_id, result, None)
+            return event
+        if status == "failed":
+            failure = _error(error)
+            retry_count = event.retry_count + 1
+            if retry_count > event.max_retries:
+                _to_dead_letter(event, failure, now, retry_count=retry_count)
+                return event
+            delay = _backoff_s(retry_count)
+            event.status = EventStatus.PENDING
+            event.retry_count = retry_count
+            event.error = failure
+            event.lease_token = None
+            event.lock_until = None
+            event.available_at = now + timedelta(seconds=delay)
+            event.save()
+            if delay <= 0:
+                _notify_claimable(event.engine_type)
+            return event
+        # processing: the engine is alive and working on it.
+        event.lock_until = now + timedelta(seconds=event.lease_s)
+        event.save()
+        if progress is not None and event.stage_run_id is not None and stage_callbacks:
+            run_id = event.stage_run_id
+            transaction.on_commit(lambda: _stage_progress(run_id, progress))
+        return event
+
+
+def _stage_progress(stage_run_id: int, progress: float) -> None:
+    try:
+        assert stage_callbacks is not None
+        stage_callbacks.progress(stage_run_id, progress)
+    except Exception:
+        logger.exception("progress of stage run %s not recorded", stage_run_id)
+
+
+def event_requeue(*, event_id: Any) -> Event:
+    """Take a dead-lettered event back to the queue with its retries renewed."""
+    with transaction.atomic():
+        event = _locked_event(event_id)
+        if event.status != EventStatus.DEAD_LETTERED:
+            raise OmnivaError(
+                ErrorCode.CONFLICT,
+                f"Event {event.pk} is {event.status}; only dead-lettered events are requeued.",
+            )
+        now = timezone.now()
+        event.status = EventStatus.PENDING
+        event.retry_count = 0
+        event.available_at = now
+        event.finished_at = None
+        event.leased_by = None
+        event.save()
+        _notify_claimable(event.engine_type)
+        return event
+
+
+def event_dead_letter(*, event_id: Any, reason: str = "") -> Event:
+    """Move a pending or leased event to the dead letter queue by hand."""
+    with transaction.atomic():
+        event = _locked_event(event_id)
+        if event.status not in (EventStatus.PENDING, EventStatus.LEASED):
+            raise OmnivaError(
+                ErrorCode.CONFLICT,
+                f"Event {event.pk} is {event.status}; only pending or leased events move.",
+            )
+        error = {"code": "DEAD_LETTERED", "message": reason or "moved to the dead letter queue"}
+        _to_dead_letter(event, error, timezone.now())
+        return event
+
+
+def events_dead_end_for_stages(*, stage_run_ids: list[int], reason: str) -> int:
+    """The orchestrator ended these stages (job cancelled, timed out, failed): their
+    unfinished events are dead-lettered and any engine's later report is refused. The
+    caller holds the job's lock; nothing is reported back to it."""
+    if not stage_run_ids:
+        return 0
+    now = timezone.now()
+    return Event.objects.filter(
+        stage_run_id__in=stage_run_ids, status__in=[EventStatus.PENDING, EventStatus.LEASED]
+    ).update(
+        status=EventStatus.DEAD_LETTERED,
+        error={"code": "STAGE_ENDED", "message": reason[:2000]},
+        lease_token=None,
+        lock_until=None,
+        finished_at=now,
+        updated_at=now,
+    )
