@@ -6,3 +6,11 @@ from django.apps import AppConfig
 class EnginesConfig(AppConfig):
     name = "engines"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from engines import selectors
+        from omniva import selectors as core_selectors
+        from omniva.health import register_check
+
+        core_selectors.contribute_metrics(selectors.contribute_metrics)
+        register_check("engines", selectors.check_engines)

@@ -58,8 +58,9 @@ class StageCallbacks:
     claimed: Callable[[int, str], None]
     # The engine reported progress (0-100) in a `processing` update.
     progress: Callable[[int, float], None]
-    # The event completed (output) or was dead-lettered (error), in the same transaction.
-    finished: Callable[[int, Any, dict[str, Any] | None], None]
+    # The event completed (output) or was dead-lettered (error), in the same transaction;
+    # with the name of the engine that last held it, if any.
+    finished: Callable[[int, Any, dict[str, Any] | None, str | None], None]
 
 
 stage_callbacks: StageCallbacks | None = None
@@ -402,7 +403,15 @@ def _locked_event(event_id: Any) -> Event:
         raise OmnivaError(ErrorCode.EVENT_NOT_FOUND, f"No event {event_id}.")
     if found[0] is not None and stage_callbacks is not None:
         stage_callbacks.lock(found[0])
-    return Event.objects.select_for_update().select_related("event_type").get(pk=event_id)
+    return (
+        Event.objects.select_for_update(of=("self",))
+        .select_related("event_type", "leased_by")
+        .get(pk=event_id)
+    )
+
+
+def _holder_name(event: Event) -> str | None:
+    return event.leased_by.name if event.leased_by_id and event.leased_by else None
 
 
 def _to_dead_letter(
@@ -417,7 +426,7 @@ def _to_dead_letter(
         event.retry_count = retry_count
     event.save()
     if event.stage_run_id is not None and stage_callbacks is not None:
-        stage_callbacks.finished(event.stage_run_id, None, error)
+        stage_callbacks.finished(event.stage_run_id, None, error, _holder_name(event))
 
 
 def event_update_status(
@@ -459,7 +468,7 @@ def event_update_status(
             event.finished_at = now
             event.save()
             if event.stage_run_id is not None and stage_callbacks is not None:
-                stage_callbacks.finished(event.stage_run_id, result, None)
+                stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
             return event
         if status == "failed":
             failure = _error(error)

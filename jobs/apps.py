@@ -30,8 +30,8 @@ class JobsConfig(AppConfig):
             progress=lambda stage_run_id, progress: services.stage_engine_progress(
                 stage_run_id=stage_run_id, progress=progress
             ),
-            finished=lambda stage_run_id, output, error: services.stage_engine_finished(
-                stage_run_id=stage_run_id, output=output, error=error
+            finished=lambda stage_run_id, output, error, engine: services.stage_engine_finished(
+                stage_run_id=stage_run_id, output=output, error=error, engine=engine
             ),
         )
 

@@ -1026,7 +1026,9 @@ def stage_engine_progress(*, stage_run_id: int, progress: float) -> None:
         stage_report(stage_run_id=run.pk, token=str(run.lease_token), progress=progress)
 
 
-def stage_engine_finished(*, stage_run_id: int, output: Any, error: dict[str, Any] | None) -> None:
+def stage_engine_finished(
+    *, stage_run_id: int, output: Any, error: dict[str, Any] | None, engine: str | None = None
+) -> None:
     """The stage's event completed (`output`) or was dead-lettered (`error`: its retries
     are spent, so the job fails without more). Runs in the engine's transaction."""
     with transaction.atomic():
@@ -1037,7 +1039,7 @@ def stage_engine_finished(*, stage_run_id: int, output: Any, error: dict[str, An
         if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
             return
         if run.status == StageStatus.QUEUED:  # the claim's own callback has not run yet
-            _mark_engine_stage_running(job, run, run.worker or "engine", timezone.now())
+            _mark_engine_stage_running(job, run, engine or "engine", timezone.now())
         token = str(run.lease_token)
         if error is None:
             stage_complete(stage_run_id=run.pk, token=token, output=output)

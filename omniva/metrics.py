@@ -103,6 +103,37 @@ class JobCollector(Collector):
         return []
 
 
+class EngineCollector(Collector):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from engines import selectors
+
+        try:
+            events = selectors.event_counts()
+            engines = selectors.engine_counts()
+        except Exception as exc:
+            logger.warning("engine metrics unavailable: %s", exc.__class__.__name__)
+            return
+        event_family = GaugeMetricFamily(
+            "omniva_events", "Events by engine type and status", labels=["engine_type", "status"]
+        )
+        for engine_type, by_status in sorted(events.items()):
+            for status, count in sorted(by_status.items()):
+                event_family.add_metric([engine_type, status], count)
+        yield event_family
+        engine_family = GaugeMetricFamily(
+            "omniva_engines",
+            "Registered engines by type and status (offline derived from heartbeats)",
+            labels=["engine_type", "status"],
+        )
+        for engine_type, by_status in sorted(engines.items()):
+            for status, count in sorted(by_status.items()):
+                engine_family.add_metric([engine_type, status], count)
+        yield engine_family
+
+    def describe(self) -> list:
+        return []
+
+
 _registered = False
 
 
@@ -111,6 +142,7 @@ def register() -> None:
     if not _registered:
         REGISTRY.register(QueueCollector())
         REGISTRY.register(JobCollector())
+        REGISTRY.register(EngineCollector())
         _registered = True
 
 

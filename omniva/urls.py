@@ -12,6 +12,7 @@ urlpatterns = [
     path("health", api_views.RootHealthView.as_view(), name="health-root"),
     path("v1/", include("omniva.api.urls")),
     path("v1/", include("jobs.api.urls")),
+    path("v1/", include("engines.api.urls")),
     # Last under /v1: every unknown path answers an enveloped 404.
     re_path(r"^v1(?:/.*)?$", api_views.NotFoundView.as_view(), name="v1-not-found"),
     path("", include("django_prometheus.urls")),

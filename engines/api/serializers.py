@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from engines.models import (
+    REPORTED_ENGINE_STATUSES,
+    EngineInstance,
+    EngineStatus,
+    Event,
+    EventStatus,
+    EventType,
+)
+from engines.services import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_WAIT_S
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+
+
+class ResourceLimitsSerializer(serializers.Serializer):
+    max_concurrent_events = serializers.IntegerField(required=False, min_value=1, max_value=1000)
+    memory_limit_mb = serializers.IntegerField(required=False, min_value=1, max_value=10_000_000)
+
+
+class EngineRegisterSerializer(serializers.Serializer):
+    engine_type = serializers.RegexField(NAME_PATTERN)
+    name = serializers.RegexField(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$", required=False)
+    capabilities = serializers.ListField(
+        child=serializers.CharField(max_length=100), required=False, default=list, max_length=100
+    )
+    resource_limits = ResourceLimitsSerializer(required=False, default=dict)
+
+
+class EngineHeartbeatSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=list(REPORTED_ENGINE_STATUSES), required=False)
+    current_workload = serializers.IntegerField(required=False, min_value=0, max_value=1_000_000)
+    resource_utilization = serializers.DictField(required=False)
+
+
+class EngineSerializer(serializers.ModelSerializer):
+    status = serializers.CharField(read_only=True)
+    metadata = serializers.SerializerMethodField()
+    held_events = serializers.SerializerMethodField()
+
+    class Meta:
+        model = EngineInstance
+        fields = [
+            "id",
+            "engine_type",
+            "name",
+            "status",
+            "last_heartbeat",
+            "current_workload",
+            "held_events",
+            "registered_at",
+            "metadata",
+        ]
+
+    def get_metadata(self, engine: EngineInstance) -> dict[str, Any]:
+        return {
+            "static_config": {
+                "capabilities": engine.capabilities,
+                "resource_limits": engine.resource_limits,
+            },
+            "dynamic_state": {"resource_utilization": engine.resource_utilization},
+        }
+
+    def get_held_events(self, engine: EngineInstance) -> int:
+        held = getattr(engine, "held_events", None)
+        if held is None:
+            held = engine.leased_events.filter(status=EventStatus.LEASED).count()
+        return held
+
+
+class EngineFilterSerializer(serializers.Serializer):
+    engine_type = serializers.CharField(required=False, max_length=100)
+    status = serializers.ChoiceField(choices=EngineStatus.choices, required=False)
+
+
+class EventTypeSerializer(serializers.ModelSerializer):
+    name = serializers.RegexField(NAME_PATTERN)
+    engine_type = serializers.RegexField(NAME_PATTERN)
+    default_priority = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    max_retries = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    lease_s = serializers.IntegerField(required=False, min_value=1, max_value=86400)
+
+    class Meta:
+        model = EventType
+        fields = [
+            "id",
+            "name",
+            "engine_type",
+            "description",
+            "default_priority",
+            "max_retries",
+            "lease_s",
+            "created_at",
+        ]
+        read_only_fields = ["id", "created_at"]
+        extra_kwargs = {"description": {"required": False, "max_length": 2000}}
+
+    def validate_name(self, value: str) -> str:
+        # Checked here for a clear field error; the unique constraint covers the race.
+        if EventType.objects.filter(name=value).exists():
+            raise serializers.ValidationError("An event type with this name exists.")
+        return value
+
+
+class EventCreateSerializer(serializers.Serializer):
+    event_type = serializers.CharField(max_length=100)
+    priority = serializers.IntegerField(required=False, min_value=0, max_value=10)
+    data = serializers.DictField(required=False, default=dict)
+
+    def validate_event_type(self, value: str) -> EventType:
+        event_type = EventType.objects.filter(name=value).first()
+        if event_type is None and value.isdigit():
+            event_type = EventType.objects.filter(pk=int(value)).first()
+        if event_type is None:
+            raise serializers.ValidationError(f"No event type {value!r}.")
+        return event_type
+
+
+class EventSerializer(serializers.ModelSerializer):
+    event_type = serializers.CharField(source="event_type.name", read_only=True)
+    engine_id = serializers.UUIDField(source="leased_by_id", read_only=True, allow_null=True)
+    lease_expired = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Event
+        fields = [
+            "id",
+            "event_type_id",
+            "event_type",
+            "engine_type",
+            "priority",
+            "data",
+            "status",
+            "lock_until",
+            "lease_expired",
+            "retry_count",
+            "max_retries",
+            "available_at",
+            "engine_id",
+            "progress",
+            "result",
+            "error",
+            "stage_run_id",
+            "created_at",
+            "updated_at",
+            "finished_at",
+        ]
+
+    def get_lease_expired(self, event: Event) -> bool:
+        return event.lease_expired()
+
+
+class ClaimedEventSerializer(serializers.ModelSerializer):
+    """Seed 000's shape of a claimed event, plus the lease token that fences it."""
+
+    event_type = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Event
+        fields = [
+            "id",
+            "event_type_id",
+            "event_type",
+            "priority",
+            "data",
+            "lock_until",
+            "retry_count",
+            "lease_token",
+        ]
+
+    def get_event_type(self, event: Event) -> str:
+        # The claim statement returns the name with the row (no query per event).
+        return getattr(event, "event_type_name", None) or event.event_type.name
+
+
+class ClaimSerializer(serializers.Serializer):
+    engine_type = serializers.RegexField(NAME_PATTERN)
+    engine_id = serializers.UUIDField(required=False, allow_null=True)
+    batch_size = serializers.IntegerField(
+        required=False, default=DEFAULT_BATCH_SIZE, min_value=1, max_value=MAX_BATCH_SIZE
+    )
+    wait_s = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT_S)
+
+
+class QueueClaimSerializer(serializers.Serializer):
+    """The seed's GET form: the engine type is in the path."""
+
+    engine_id = serializers.UUIDField(required=False, allow_null=True)
+    batch_size = serializers.IntegerField(
+        required=False, default=DEFAULT_BATCH_SIZE, min_value=1, max_value=MAX_BATCH_SIZE
+    )
+    wait_s = serializers.FloatField(required=False, default=0, min_value=0, max_value=MAX_WAIT_S)
+
+
+class EventStatusSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["processing", EventStatus.COMPLETED, "failed"])
+    result = serializers.JSONField(required=False, allow_null=True)
+    error = serializers.JSONField(required=False, allow_null=True)
+    progress = serializers.FloatField(required=False, min_value=0, max_value=100)
+    lease_token = serializers.UUIDField(required=False, allow_null=True)
+
+    def validate_error(self, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | dict):
+            raise serializers.ValidationError("Give a message or an object {code, message}.")
+        return value
+
+
+class EventFilterSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=EventStatus.choices, required=False)
+    event_type = serializers.CharField(required=False, max_length=100)
+    engine_type = serializers.CharField(required=False, max_length=100)

@@ -1,0 +1,89 @@
+"""Reads of engines and events: lists with their filters, and the figures of
+/v1/metrics, /metrics and the `engines` health check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Count, Q, QuerySet
+
+from engines.models import EngineInstance, EngineStatus, Event, EventStatus, offline_before
+
+
+def engine_list(*, filters: dict[str, Any]) -> QuerySet[EngineInstance]:
+    engines = EngineInstance.objects.annotate(
+        held_events=Count("leased_events", filter=Q(leased_events__status=EventStatus.LEASED))
+    ).order_by("engine_type", "name")
+    if filters.get("engine_type"):
+        engines = engines.filter(engine_type=filters["engine_type"])
+    status = filters.get("status")
+    if status == EngineStatus.OFFLINE:
+        engines = engines.filter(last_heartbeat__lt=offline_before())
+    elif status:
+        engines = engines.filter(reported_status=status, last_heartbeat__gte=offline_before())
+    return engines
+
+
+def event_list(*, filters: dict[str, Any]) -> QuerySet[Event]:
+    events = Event.objects.select_related("event_type").order_by("-id")
+    for field in ("status", "engine_type"):
+        if filters.get(field):
+            events = events.filter(**{field: filters[field]})
+    if filters.get("event_type"):
+        events = events.filter(event_type__name=filters["event_type"])
+    return events
+
+
+def event_counts() -> dict[str, dict[str, int]]:
+    """{engine_type: {status: count}} of every event the database holds."""
+    counts: dict[str, dict[str, int]] = {}
+    rows = Event.objects.values_list("engine_type", "status").annotate(n=Count("id"))
+    for engine_type, status, n in rows.order_by():
+        counts.setdefault(engine_type, {})[status] = n
+    return counts
+
+
+def engine_counts() -> dict[str, dict[str, int]]:
+    """{engine_type: {status: count}}, offline derived from the last heartbeat."""
+    counts: dict[str, dict[str, int]] = {}
+    for engine in EngineInstance.objects.only("engine_type", "reported_status", "last_heartbeat"):
+        by_status = counts.setdefault(engine.engine_type, {})
+        by_status[engine.status] = by_status.get(engine.status, 0) + 1
+    return counts
+
+
+def contribute_metrics(metrics: dict[str, Any]) -> None:
+    """/v1/metrics: events by status, engines online."""
+    events = event_counts()
+    by_status: dict[str, int] = {status: 0 for status in EventStatus.values}
+    for per_type in events.values():
+        for status, n in per_type.items():
+            by_status[status] = by_status.get(status, 0) + n
+    engines = engine_counts()
+    online = sum(n for per_type in engines.values() for s, n in per_type.items() if s != "offline")
+    metrics["events"] = by_status
+    metrics["engines_online"] = online
+
+
+def check_engines() -> dict[str, Any]:
+    """Degraded when events wait for an engine type that has no engine online."""
+    engines = engine_counts()
+    online_types = {
+        engine_type
+        for engine_type, per_status in engines.items()
+        if any(status != EngineStatus.OFFLINE for status in per_status)
+    }
+    waiting = (
+        Event.objects.filter(status=EventStatus.PENDING)
+        .values_list("engine_type", flat=True)
+        .distinct()
+    )
+    unserved = sorted(set(waiting) - online_types)
+    result: dict[str, Any] = {
+        "status": "degraded" if unserved else "ok",
+        "online": {t: sum(n for s, n in c.items() if s != "offline") for t, c in engines.items()},
+    }
+    if unserved:
+        result["detail"] = "events wait for engine types with no engine online"
+        result["unserved_engine_types"] = unserved
+    return result
