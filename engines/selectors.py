@@ -3,17 +3,35 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
 
 from engines.models import EngineInstance, EngineStatus, Event, EventStatus, offline_before
 
 
+def held_events_filter(now: datetime | None = None) -> Q:
+    """Events an engine holds: leased to it, and the lease has not run out."""
+    return Q(status=EventStatus.LEASED, lock_until__gte=now or timezone.now())
+
+
+def with_held_events(engines: QuerySet[EngineInstance]) -> QuerySet[EngineInstance]:
+    """Annotate `held_events`: how many events each engine holds (lease not run out)."""
+    return engines.annotate(
+        held_events=Count(
+            "leased_events",
+            filter=Q(
+                leased_events__status=EventStatus.LEASED,
+                leased_events__lock_until__gte=timezone.now(),
+            ),
+        )
+    )
+
+
 def engine_list(*, filters: dict[str, Any]) -> QuerySet[EngineInstance]:
-    engines = EngineInstance.objects.annotate(
-        held_events=Count("leased_events", filter=Q(leased_events__status=EventStatus.LEASED))
-    ).order_by("engine_type", "name")
+    engines = with_held_events(EngineInstance.objects.order_by("engine_type", "name"))
     if filters.get("engine_type"):
         engines = engines.filter(engine_type=filters["engine_type"])
     status = filters.get("status")

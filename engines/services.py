@@ -26,12 +26,14 @@ from django.db.models import F
 from django.utils import timezone
 
 from engines.models import (
+    REPORTED_ENGINE_STATUSES,
     EngineInstance,
     EngineStatus,
     Event,
     EventStatus,
     EventType,
 )
+from engines.selectors import held_events_filter
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.notifications import Listener
 
@@ -43,6 +45,8 @@ MAX_BATCH_SIZE = 10
 MAX_WAIT_S = 30.0
 # An event became claimable: NOTIFY with its engine type as the payload.
 EVENTS_CHANNEL = "omniva_events"
+# What an engine reports on an event it holds (PUT /v1/events/{id}/status).
+REPORT_STATUSES = ("processing", "completed", "failed")
 
 listener = Listener(EVENTS_CHANNEL)
 
@@ -91,12 +95,11 @@ def _error(error: Any, default_code: str = "ENGINE_ERROR") -> dict[str, Any]:
 
 def _release_leases(engine: EngineInstance, now: datetime) -> int:
     """Put the events `engine` holds back in the queue; not a failed attempt."""
-    released = list(
-        Event.objects.select_for_update()
-        .filter(leased_by=engine, status=EventStatus.LEASED)
-        .values_list("engine_type", flat=True)
-    )
-    count = Event.objects.filter(leased_by=engine, status=EventStatus.LEASED).update(
+    # Only leases that still hold: one that ran out is a failed attempt, which the next
+    # claim counts (and dead-letters after the last retry).
+    held = Event.objects.filter(leased_by=engine, status=EventStatus.LEASED, lock_until__gte=now)
+    released = list(held.select_for_update().values_list("engine_type", flat=True))
+    count = held.update(
         status=EventStatus.PENDING,
         lease_token=None,
         lock_until=None,
@@ -162,6 +165,12 @@ def engine_heartbeat(
     resource_utilization: dict[str, Any] | None = None,
 ) -> EngineInstance:
     """Record a heartbeat and extend the leases (still held) of the engine's events."""
+    if status and status not in REPORTED_ENGINE_STATUSES:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"An engine reports one of {', '.join(REPORTED_ENGINE_STATUSES)}.",
+            details={"status": [f"not one of {', '.join(REPORTED_ENGINE_STATUSES)}"]},
+        )
     with transaction.atomic():
         engine = _engine(engine_id, lock=True)
         now = timezone.now()
@@ -327,9 +336,7 @@ def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_s
     _dead_letter_exhausted(engine_type, now)
     limit = batch_size
     if engine is not None and engine.max_concurrent_events:
-        held = Event.objects.filter(
-            leased_by=engine, status=EventStatus.LEASED, lock_until__gte=now
-        ).count()
+        held = Event.objects.filter(held_events_filter(now), leased_by=engine).count()
         limit = max(0, min(batch_size, engine.max_concurrent_events - held))
     if limit == 0:
         return []
@@ -441,6 +448,12 @@ def event_update_status(
     """An engine's report on an event it holds: `processing` extends the lease,
     `completed` stores the result, `failed` retries after the backoff or dead-letters.
     A stale token, or an event not (or no longer) leased, is refused: EVENT_LEASE_LOST."""
+    if status not in REPORT_STATUSES:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"status is one of {', '.join(REPORT_STATUSES)}.",
+            details={"status": [f"not one of {', '.join(REPORT_STATUSES)}"]},
+        )
     with transaction.atomic():
         event = _locked_event(event_id)
         now = timezone.now()
@@ -513,12 +526,23 @@ def event_requeue(*, event_id: Any) -> Event:
                 ErrorCode.CONFLICT,
                 f"Event {event.pk} is {event.status}; only dead-lettered events are requeued.",
             )
+        if event.stage_run_id is not None:
+            # Its stage already ended with it (failed, or its job was cancelled); a
+            # retry of the job queues a fresh event, so one stage never has two.
+            raise OmnivaError(
+                ErrorCode.CONFLICT,
+                f"Event {event.pk} ran a job stage that has ended; retry the job instead.",
+            )
         now = timezone.now()
         event.status = EventStatus.PENDING
         event.retry_count = 0
         event.available_at = now
         event.finished_at = None
         event.leased_by = None
+        event.leased_at = None
+        event.progress = 0.0
+        event.error = None
+        event.result = None
         event.save()
         _notify_claimable(event.engine_type)
         return event

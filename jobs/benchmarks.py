@@ -724,15 +724,15 @@ def bench_database(server: Any | None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def work_folder() -> Iterator[Path]:
-    """Stamp files and cluster logs; kept (and named) only when the suite fails."""
+def work_folder(suite: str = "queue") -> Iterator[Path]:
+    """Stamp files and process logs; kept (and named) only when the suite fails."""
     import shutil
 
     folder = Path(tempfile.mkdtemp(prefix="omniva-bench-"))
     try:
         yield folder
     except Exception:
-        print(f"bench queue: cluster logs kept in {folder}", file=sys.stderr)
+        print(f"bench {suite}: process logs kept in {folder}", file=sys.stderr)
         raise
     except BaseException:  # interrupted: nothing to look at
         shutil.rmtree(folder, ignore_errors=True)

@@ -12,6 +12,7 @@ from engines.models import (
     EventStatus,
     EventType,
 )
+from engines.selectors import held_events_filter
 from engines.services import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_WAIT_S
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
@@ -68,7 +69,7 @@ class EngineSerializer(serializers.ModelSerializer):
     def get_held_events(self, engine: EngineInstance) -> int:
         held = getattr(engine, "held_events", None)
         if held is None:
-            held = engine.leased_events.filter(status=EventStatus.LEASED).count()
+            held = engine.leased_events.filter(held_events_filter()).count()
         return held
 
 

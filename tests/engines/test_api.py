@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from engines import services
 from engines.models import EngineInstance, Event, EventStatus, EventType
+from omniva.errors import ErrorCode, OmnivaError
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
@@ -429,3 +430,22 @@ def test_a_long_poll_with_nothing_to_claim_returns_empty_after_wait_s(
     assert response.status_code == 200
     assert response.json()["data"] == []
     assert 0.3 <= time.monotonic() - started < 3
+
+
+def test_deregistering_leaves_a_lease_that_ran_out_to_be_counted_by_the_next_claim(
+    api: Any, engine: EngineInstance, event_type: EventType
+) -> None:
+    make_events(event_type, [5])
+    services.events_claim(engine_type="actor", engine_id=engine.pk)
+    Event.objects.update(lock_until=timezone.now() - timedelta(seconds=1))
+    assert api.delete(f"/v1/engine-instances/{engine.pk}").json()["data"]["released_events"] == 0
+    [again] = claim(api).json()["data"]
+    assert again["retry_count"] == 1
+
+
+def test_an_engine_cannot_report_itself_offline(engine: EngineInstance) -> None:
+    with pytest.raises(OmnivaError) as refused:
+        services.engine_heartbeat(engine_id=engine.pk, status="offline")
+    assert refused.value.code == ErrorCode.VALIDATION_ERROR
+    engine.refresh_from_db()
+    assert engine.reported_status == "active"

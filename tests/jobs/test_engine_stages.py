@@ -143,3 +143,15 @@ def test_retrying_a_failed_engine_job_queues_a_fresh_event() -> None:
     services.job_retry(job_id=job.pk)
     assert Event.objects.filter(status=EventStatus.PENDING).count() == 1
     assert Event.objects.count() == 2
+
+
+def test_the_event_of_an_ended_stage_cannot_be_requeued() -> None:
+    job = submit_echo(max_retries=0)
+    event = claim_one()
+    engines.event_update_status(event_id=event.pk, status="failed", error="x")
+    with pytest.raises(OmnivaError) as refused:
+        engines.event_requeue(event_id=event.pk)
+    assert refused.value.code == ErrorCode.CONFLICT
+    assert Event.objects.get().status == EventStatus.DEAD_LETTERED
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED

@@ -1,4 +1,4 @@
-"""`manage.py bench [api|queue]`: benchmarks that print tables of side-by-side ratios.
+"""`manage.py bench [api|queue|events]`: benchmarks that print tables of side-by-side ratios.
 
 With no suite named, every suite runs (`make bench`).
 
@@ -11,6 +11,10 @@ figures are the upper bound of what a client can see.
 
 `queue` measures the job engine against real `qcluster` processes: our PostgreSQL
 broker beside django-q2's stock ORM broker (see jobs/benchmarks.py).
+
+`events` measures the leased event queue through the HTTP API of a real daphne
+server: events claimed and completed per second by concurrent engine clients, beside
+the GET /v1/health requests per second of the same server (see engines/benchmarks.py).
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
-SUITES = ["api", "queue"]
-DEFAULT_ROUNDS = {"api": 5, "queue": 2}
+SUITES = ["api", "queue", "events"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -53,7 +57,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rounds",
             type=int,
-            help="Interleaved rounds per variant (api: 5, queue: 2).",
+            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3).",
         )
         parser.add_argument(
             "--requests", type=int, default=400, help="api: requests per variant per round."
@@ -89,11 +93,25 @@ class Command(BaseCommand):
             metavar="KEY=VALUE",
             help="queue: change Q_CLUSTER for every cluster (JSON value), e.g. bulk=8.",
         )
+        parser.add_argument(
+            "--events",
+            type=int,
+            default=2000,
+            help="events: events queued, then claimed and completed, per round.",
+        )
+        parser.add_argument(
+            "--clients",
+            type=int,
+            default=4,
+            help="events: concurrent engine clients (threads, one connection each).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         suites = [options["suite"]] if options["suite"] else SUITES
         if "queue" in suites:
             options["q_cluster"] = self._queue_options(options)
+        if "events" in suites and (options["events"] < 100 or options["clients"] < 1):
+            raise CommandError("--events must be at least 100, --clients at least 1")
         # SIGTERM (a timeout, CI) unwinds like Ctrl-C: clusters and the database stop.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         database = None
@@ -108,8 +126,10 @@ class Command(BaseCommand):
                 rounds = options["rounds"] or DEFAULT_ROUNDS[suite]
                 if suite == "api":
                     self.bench_api(options["requests"], rounds)
-                else:
+                elif suite == "queue":
                     self.bench_queue(database, rounds, options)
+                else:
+                    self.bench_events(database, rounds, options)
         finally:
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
@@ -199,6 +219,37 @@ class Command(BaseCommand):
                 bench.run()
             except BenchError as exc:
                 raise CommandError(f"bench queue failed: {exc}") from None
+            for line in bench.report():
+                self.stdout.write(line)
+
+    def bench_events(
+        self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
+    ) -> None:
+        from engines.benchmarks import BenchError, EventsBench
+        from jobs.benchmarks import bench_database, work_folder
+
+        def say(message: str) -> None:
+            self.stdout.write(message)
+            self.stdout.flush()
+
+        if database is None:
+            say(
+                "bench events runs in the database of DATABASE_URL: an engine of type "
+                "`bench` already serving it would take the benchmark's events."
+            )
+        with bench_database(database) as url, work_folder("events") as folder:
+            bench = EventsBench(
+                database_url=url,
+                work_dir=folder,
+                events=options["events"],
+                clients=options["clients"],
+                rounds=rounds,
+                say=say,
+            )
+            try:
+                bench.run()
+            except BenchError as exc:
+                raise CommandError(f"bench events failed: {exc}") from None
             for line in bench.report():
                 self.stdout.write(line)
 
