@@ -341,6 +341,12 @@ def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_s
     if limit == 0:
         return []
     with transaction.atomic():
+        # The engine must still exist when its claim commits (it may deregister while
+        # its long poll waits): lock its row against deletion for this transaction.
+        if engine is not None and not (
+            EngineInstance.objects.filter(pk=engine.pk).select_for_update(no_key=True).exists()
+        ):
+            raise OmnivaError(ErrorCode.ENGINE_NOT_FOUND, f"No engine {engine.pk}.")
         events = list(
             Event.objects.raw(
                 CLAIM_SQL,

@@ -449,3 +449,16 @@ def test_an_engine_cannot_report_itself_offline(engine: EngineInstance) -> None:
     assert refused.value.code == ErrorCode.VALIDATION_ERROR
     engine.refresh_from_db()
     assert engine.reported_status == "active"
+
+
+def test_a_claim_for_an_engine_that_deregistered_meanwhile_is_404_and_takes_nothing(
+    engine: EngineInstance, event_type: EventType
+) -> None:
+    make_events(event_type, [5])
+    # As when the engine deregisters while its long poll waits: the engine was looked up,
+    # then its row went away before the claim statement.
+    EngineInstance.objects.filter(pk=engine.pk).delete()
+    with pytest.raises(OmnivaError) as refused:
+        services.events_claim_now(engine_type="actor", engine=engine, batch_size=3)
+    assert refused.value.code == ErrorCode.ENGINE_NOT_FOUND
+    assert Event.objects.get().status == EventStatus.PENDING

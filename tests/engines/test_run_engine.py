@@ -1,0 +1,368 @@
+"""Engines as real processes: `manage.py run_engine` against a daphne serving the test
+database, and the client (engines/client.py) and runner (engines/runner.py) against it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engines.client import EngineApiError, EngineClient, EngineUnavailable
+from engines.models import EngineInstance, Event, EventStatus
+from engines.runner import EngineRunner, RunnerConfig
+from omniva import services as omniva_services
+from omniva.models import Scope
+from tests.conftest import ProcessGroup, free_port, http_get, try_http_get, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@dataclass
+class Engine:
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+
+def start_daphne(processes: ProcessGroup, database_url: str, port: int, log: Path) -> Server:
+    """daphne serving the app on the test database, as `manage.py serve` runs it."""
+    process = processes.start(
+        [
+            sys.executable, "-m", "daphne",
+            "--bind", "127.0.0.1", "--port", str(port),
+            "omniva.asgi:application",
+        ],
+        env={"DATABASE_URL": database_url},
+        log=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool:
+        assert process.poll() is None, log.read_text()
+        return try_http_get(f"{url}/v1/health", timeout=5) is not None
+
+    wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
+    return Server(url, process, log)
+
+
+@pytest.fixture
+def server(processes: ProcessGroup, test_database_url: str, tmp_path: Path) -> Server:
+    return start_daphne(processes, test_database_url, free_port(), tmp_path / "daphne.log")
+
+
+@pytest.fixture
+def secret(db: None) -> str:
+    _, secret = omniva_services.api_key_create(
+        name="engine-key", scopes=[Scope.ENGINES, Scope.JOBS_WRITE, Scope.JOBS_READ]
+    )
+    return secret
+
+
+@pytest.fixture
+def api(server: Server, secret: str) -> EngineClient:
+    """The client, used here for plain calls to /v1 (it unwraps the envelope)."""
+    return EngineClient(server.url, secret)
+
+
+@pytest.fixture
+def start_engine(processes: ProcessGroup, server: Server, secret: str, tmp_path: Path) -> Any:
+    def start(engine_type: str, *args: str) -> Engine:
+        log = tmp_path / f"engine-{engine_type}.log"
+        process = processes.manage(
+            "run_engine",
+            "--type", engine_type,
+            "--url", server.url,
+            "--heartbeat-s", "1",
+            "--wait-s", "5",
+            *args,
+            env={"OMNIVA_ENGINE_KEY": secret},
+            log=log,
+        )  # fmt: skip
+        engine = Engine(process, log)
+
+        def registered() -> bool:
+            assert process.poll() is None, engine.output()
+            return f"registered {engine_type} engine" in engine.output()
+
+        wait_for(registered, timeout=30, interval=0.1, what="the engine to register")
+        return engine
+
+    return start
+
+
+def event_row(event_id: int) -> Event:
+    return Event.objects.get(pk=event_id)
+
+
+def wait_running(event_id: int, engine: Engine) -> Event:
+    """Until the engine's handler reported progress on the event."""
+
+    def running() -> Event | None:
+        assert engine.process.poll() is None, engine.output()
+        event = event_row(event_id)
+        return event if event.status == EventStatus.LEASED and event.progress > 0 else None
+
+    return wait_for(running, timeout=20, interval=0.05, what="the handler to report progress")
+
+
+def test_an_echo_engine_completes_an_engine_echo_job_and_deregisters_on_sigterm(
+    server: Server, api: EngineClient, secret: str, start_engine: Any
+) -> None:
+    engine = start_engine("echo")
+    job = api.request("POST", "/jobs", {"pipeline": "engine_echo", "params": {"message": "hi"}})
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    def finished() -> dict[str, Any] | None:
+        assert engine.process.poll() is None, engine.output()
+        data = http_get(f"{server.url}/v1/jobs/{job['id']}", headers=headers).json()["data"]
+        return data if data["status"] in ("completed", "failed", "cancelled") else None
+
+    done = wait_for(finished, timeout=30, interval=0.1, what="the job to finish")
+    row = wait_for(
+        lambda: EngineInstance.objects.filter(
+            engine_type="echo", resource_utilization__has_key="rss_mb"
+        ).first(),
+        timeout=10,
+        what="a heartbeat",
+    )
+    engine.stop()
+    code = engine.process.wait(timeout=20)
+
+    assert done["status"] == "completed", done
+    assert done["result"] == {"echo": "hi"}
+    assert done["stages"][0]["worker"] == row.name
+    assert row.resource_utilization["rss_mb"] > 0
+    assert row.reported_status in ("idle", "processing")
+    assert code == 0, engine.output()
+    assert not EngineInstance.objects.filter(engine_type="echo").exists()
+    assert "deregistered" in engine.output()
+
+
+def test_sigterm_lets_the_running_event_finish_and_be_reported_before_deregistering(
+    api: EngineClient, start_engine: Any
+) -> None:
+    api.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
+    first = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 2}})
+    engine = start_engine("sleep", "--concurrency", "1")
+    wait_running(first["id"], engine)
+    # The engine's one slot is taken: this one waits in the queue.
+    second = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 1}})
+
+    engine.stop()
+    code = engine.process.wait(timeout=20)
+
+    output = engine.output()
+    assert code == 0, output
+    finished = event_row(first["id"])
+    assert finished.status == EventStatus.COMPLETED, output
+    assert finished.result == {"slept_s": 2}
+    waiting = event_row(second["id"])
+    assert (waiting.status, waiting.retry_count, waiting.leased_by_id) == ("pending", 0, None)
+    assert not EngineInstance.objects.filter(engine_type="sleep").exists()
+    assert output.index(f"event {first['id']}: completed") < output.index("deregistered")
+
+
+def test_a_second_sigterm_stops_at_once_and_the_event_goes_back_to_the_queue(
+    api: EngineClient, start_engine: Any
+) -> None:
+    api.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
+    event = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 30}})
+    engine = start_engine("sleep")
+    wait_running(event["id"], engine)
+
+    engine.stop()
+    wait_for(lambda: "draining" in engine.output(), timeout=10, what="the drain to start")
+    engine.stop()
+    code = engine.process.wait(timeout=10)
+
+    assert code == 0, engine.output()
+    released = event_row(event["id"])
+    assert (released.status, released.retry_count, released.leased_by_id) == ("pending", 0, None)
+    assert not EngineInstance.objects.filter(engine_type="sleep").exists()
+    assert "stopped at once" in engine.output()
+
+
+def test_the_client_registers_an_engine_and_a_taken_name_is_engine_already_registered(
+    server: Server, secret: str
+) -> None:
+    client = EngineClient(server.url, secret)
+
+    engine = client.register("echo", name="echo-a", capabilities=["text"])
+    status = client.last_status
+    with pytest.raises(EngineApiError) as refused:
+        EngineClient(server.url, secret).register("echo", name="echo-a")
+
+    assert status == 201
+    assert engine["engine_type"] == "echo"
+    assert engine["name"] == "echo-a"
+    assert engine["status"] == "active"
+    assert engine["current_workload"] == 0
+    assert engine["metadata"] == {
+        "static_config": {"capabilities": ["text"], "resource_limits": {}},
+        "dynamic_state": {"resource_utilization": {}},
+    }
+    assert client.engine_id == engine["id"]
+    assert (refused.value.status, refused.value.code) == (409, "ENGINE_ALREADY_REGISTERED")
+    assert refused.value.message
+
+
+def test_the_client_claims_reports_and_deregisters_through_the_envelope(
+    api: EngineClient, server: Server, secret: str
+) -> None:
+    api.request("POST", "/event-types", {"name": "render", "engine_type": "actor"})
+    created = api.request("POST", "/events", {"event_type": "render", "data": {"n": 1}})
+    client = EngineClient(server.url, secret)
+    client.register("actor")
+
+    beat = client.heartbeat(status="idle", current_workload=0, resource_utilization={"rss_mb": 1})
+    claimed = client.claim(batch_size=3, wait_s=0)
+    token = claimed[0]["lease_token"]
+    processing = client.report(created["id"], "processing", token, progress=50)
+    completed = client.report(created["id"], "completed", token, result={"ok": True})
+    with pytest.raises(EngineApiError) as stale:
+        client.report(created["id"], "completed", token, result={"again": True})
+    empty = client.claim(wait_s=0)
+    engine_id = client.engine_id
+    gone = client.deregister()
+    with pytest.raises(EngineApiError) as unknown:
+        EngineClient(server.url, secret, engine_id=engine_id).heartbeat()
+
+    assert beat["metadata"]["dynamic_state"]["resource_utilization"] == {"rss_mb": 1}
+    assert [(e["id"], e["event_type"], e["data"]) for e in claimed] == [
+        (created["id"], "render", {"n": 1})
+    ]
+    assert (processing["status"], processing["progress"]) == ("leased", 50)
+    assert (completed["status"], completed["result"]) == ("completed", {"ok": True})
+    assert (stale.value.status, stale.value.code) == (409, "EVENT_LEASE_LOST")
+    assert empty == []
+    assert gone["id"] == engine_id
+    assert (unknown.value.status, unknown.value.code) == (404, "ENGINE_NOT_FOUND")
+
+
+def test_the_client_raises_engine_unavailable_when_nothing_listens(secret: str) -> None:
+    client = EngineClient(f"http://127.0.0.1:{free_port()}", secret, timeout=2)
+
+    with pytest.raises(EngineUnavailable):
+        client.register("echo")
+
+
+@pytest.fixture
+def runner_thread(server: Server, secret: str) -> Iterator[Any]:
+    """An EngineRunner in a thread of this process (no signals): stopped at teardown."""
+    started: list[tuple[EngineRunner, threading.Thread]] = []
+
+    def start(engine_type: str) -> EngineRunner:
+        config = RunnerConfig(
+            url=server.url, api_key=secret, engine_type=engine_type, heartbeat_s=1, wait_s=2
+        )
+        runner = EngineRunner(config)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        started.append((runner, thread))
+        return runner
+
+    yield start
+    for runner, thread in started:
+        runner.request_stop(force=True)
+        thread.join(timeout=10)
+
+
+def test_an_event_type_without_a_handler_fails_with_unknown_event_type(
+    api: EngineClient, runner_thread: Any
+) -> None:
+    api.request("POST", "/event-types", {"name": "mystery", "engine_type": "echo"})
+    event = api.request("POST", "/events", {"event_type": "mystery", "data": {}})
+    runner = runner_thread("echo")
+
+    failed = wait_for(
+        lambda: (row := event_row(event["id"])).retry_count == 1 and row,
+        timeout=20,
+        what="the event's failure",
+    )
+    runner.request_stop()
+
+    assert failed.status == EventStatus.PENDING  # retried after the backoff
+    assert failed.error["code"] == "UNKNOWN_EVENT_TYPE"
+    assert "mystery" in failed.error["message"]
+
+
+def test_an_engine_the_server_forgot_registers_again_under_its_name(
+    api: EngineClient, runner_thread: Any
+) -> None:
+    runner = runner_thread("echo")
+    first = wait_for(
+        lambda: EngineInstance.objects.filter(engine_type="echo").first(),
+        timeout=10,
+        what="the registration",
+    )
+
+    api.request("DELETE", f"/engine-instances/{first.pk}")
+    again = wait_for(
+        lambda: EngineInstance.objects.filter(name=first.name).exclude(pk=first.pk).first(),
+        timeout=10,
+        what="the second registration",
+    )
+    engine_id = wait_for(lambda: runner.client.engine_id, timeout=10, what="the new id")
+    runner.request_stop()
+
+    assert again.engine_type == "echo"
+    assert engine_id == str(again.pk)
+
+
+def test_the_engine_outlives_a_server_restart_and_takes_work_from_the_new_one(
+    processes: ProcessGroup,
+    server: Server,
+    test_database_url: str,
+    secret: str,
+    start_engine: Any,
+    tmp_path: Path,
+) -> None:
+    engine = start_engine("echo")
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(timeout=10)
+    wait_for(
+        lambda: "claim failed" in engine.output() or "heartbeat failed" in engine.output(),
+        timeout=20,
+        what="the engine to notice",
+    )
+
+    port = int(server.url.rsplit(":", 1)[1])
+    restarted = start_daphne(processes, test_database_url, port, tmp_path / "daphne-2.log")
+    job = EngineClient(restarted.url, secret).request(
+        "POST", "/jobs", {"pipeline": "engine_echo", "params": {"message": "again"}}
+    )
+    headers = {"Authorization": f"Bearer {secret}"}
+
+    def completed() -> dict[str, Any] | None:
+        assert engine.process.poll() is None, engine.output()
+        data = http_get(f"{restarted.url}/v1/jobs/{job['id']}", headers=headers).json()["data"]
+        return data if data["status"] == "completed" else None
+
+    done = wait_for(completed, timeout=30, interval=0.1, what="the job on the new server")
+    engine.stop()
+
+    assert done["result"] == {"echo": "again"}
+    assert engine.process.wait(timeout=20) == 0, engine.output()
+    assert not EngineInstance.objects.filter(engine_type="echo").exists()
