@@ -462,3 +462,36 @@ def test_a_claim_for_an_engine_that_deregistered_meanwhile_is_404_and_takes_noth
         services.events_claim_now(engine_type="actor", engine=engine, batch_size=3)
     assert refused.value.code == ErrorCode.ENGINE_NOT_FOUND
     assert Event.objects.get().status == EventStatus.PENDING
+
+
+# --- metrics and health ---------------------------------------------------------------------
+
+
+def test_metrics_count_events_by_status_and_engines_online(
+    api: Any, client: Any, engine: EngineInstance, event_type: EventType
+) -> None:
+    make_events(event_type, [5, 5, 5])
+    services.events_claim(engine_type="actor", engine_id=engine.pk, batch_size=1)
+    offline = services.engine_register(engine_type="actor", name="gone")
+    EngineInstance.objects.filter(pk=offline.pk).update(
+        last_heartbeat=timezone.now() - timedelta(hours=1)
+    )
+    data = api.get("/v1/metrics").json()["data"]
+    assert data["events"]["pending"] == 2
+    assert data["events"]["leased"] == 1
+    assert data["engines_online"] == 1
+    text = client.get("/metrics").content.decode()
+    assert 'omniva_events{engine_type="actor",status="pending"} 2.0' in text
+    assert 'omniva_engines{engine_type="actor",status="offline"} 1.0' in text
+    assert 'omniva_engines{engine_type="actor",status="active"} 1.0' in text
+
+
+def test_health_is_degraded_while_events_wait_for_an_engine_type_with_no_engine_online(
+    api: Any, event_type: EventType
+) -> None:
+    make_events(event_type, [5])
+    check = api.get("/v1/health").json()["data"]["checks"]["engines"]
+    assert check["status"] == "degraded"
+    assert check["unserved_engine_types"] == ["actor"]
+    services.engine_register(engine_type="actor", name="here")
+    assert api.get("/v1/health").json()["data"]["checks"]["engines"]["status"] == "ok"
