@@ -1013,7 +1013,10 @@ def stage_engine_claimed(*, stage_run_id: int, engine: str) -> None:
         job, run = locked
         if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
             return
-        _mark_engine_stage_running(job, run, engine, timezone.now())
+        now = timezone.now()
+        if _expire_if_queue_timed_out(job, now):
+            return  # its event is dead-ended with the job; the engine's report is refused
+        _mark_engine_stage_running(job, run, engine, now)
 
 
 def stage_engine_progress(*, stage_run_id: int, progress: float) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
 from engines import services as engines
 from engines.models import Event, EventStatus
@@ -155,3 +157,16 @@ def test_the_event_of_an_ended_stage_cannot_be_requeued() -> None:
     assert Event.objects.get().status == EventStatus.DEAD_LETTERED
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED
+
+
+def test_a_job_claimed_by_an_engine_after_its_queue_timeout_times_out(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    job = submit_echo(queue_timeout_s=5)
+    Job.objects.filter(pk=job.pk).update(pending_since=timezone.now() - timedelta(seconds=6))
+    with django_capture_on_commit_callbacks(execute=True):
+        claim_one()
+    job.refresh_from_db()
+    assert job.status == JobStatus.TIMED_OUT
+    assert job.error["code"] == "TIMEOUT"
+    assert Event.objects.get().status == EventStatus.DEAD_LETTERED
