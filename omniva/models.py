@@ -1,7 +1,7 @@
-"""The core models: projects, API keys, the audit trail and rate-limit buckets.
+"""The core models: projects, API keys, the audit trail, rate-limit buckets and the
+activity outbox.
 
-The content models (Creator, Clip) and the activity outbox join this module in the
-issues that build them.
+The content models (Creator, Clip) join this module in the issue that builds them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import uuid
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
+from django.utils import timezone
 
 
 class Project(models.Model):
@@ -111,3 +112,33 @@ class RateLimitBucket(models.Model):
 
     def __str__(self) -> str:
         return self.bucket
+
+
+class Activity(models.Model):
+    """The outbox of live events (DESIGN.md, decision 3): one row per state change of a
+    job, stage, engine or event, written by the service that made the change, in its
+    transaction, and NOTIFYs `omniva_activity` (delivered at commit). The id is the
+    stream's cursor. Ids are taken at insert and transactions commit in their own
+    order, so a row with a smaller id can become visible after a larger one: a reader
+    must not move its cursor past ids that may still commit.
+
+    `kind` is seed 001's event name where there is one (`job:update`, `job:progress`,
+    `log`), else `stage:update`, `engine:update`, `event:update`. `project_id` scopes the
+    row for project-bound keys (none: visible to unbound keys only).
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=40)
+    project_id = models.UUIDField(null=True, blank=True)
+    job_id = models.UUIDField(null=True, blank=True)
+    data = models.JSONField(default=dict)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["job_id", "id"], name="omniva_activity_job"),
+            models.Index(fields=["project_id", "id"], name="omniva_activity_project"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} {self.kind}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 from datetime import timedelta
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from omniva.errors import ErrorCode, OmnivaError
-from omniva.models import ApiKey, AuditRecord, Project, Scope
+from omniva.models import Activity, ApiKey, AuditRecord, Project, Scope
 
 logger = logging.getLogger("omniva")
 
@@ -138,6 +140,43 @@ def audit_record_write(**fields: Any) -> None:
 
 def audit_records_prune(*, older_than: timedelta) -> int:
     deleted, _ = AuditRecord.objects.filter(at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
+# --- Activity --------------------------------------------------------------------------
+
+ACTIVITY_CHANNEL = "omniva_activity"
+
+_ACTIVITY_SQL = """
+WITH row AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
+    VALUES (%(at)s, %(kind)s, %(project_id)s, %(job_id)s, %(data)s::jsonb)
+)
+SELECT pg_notify(%(channel)s, '')
+"""
+
+
+def activity_record(
+    *, kind: str, data: dict[str, Any], job_id: Any = None, project_id: Any = None
+) -> None:
+    """Write one activity row in the caller's transaction (one statement with its
+    NOTIFY, which PostgreSQL delivers at commit and folds into one per transaction)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _ACTIVITY_SQL,
+            {
+                "at": timezone.now(),
+                "kind": kind,
+                "project_id": project_id,
+                "job_id": job_id,
+                "data": json.dumps(data, cls=DjangoJSONEncoder),
+                "channel": ACTIVITY_CHANNEL,
+            },
+        )
+
+
+def activity_prune(*, older_than: timedelta) -> int:
+    deleted, _ = Activity.objects.filter(at__lt=timezone.now() - older_than).delete()
     return deleted
 
 

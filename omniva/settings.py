@@ -274,6 +274,8 @@ OMNIVA_RATE_LIMIT = env_float("OMNIVA_RATE_LIMIT", 50.0, minimum=0.001)
 OMNIVA_RATE_BURST = env_int("OMNIVA_RATE_BURST", 100, minimum=1)
 OMNIVA_QUEUE_LIMIT = env_int("OMNIVA_QUEUE_LIMIT", 10_000, minimum=1)
 OMNIVA_AUDIT_RETENTION_DAYS = env_int("OMNIVA_AUDIT_RETENTION_DAYS", 30, minimum=1)
+# How long the activity outbox (the live stream's history, resumable with ?after=) is kept.
+OMNIVA_ACTIVITY_RETENTION_DAYS = env_int("OMNIVA_ACTIVITY_RETENTION_DAYS", 7, minimum=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": [

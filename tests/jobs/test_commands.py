@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.test import override_settings
 from django.utils import timezone
 
 from jobs import services
@@ -390,15 +391,43 @@ def test_cleanup_clears_finished_jobs_older_than_max_age_and_keeps_the_rest(drai
         _finished_ago(job, 7200)
 
     only_failed = run("cleanup", "--max-age-s", "3600", "--status", "failed")
-    assert only_failed.lines == ["Cleared 1 job finished over 3600 s ago."]
+    assert only_failed.lines[0] == "Cleared 1 job finished over 3600 s ago."
     assert not Job.objects.filter(pk=old_failed.pk).exists()
 
     by_default_age = run("cleanup")
-    assert by_default_age.lines == ["Cleared 0 jobs finished over 86400 s ago."]
+    assert by_default_age.lines[0] == "Cleared 0 jobs finished over 86400 s ago."
 
     rest = run("cleanup", "--max-age-s", "3600")
-    assert rest.lines == ["Cleared 1 job finished over 3600 s ago."]
+    assert rest.lines[0] == "Cleared 1 job finished over 3600 s ago."
     assert set(Job.objects.values_list("pk", flat=True)) == {recent_done.pk, active.pk}
+
+
+@pytest.mark.django_db
+def test_cleanup_prunes_audit_records_and_activity_past_their_retention() -> None:
+    from omniva.models import Activity, AuditRecord
+    from omniva.services import activity_record
+
+    activity_record(kind="job:update", data={"old": True})
+    activity_record(kind="job:update", data={"old": False})
+    old = Activity.objects.order_by("id").first()
+    Activity.objects.filter(pk=old.pk).update(at=timezone.now() - timedelta(days=8))
+    for request_id, age in (("old", timedelta(days=31)), ("new", timedelta(0))):
+        AuditRecord.objects.create(
+            request_id=request_id,
+            at=timezone.now() - age,
+            method="GET",
+            path="/v1/x",
+            status=200,
+            duration_ms=1,
+        )
+    with override_settings(OMNIVA_ACTIVITY_RETENTION_DAYS=7, OMNIVA_AUDIT_RETENTION_DAYS=30):
+        output = run("cleanup")
+    assert output.lines[1:] == [
+        "Pruned 1 audit records older than 30 days.",
+        "Pruned 1 activity rows older than 7 days.",
+    ]
+    assert list(Activity.objects.values_list("data", flat=True)) == [{"old": False}]
+    assert list(AuditRecord.objects.values_list("request_id", flat=True)) == ["new"]
 
 
 @pytest.mark.django_db

@@ -1,13 +1,17 @@
-"""`manage.py cleanup [--max-age-s N] [--status S …]`: delete old finished jobs."""
+"""`manage.py cleanup [--max-age-s N] [--status S …]`: delete old finished jobs, and the
+audit records and activity rows older than their retention settings."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from jobs import services
 from jobs.models import FINISHED_STATUSES
+from omniva import services as core_services
 from omniva.errors import OmnivaError
 
 
@@ -40,3 +44,9 @@ class Command(BaseCommand):
             raise CommandError(f"{exc.code}: {exc.message}") from None
         noun = "job" if cleared == 1 else "jobs"
         self.stdout.write(f"Cleared {cleared} {noun} finished over {options['max_age_s']} s ago.")
+        audit_days = settings.OMNIVA_AUDIT_RETENTION_DAYS
+        audited = core_services.audit_records_prune(older_than=timedelta(days=audit_days))
+        self.stdout.write(f"Pruned {audited} audit records older than {audit_days} days.")
+        activity_days = settings.OMNIVA_ACTIVITY_RETENTION_DAYS
+        pruned = core_services.activity_prune(older_than=timedelta(days=activity_days))
+        self.stdout.write(f"Pruned {pruned} activity rows older than {activity_days} days.")
