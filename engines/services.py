@@ -36,6 +36,7 @@ from engines.models import (
 from engines.selectors import held_events_filter
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.notifications import Listener
+from omniva.services import ACTIVITY_CHANNEL, activity_record
 
 logger = logging.getLogger("omniva.engines")
 
@@ -70,6 +71,47 @@ class StageCallbacks:
 stage_callbacks: StageCallbacks | None = None
 
 
+# --- activity (the live stream's outbox, omniva.models.Activity) -------------------------
+# An engine's and an event's state as a live client sees it; CLAIM_SQL builds the same
+# event object in SQL: keep them alike.
+
+
+def _engine_summary(engine: EngineInstance) -> dict[str, Any]:
+    return {
+        "id": engine.pk,
+        "engine_type": engine.engine_type,
+        "name": engine.name,
+        "status": engine.status,
+        "current_workload": engine.current_workload,
+        "resource_utilization": engine.resource_utilization,
+        "last_heartbeat": engine.last_heartbeat,
+    }
+
+
+def _event_summary(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.pk,
+        "event_type_id": event.event_type_id,
+        "engine_type": event.engine_type,
+        "status": event.status,
+        "priority": event.priority,
+        "retry_count": event.retry_count,
+        "lock_until": event.lock_until,
+        "engine_id": event.leased_by_id,
+        "stage_run_id": event.stage_run_id,
+        "progress": event.progress,
+        "error": event.error,
+    }
+
+
+def _engine_changed(engine: EngineInstance, kind: str = "engine:update") -> None:
+    activity_record(kind=kind, data=_engine_summary(engine))
+
+
+def _event_changed(event: Event) -> None:
+    activity_record(kind="event:update", data=_event_summary(event))
+
+
 def _notify_claimable(engine_type: str) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, engine_type])
@@ -98,18 +140,18 @@ def _release_leases(engine: EngineInstance, now: datetime) -> int:
     # Only leases that still hold: one that ran out is a failed attempt, which the next
     # claim counts (and dead-letters after the last retry).
     held = Event.objects.filter(leased_by=engine, status=EventStatus.LEASED, lock_until__gte=now)
-    released = list(held.select_for_update().values_list("engine_type", flat=True))
-    count = held.update(
-        status=EventStatus.PENDING,
-        lease_token=None,
-        lock_until=None,
-        leased_by=None,
-        available_at=now,
-        updated_at=now,
-    )
-    for engine_type in sorted(set(released)):
+    released = list(held.select_for_update())
+    for event in released:
+        event.status = EventStatus.PENDING
+        event.lease_token = None
+        event.lock_until = None
+        event.leased_by = None
+        event.available_at = now
+        event.save()
+        _event_changed(event)
+    for engine_type in sorted({event.engine_type for event in released}):
         _notify_claimable(engine_type)
-    return count
+    return len(released)
 
 
 def engine_register(
@@ -134,7 +176,7 @@ def engine_register(
                     )
                 _release_leases(holder, now)
                 holder.delete()
-            return EngineInstance.objects.create(
+            engine = EngineInstance.objects.create(
                 engine_type=engine_type,
                 name=name,
                 capabilities=list(capabilities or []),
@@ -143,6 +185,8 @@ def engine_register(
                 last_heartbeat=now,
                 registered_at=now,
             )
+            _engine_changed(engine)
+            return engine
     except IntegrityError:  # registered concurrently under the same name
         raise OmnivaError(
             ErrorCode.ENGINE_ALREADY_REGISTERED, f"An online engine is registered as {name!r}."
@@ -182,6 +226,7 @@ def engine_heartbeat(
         if resource_utilization is not None:
             engine.resource_utilization = resource_utilization
         engine.save()
+        _engine_changed(engine)
         with connection.cursor() as cursor:
             cursor.execute(
                 "UPDATE engines_event SET lock_until = %(now)s + make_interval(secs => lease_s),"
@@ -198,6 +243,7 @@ def engine_deregister(*, engine_id: Any) -> int:
     with transaction.atomic():
         engine = _engine(engine_id, lock=True)
         released = _release_leases(engine, timezone.now())
+        _engine_changed(engine, "engine:deregistered")
         engine.delete()
         return released
 
@@ -272,32 +318,44 @@ def event_create(
         stage_run_id=stage_run_id,
         created_at=now,
     )
+    _event_changed(event)
     if delay_s <= 0:
         _notify_claimable(event.engine_type)
     return event
 
 
 CLAIM_SQL = """
-UPDATE engines_event e
-SET status = %(leased)s,
-    retry_count = e.retry_count + CASE WHEN e.status = %(leased)s THEN 1 ELSE 0 END,
-    lease_token = gen_random_uuid(),
-    lock_until = %(now)s + make_interval(secs => e.lease_s),
-    leased_by_id = %(engine)s,
-    leased_at = %(now)s,
-    progress = 0,
-    updated_at = %(now)s
-FROM engines_eventtype t
-WHERE t.id = e.event_type_id AND e.id IN (
-    SELECT id FROM engines_event
-    WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
-      AND ((status = %(pending)s AND available_at <= %(now)s)
-           OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+WITH claimed AS (
+    UPDATE engines_event e
+    SET status = %(leased)s,
+        retry_count = e.retry_count + CASE WHEN e.status = %(leased)s THEN 1 ELSE 0 END,
+        lease_token = gen_random_uuid(),
+        lock_until = %(now)s + make_interval(secs => e.lease_s),
+        leased_by_id = %(engine)s,
+        leased_at = %(now)s,
+        progress = 0,
+        updated_at = %(now)s
+    FROM engines_eventtype t
+    WHERE t.id = e.event_type_id AND e.id IN (
+        SELECT id FROM engines_event
+        WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
+          AND ((status = %(pending)s AND available_at <= %(now)s)
+               OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
+        ORDER BY priority DESC, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING e.*, t.name AS event_type_name
+), activity AS (
+    INSERT INTO omniva_activity (at, kind, data)
+    SELECT %(now)s, 'event:update', jsonb_build_object(
+        'id', c.id, 'event_type_id', c.event_type_id, 'engine_type', c.engine_type,
+        'status', c.status, 'priority', c.priority, 'retry_count', c.retry_count,
+        'lock_until', c.lock_until, 'engine_id', c.leased_by_id,
+        'stage_run_id', c.stage_run_id, 'progress', c.progress, 'error', c.error)
+    FROM claimed c
 )
-RETURNING e.*, t.name AS event_type_name
+SELECT claimed.*, pg_notify(%(activity_channel)s, '') AS notified FROM claimed
 """
 
 
@@ -357,6 +415,7 @@ def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_s
                     "engine": engine.pk if engine else None,
                     "engine_type": engine_type,
                     "limit": limit,
+                    "activity_channel": ACTIVITY_CHANNEL,
                 },
             )
         )
@@ -438,6 +497,7 @@ def _to_dead_letter(
     if retry_count is not None:
         event.retry_count = retry_count
     event.save()
+    _event_changed(event)
     if event.stage_run_id is not None and stage_callbacks is not None:
         stage_callbacks.finished(event.stage_run_id, None, error, _holder_name(event))
 
@@ -486,6 +546,7 @@ def event_update_status(
             event.lock_until = None
             event.finished_at = now
             event.save()
+            _event_changed(event)
             if event.stage_run_id is not None and stage_callbacks is not None:
                 stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
             return event
@@ -503,12 +564,14 @@ def event_update_status(
             event.lock_until = None
             event.available_at = now + timedelta(seconds=delay)
             event.save()
+            _event_changed(event)
             if delay <= 0:
                 _notify_claimable(event.engine_type)
             return event
         # processing: the engine is alive and working on it.
         event.lock_until = now + timedelta(seconds=event.lease_s)
         event.save()
+        _event_changed(event)
         if progress is not None and event.stage_run_id is not None and stage_callbacks:
             run_id = event.stage_run_id
             transaction.on_commit(lambda: _stage_progress(run_id, progress))
@@ -550,6 +613,7 @@ def event_requeue(*, event_id: Any) -> Event:
         event.error = None
         event.result = None
         event.save()
+        _event_changed(event)
         _notify_claimable(event.engine_type)
         return event
 
@@ -575,13 +639,17 @@ def events_dead_end_for_stages(*, stage_run_ids: list[int], reason: str) -> int:
     if not stage_run_ids:
         return 0
     now = timezone.now()
-    return Event.objects.filter(
-        stage_run_id__in=stage_run_ids, status__in=[EventStatus.PENDING, EventStatus.LEASED]
-    ).update(
-        status=EventStatus.DEAD_LETTERED,
-        error={"code": "STAGE_ENDED", "message": reason[:2000]},
-        lease_token=None,
-        lock_until=None,
-        finished_at=now,
-        updated_at=now,
+    ended = list(
+        Event.objects.select_for_update().filter(
+            stage_run_id__in=stage_run_ids, status__in=[EventStatus.PENDING, EventStatus.LEASED]
+        )
     )
+    for event in ended:
+        event.status = EventStatus.DEAD_LETTERED
+        event.error = {"code": "STAGE_ENDED", "message": reason[:2000]}
+        event.lease_token = None
+        event.lock_until = None
+        event.finished_at = now
+        event.save()
+        _event_changed(event)
+    return len(ended)

@@ -43,6 +43,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Project
 
@@ -102,7 +103,57 @@ def _lock_job_of_stage(stage_run_id: int) -> tuple[Job, StageRun] | None:
 
 
 def _log(job: Job, message: str, *, stage: str = "", level: str = "info") -> None:
-    JobLog.objects.create(job=job, stage=stage, level=level, message=message[:10_000])
+    line = JobLog.objects.create(job=job, stage=stage, level=level, message=message[:10_000])
+    _activity(
+        "log",
+        job,
+        {"job_id": job.pk, "stage": stage, "level": level, "message": line.message, "at": line.at},
+    )
+
+
+# --- activity (the live stream's outbox, omniva.models.Activity) -------------------------
+# A job's and a stage run's state as a live client sees it. The one-statement transitions
+# build the same objects in SQL (START_SQL, COMPLETE_SOLE_STAGE_SQL): keep them alike
+# (tests/jobs/test_activity.py compares them).
+
+
+def _job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.pk,
+        "pipeline": job.pipeline,
+        "status": job.status,
+        "progress": job.progress,
+        "priority": job.priority,
+        "project_id": job.project_id,
+        "attempts": job.attempts,
+        "error": job.error,
+        "updated_at": job.updated_at,
+    }
+
+
+def _stage_summary(run: StageRun) -> dict[str, Any]:
+    return {
+        "job_id": run.job_id,
+        "id": run.pk,
+        "name": run.name,
+        "status": run.status,
+        "attempt": run.attempt,
+        "progress": run.progress,
+        "worker": run.worker,
+        "error": run.error,
+    }
+
+
+def _activity(kind: str, job: Job, data: dict[str, Any]) -> None:
+    core_services.activity_record(kind=kind, data=data, job_id=job.pk, project_id=job.project_id)
+
+
+def _job_changed(job: Job, kind: str = "job:update") -> None:
+    _activity(kind, job, _job_summary(job))
+
+
+def _stage_changed(job: Job, run: StageRun) -> None:
+    _activity("stage:update", job, _stage_summary(run))
 
 
 def _lease_until(now: datetime) -> datetime:
@@ -152,6 +203,7 @@ def _enqueue_stage(
         run.lease_token = None
         run.lease_expires_at = None
         run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
+    _stage_changed(job, run)
     if stage.engine_type:
         engines.event_create(
             event_type=engines.event_type_for_engine(stage.engine_type),
@@ -212,6 +264,7 @@ def _finish_job(
             "updated_at",
         ]
     )
+    _job_changed(job)
     if runs is None:
         runs = list(StageRun.objects.filter(job=job))
     open_runs = [
@@ -227,6 +280,8 @@ def _finish_job(
         StageRun.objects.bulk_update(
             open_runs, ["status", "finished_at", "lease_token", "lease_expires_at"]
         )
+        for run in open_runs:
+            _stage_changed(job, run)
         broker.drop_stage_tasks(stage_run_ids=[run.pk for run in open_runs])
         engines.events_dead_end_for_stages(
             stage_run_ids=[run.pk for run in open_runs if run.engine_type],
@@ -271,6 +326,7 @@ def _batch_child_finished(*, parent_id: Any, now: datetime) -> None:
     parent.progress = round(100.0 * len(done) / len(children), 2) if children else 100.0
     if len(done) < len(children):
         parent.save(update_fields=["progress", "updated_at"])
+        _job_changed(parent, "job:progress")
         return
     results = [
         {"job": str(child.pk), "pipeline": child.pipeline, "result": child.result}
@@ -409,6 +465,7 @@ def job_submit(
                     for position, stage in enumerate(dag.stages)
                 ]
             )
+            _job_changed(job)
             for run in runs:
                 if run.name in roots:
                     _enqueue_stage(job, run, dag.stage(run.name), saved=True)
@@ -467,6 +524,7 @@ def job_submit_batch(
                         retry_after_s=exc.retry_after_s,
                     ) from None
             _log(parent, f"batch of {len(items)} jobs submitted")
+            _job_changed(parent)
     except IntegrityError:
         if idempotency_key:
             existing = Job.objects.filter(idempotency_key=idempotency_key).first()
@@ -551,6 +609,8 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         job.save(
             update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"]
         )
+        _job_changed(job)
+        _stage_changed(job, run)
         return StageClaim(
             stage_run_id=run.pk,
             job_id=str(job.pk),
@@ -597,14 +657,34 @@ WITH target AS (
         finished_at = NULL, progress = 0, error = NULL
     FROM target
     WHERE r.id = target.run_id AND r.status = %(queued)s
-    RETURNING r.job_id, r.name, r.attempt
+    RETURNING r.*
+), job AS (
+    UPDATE jobs_job j
+    SET status = %(running)s, attempts = GREATEST(j.attempts, run.attempt),
+        next_attempt_at = NULL, started_at = COALESCE(j.started_at, %(now)s),
+        updated_at = %(now)s
+    FROM run
+    WHERE j.id = run.job_id
+    RETURNING j.*
+), activity AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
+    SELECT %(now)s, 'job:update', job.project_id, job.id,
+        jsonb_build_object(
+            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
+            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
+            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+    FROM job
+    UNION ALL
+    SELECT %(now)s, 'stage:update', job.project_id, job.id,
+        jsonb_build_object(
+            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
+            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
+            'error', run.error)
+    FROM job, run
 )
-UPDATE jobs_job j
-SET status = %(running)s, attempts = GREATEST(j.attempts, run.attempt),
-    next_attempt_at = NULL, started_at = COALESCE(j.started_at, %(now)s), updated_at = %(now)s
-FROM run
-WHERE j.id = run.job_id
-RETURNING j.id, j.pipeline, j.params, j.started_at, j.timeout_s, run.name, run.attempt
+SELECT job.id, job.pipeline, job.params, job.started_at, job.timeout_s, run.name, run.attempt,
+       pg_notify(%(activity_channel)s, '')
+FROM job, run
 """
 
 
@@ -625,12 +705,13 @@ def _start_granted_in_one_statement(
                 "token": token,
                 "lease": _lease_until(now),
                 "worker": worker[:200],
+                "activity_channel": core_services.ACTIVITY_CHANNEL,
             },
         )
         row = cursor.fetchone()
     if row is None:
         return None
-    job_id, pipeline, params, started_at, timeout_s, stage, attempt = row
+    job_id, pipeline, params, started_at, timeout_s, stage, attempt, _notified = row
     params = _json_column(params)
     return StageClaim(
         stage_run_id=stage_run_id,
@@ -697,6 +778,7 @@ def stage_report(
         if progress is not None:
             _update_progress(job)
             job.save(update_fields=["progress", "updated_at"])
+            _job_changed(job, "job:progress")
         if message:
             _log(job, message, stage=run.name, level=level)
 
@@ -750,7 +832,7 @@ WITH target AS (
         finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
     FROM target
     WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = %(token)s
-    RETURNING r.job_id
+    RETURNING r.*
 ), ack AS (
     DELETE FROM jobs_queuetask
     WHERE id = %(row)s AND deliveries = %(deliveries)s AND EXISTS (SELECT FROM run)
@@ -760,9 +842,24 @@ WITH target AS (
         finished_at = %(now)s, next_attempt_at = NULL, updated_at = %(now)s
     FROM run
     WHERE j.id = run.job_id
-    RETURNING j.id
+    RETURNING j.*
+), activity AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
+    SELECT %(now)s, 'stage:update', job.project_id, job.id,
+        jsonb_build_object(
+            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
+            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
+            'error', run.error)
+    FROM job, run
+    UNION ALL
+    SELECT %(now)s, 'job:update', job.project_id, job.id,
+        jsonb_build_object(
+            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
+            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
+            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+    FROM job
 )
-SELECT pg_notify(%(channel)s, job.id::text) FROM job
+SELECT pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '') FROM job
 """
 
 
@@ -786,6 +883,7 @@ def _completed_job_in_one_statement(
                 "row": row_id,
                 "deliveries": deliveries,
                 "channel": JOB_DONE_CHANNEL,
+                "activity_channel": core_services.ACTIVITY_CHANNEL,
             },
         )
         return cursor.fetchone() is not None
@@ -822,6 +920,7 @@ def stage_complete(
             ]
         )
         _acknowledge(ack_id)
+        _stage_changed(job, run)
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
             return
@@ -843,6 +942,7 @@ def stage_complete(
                 _enqueue_stage(job, child_run, dag.stage(child))
         _update_progress(job)
         job.save(update_fields=["progress", "updated_at"])
+        _job_changed(job, "job:progress")
         return
 
 
@@ -893,10 +993,12 @@ def stage_fail(
             job.status = JobStatus.RETRYING
             job.next_attempt_at = now + timedelta(seconds=delay)
             job.save(update_fields=["status", "next_attempt_at", "updated_at"])
+            _job_changed(job)
             return job
         run.status = StageStatus.FAILED
         run.finished_at = now
         run.save()
+        _stage_changed(job, run)
         _finish_job(
             job,
             JobStatus.FAILED,
@@ -1002,6 +1104,8 @@ def _mark_engine_stage_running(job: Job, run: StageRun, engine: str, now: dateti
     job.next_attempt_at = None
     job.started_at = job.started_at or now
     job.save(update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"])
+    _job_changed(job)
+    _stage_changed(job, run)
 
 
 def stage_engine_claimed(*, stage_run_id: int, engine: str) -> None:
@@ -1071,6 +1175,7 @@ def job_cancel(*, job_id: Any, reason: str = "") -> tuple[Job, bool]:
             job.cancel_reason = (reason or "cancelled by request")[:500]
             job.save(update_fields=["cancel_requested_at", "cancel_reason", "updated_at"])
             _log(job, f"cancel requested: {job.cancel_reason}")
+            _job_changed(job)
         if job.pipeline == BATCH_PIPELINE:
             for child in job.children.filter(status__in=ACTIVE_STATUSES).order_by("created_at"):
                 job_cancel_child(child_id=child.pk, reason=job.cancel_reason)
@@ -1115,6 +1220,7 @@ def job_retry(*, job_id: Any) -> Job:
         job.started_at = now if job.pipeline == BATCH_PIPELINE else None
         job.save()
         _log(job, "retried by request")
+        _job_changed(job)
         if job.pipeline == BATCH_PIPELINE:
             for child in job.children.filter(status__in=RETRYABLE_STATUSES).order_by("created_at"):
                 job_retry(job_id=child.pk)
@@ -1164,6 +1270,13 @@ def job_delete(*, job_id: Any) -> None:
         broker.drop_stage_tasks(
             stage_run_ids=list(StageRun.objects.filter(job_id__in=ids).values_list("pk", flat=True))
         )
+        for deleted in ids:
+            core_services.activity_record(
+                kind="job:deleted",
+                data={"id": deleted},
+                job_id=deleted,
+                project_id=job.project_id,
+            )
         job.delete()
         transaction.on_commit(
             lambda: [shutil.rmtree(_job_files(i), ignore_errors=True) for i in ids]
