@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -19,6 +20,20 @@ def _gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait for every process of `pids` to exit; on failure, name the ones still running."""
+    try:
+        wait_for(lambda: all(_gone(pid) for pid in pids), timeout=timeout, what="exits")
+    except AssertionError:
+        survivors = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if not _gone(pid):
+                    process = psutil.Process(pid)
+                    survivors.append(f"{pid} {process.status()} {' '.join(process.cmdline())}")
+        raise AssertionError(f"still running after {timeout} s: {survivors}") from None
 
 
 class Serve:
@@ -113,13 +128,15 @@ def test_a_killed_serve_takes_its_children_along_and_the_next_one_adopts_the_dat
     processes, scratch_var, tmp_path
 ) -> None:
     first = Serve(processes, scratch_var, tmp_path / "first.log")
-    first.wait_healthy()
+    # Both clusters up: a qcluster SIGTERMed while django-q2 still spawns its processes
+    # can leave them behind (seen once under load; left for issue 10's fault tests).
+    first.wait_healthy(clusters=2)
     children = first.descendants()
     postmaster = first.database().running_pid()
 
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(timeout=10)
-    wait_for(lambda: all(_gone(pid) for pid in children), timeout=30, what="the children to exit")
+    _wait_gone(children, timeout=30)
     assert first.database().running_pid() == postmaster  # the server outlives its owner
 
     second = Serve(processes, scratch_var, tmp_path / "second.log")
