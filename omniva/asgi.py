@@ -1,4 +1,4 @@
-"""ASGI entry point for daphne: HTTP through Django; websockets join with the live issue."""
+"""ASGI entry point for daphne: HTTP through Django, websockets through Channels."""
 
 from __future__ import annotations
 
@@ -11,15 +11,20 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-websocket_urlpatterns: list = []
+from jobs.consumers import ActivityConsumer  # noqa: E402
+
+websocket_urlpatterns: list = [
+    path("ws/events", ActivityConsumer.as_asgi()),
+    path("ws/jobs/<str:job_id>", ActivityConsumer.as_asgi()),
+]
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        # Origins are checked by the consumers for session callers only; API-key
+        # callers (engines, scripts) send none.
+        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
     }
 )

@@ -377,7 +377,16 @@ Q_CLUSTER = {
 
 # --- Channels --------------------------------------------------------------------------
 
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# In-process groups: each daphne reads the activity outbox itself (omniva/live.py), so
+# no layer between processes is needed. A consumer's queue holds at most `capacity`
+# messages; one that fills up is closed (4008) and resumes from its cursor. Messages
+# never expire: a full queue, not time, is what drops a slow client.
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "omniva.live.LiveChannelLayer",
+        "CONFIG": {"capacity": 1000, "expiry": 10**9},
+    }
+}
 
 # --- Logging -----------------------------------------------------------------------------
 

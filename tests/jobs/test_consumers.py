@@ -1,0 +1,273 @@
+"""The live stream's websockets, with Channels' communicator against the real database.
+
+The feed (omniva/live.py) reads committed rows on a connection of its own, so these
+tests commit (transactional database); each runs its scenario on one event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import channel_layers
+from channels.testing import WebsocketCommunicator
+
+from jobs import services
+from omniva import live
+from omniva.asgi import application
+from omniva.models import Project, Scope
+from omniva.services import api_key_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TIMEOUT = 10
+
+
+@pytest.fixture(autouse=True)
+def fresh_channel_layer() -> Any:
+    """Each scenario runs on its own loop; the in-memory layer's queues belong to one."""
+    channel_layers.backends = {}
+    yield
+    channel_layers.backends = {}
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    async def with_feed_stopped() -> None:
+        try:
+            await scenario()
+        finally:
+            await live.feed.stop()
+
+    async_to_sync(with_feed_stopped)()
+
+
+def key(*scopes: str, project: Project | None = None) -> str:
+    _key, secret = api_key_create(
+        name=f"ws-{len(scopes)}-{project.pk if project else 'all'}",
+        scopes=list(scopes),
+        project=project,
+    )
+    return secret
+
+
+def connect(path: str) -> WebsocketCommunicator:
+    return WebsocketCommunicator(application, path, headers=[(b"host", b"localhost")])
+
+
+submit = database_sync_to_async(
+    lambda **kwargs: services.job_submit(**kwargs)[0]  # type: ignore[misc]
+)
+cancel = database_sync_to_async(lambda job_id: services.job_cancel(job_id=job_id))
+
+
+async def receive_until(ws: WebsocketCommunicator, done: Callable[[dict], bool]) -> list[dict]:
+    received = []
+    while True:
+        message = await ws.receive_json_from(timeout=TIMEOUT)
+        received.append(message)
+        if done(message):
+            return received
+
+
+def test_a_client_gets_a_snapshot_and_cursor_then_the_deltas_in_order() -> None:
+    secret = key(Scope.JOBS_READ)
+
+    async def scenario() -> None:
+        before = await submit(pipeline="noop")
+        ws = connect(f"/ws/events?token={secret}")
+        connected, _ = await ws.connect(timeout=TIMEOUT)
+        assert connected
+        snapshot = await ws.receive_json_from(timeout=TIMEOUT)
+        assert snapshot["type"] == "snapshot"
+        assert [job["id"] for job in snapshot["jobs"]] == [str(before.pk)]
+        job = await submit(pipeline="noop")
+        await cancel(job.pk)
+        messages = await receive_until(
+            ws, lambda m: m["type"] == "stage:update" and m["data"]["status"] == "cancelled"
+        )
+        mine = [m for m in messages if m["job_id"] == str(job.pk)]
+        assert [(m["type"], m["data"].get("status")) for m in mine if m["type"] != "log"] == [
+            ("job:update", "pending"),
+            ("stage:update", "queued"),
+            ("job:update", "pending"),  # cancel requested
+            ("job:update", "cancelled"),
+            ("stage:update", "cancelled"),
+        ]
+        ids = [m["id"] for m in messages]
+        assert ids == sorted(ids)
+        assert all(m["cursor"] <= m["id"] for m in messages)
+        assert all(m["id"] > snapshot["cursor"] for m in messages)
+        await ws.disconnect()
+
+    run(scenario)
+
+
+def test_a_client_that_resumes_after_its_cursor_gets_what_it_missed() -> None:
+    secret = key(Scope.JOBS_READ)
+
+    async def scenario() -> None:
+        ws = connect(f"/ws/events?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        cursor = (await ws.receive_json_from(timeout=TIMEOUT))["cursor"]
+        await ws.disconnect()
+        # Missed while away:
+        missed = await submit(pipeline="noop")
+        await cancel(missed.pk)
+        again = connect(f"/ws/events?token={secret}&after={cursor}")
+        connected, _ = await again.connect(timeout=TIMEOUT)
+        assert connected
+        replayed = await receive_until(
+            again,
+            lambda m: m["type"] == "stage:update" and m["data"].get("status") == "cancelled",
+        )
+        assert {m["job_id"] for m in replayed} == {str(missed.pk)}
+        assert replayed[0]["type"] == "job:update"
+        assert replayed[0]["data"]["status"] == "pending"
+        await again.disconnect()
+
+    run(scenario)
+
+
+def test_a_project_bound_key_sees_only_its_projects_rows() -> None:
+    mine = Project.objects.create(name="mine")
+    theirs = Project.objects.create(name="theirs")
+    secret = key(Scope.JOBS_READ, project=mine)
+
+    async def scenario() -> None:
+        ws = connect(f"/ws/events?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        await ws.receive_json_from(timeout=TIMEOUT)
+        other = await submit(pipeline="noop", project=theirs)
+        own = await submit(pipeline="noop", project=mine)
+        first = await ws.receive_json_from(timeout=TIMEOUT)
+        assert first["job_id"] == str(own.pk)
+        seen = await receive_until(ws, lambda m: m["type"] == "stage:update")
+        assert str(other.pk) not in {m["job_id"] for m in seen}
+        # A job of another project is not even there to follow.
+        follow = connect(f"/ws/jobs/{other.pk}?token={secret}")
+        await follow.connect(timeout=TIMEOUT)
+        closed = await follow.receive_output(timeout=TIMEOUT)
+        assert closed == {"type": "websocket.close", "code": 4004}
+        await ws.disconnect()
+
+    run(scenario)
+
+
+def test_a_job_socket_follows_one_job_from_its_snapshot() -> None:
+    secret = key(Scope.JOBS_READ)
+
+    async def scenario() -> None:
+        job = await submit(pipeline="noop")
+        other = await submit(pipeline="noop")
+        ws = connect(f"/ws/jobs/{job.pk}?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        snapshot = await ws.receive_json_from(timeout=TIMEOUT)
+        assert snapshot["job"]["id"] == str(job.pk)
+        assert snapshot["job"]["status"] == "pending"
+        await cancel(other.pk)
+        await cancel(job.pk)
+        messages = await receive_until(
+            ws, lambda m: m["type"] == "stage:update" and m["data"].get("status") == "cancelled"
+        )
+        assert {m["job_id"] for m in messages} == {str(job.pk)}
+        await ws.disconnect()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [("", 4001), ("?token=omv_nope_nope", 4001), ("?token={engines}", 4003), ("?after=x", 4001)],
+)
+def test_callers_without_a_valid_key_or_scope_are_refused(query: str, code: int) -> None:
+    engines_only = key(Scope.ENGINES)
+
+    async def scenario() -> None:
+        ws = connect("/ws/events" + query.format(engines=engines_only))
+        await ws.connect(timeout=TIMEOUT)
+        assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": code}
+
+    run(scenario)
+
+
+def test_a_client_that_falls_behind_is_closed_with_4008_and_nothing_piles_up() -> None:
+    from channels.exceptions import ChannelFull
+
+    secret = key(Scope.JOBS_READ)
+
+    async def scenario() -> None:
+        layer = channel_layers["default"]
+        layer.capacity = 3
+        ws = connect(f"/ws/events?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        await ws.receive_json_from(timeout=TIMEOUT)
+        [channel] = layer.groups[live.GROUP_ALL]
+        row = {"id": 1, "kind": "job:update", "job_id": None, "project_id": None, "data": {}}
+        message = {"type": "activity.row", "row": row, "cursor": 1}
+        # Rows arrive faster than the consumer takes them: its queue fills up, and the
+        # layer refuses the rest rather than keep them.
+        refused = 0
+        for _ in range(10):
+            try:
+                await layer.send(channel, message)
+            except ChannelFull:
+                refused += 1
+        assert refused == 7
+        assert channel in layer.overflowed
+        output = await ws.receive_output(timeout=TIMEOUT)
+        assert output == {"type": "websocket.close", "code": live.CLOSE_TOO_SLOW}
+        await ws.disconnect()  # as daphne reports the closed connection
+        assert channel not in layer.overflowed  # forgotten with the consumer
+        assert channel not in layer.groups.get(live.GROUP_ALL, {})
+
+    run(scenario)
+
+
+def test_a_row_that_commits_after_a_later_one_still_arrives_and_holds_the_cursor_back() -> None:
+    import psycopg
+
+    from omniva.notifications import own_connection_params
+
+    secret = key(Scope.JOBS_READ)
+    params = own_connection_params()
+
+    async def scenario() -> None:
+        ws = connect(f"/ws/events?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        await ws.receive_json_from(timeout=TIMEOUT)
+        # A transaction takes an id and stays open while a later one commits.
+        slow = await psycopg.AsyncConnection.connect(**params)
+        cursor = await slow.execute(
+            "INSERT INTO omniva_activity (at, kind, data) VALUES (now(), 'log', '{}') RETURNING id"
+        )
+        (slow_id,) = await cursor.fetchone()
+        job = await submit(pipeline="noop")
+        early = await receive_until(ws, lambda m: m["type"] == "stage:update")
+        assert all(m["id"] > slow_id for m in early)
+        assert all(m["cursor"] < slow_id for m in early)  # resuming must not skip it
+        await slow.commit()
+        await slow.close()
+        [late] = await receive_until(ws, lambda m: m["id"] == slow_id)
+        assert late["cursor"] <= slow_id
+        assert {m["job_id"] for m in early} == {str(job.pk)}
+        await ws.disconnect()
+
+    run(scenario)
+
+
+def test_the_watermark_waits_for_holes_and_gives_up_on_them_after_the_grace() -> None:
+    mark = live.Watermark(10)
+    mark.observe([11, 13, 14], now=0.0)
+    assert mark.low == 11  # 12 may still commit
+    assert mark.seen(13)
+    assert not mark.seen(12)
+    mark.observe([12], now=1.0)
+    assert mark.low == 14
+    mark.observe([16], now=2.0)
+    mark.advance(now=2.0 + live.HOLE_GRACE_S - 0.1)
+    assert mark.low == 14
+    mark.advance(now=2.0 + live.HOLE_GRACE_S)  # 15 was rolled back: never coming
+    assert mark.low == 16
