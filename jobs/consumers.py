@@ -1,17 +1,21 @@
-"""Websocket consumers of the live stream: `/ws/events` and `/ws/jobs/{id}`.
+"""Websocket consumers of the live stream: `/ws/events` and `/ws/jobs/{id}` (API.md,
+Websockets; the protocol is in docs/live.md).
 
-A client authenticates with its session (staff users) or `?token=<API key>` with the
-`jobs:read` scope; a key bound to a project sees that project only. On connect it gets
-a snapshot and a cursor, then one message per activity row (omniva/live.py):
+A client authenticates with its session (staff users, from this site's pages) or
+`?token=<API key>` with the `jobs:read` scope; a key bound to a project sees that
+project only. `/ws/events` takes `?topics=jobs,engines,events,metrics` (default all)
+and, for callers not bound to a project, `?project=<id>`. On connect it gets a
+snapshot and its cursor, then one message per change:
 
-    {"type": "snapshot", "cursor": 41, "jobs": [...]}            /ws/events
-    {"type": "snapshot", "cursor": 41, "job": {...}, "logs": [...]}   /ws/jobs/{id}
-    {"type": "job:update", "id": 42, "cursor": 42, "job_id": "…", "data": {...}}
+    {"type": "snapshot", "cursor": 41, "data": {"jobs": [...]}}         /ws/events
+    {"type": "snapshot", "cursor": 41, "data": {"job": {...}, "logs": [...]}}
+    {"type": "job:update", "id": 42, "at": "…", "job_id": "…", "data": {...}}
+    {"type": "metrics", "at": "…", "data": {...}}          (every few seconds)
 
-With `?after=<cursor>` it gets, instead of the snapshot, every row after the cursor that
-it may see, then the live ones. Rows may repeat across a reconnect: drop ids you have.
-Close codes: 4001 not authenticated, 4003 not allowed, 4004 no such job, 4008 too slow
-(reconnect with your cursor), 4400 a bad `after`.
+With `?after=<cursor>` it gets, instead of the snapshot, every change after the cursor
+that it may see, then the live ones; a change may come twice across a reconnect (drop
+ids you have). Close codes: 4001 not authenticated, 4003 not allowed, 4004 no such job
+or project, 4008 too slow (reconnect with your cursor), 4400 a bad parameter.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.http.request import validate_host
+from django.utils import timezone
 
 from jobs import selectors
 from jobs.api.serializers import JobLogSerializer, JobSerializer
@@ -34,6 +40,18 @@ from omniva import live
 from omniva.models import Activity, Project, Scope
 from omniva.selectors import api_key_for_secret
 
+TOPICS = {"jobs", "engines", "events", "metrics"}
+# Which topic each kind of row belongs to.
+TOPIC_OF_KIND = {
+    "job:update": "jobs",
+    "job:progress": "jobs",
+    "job:deleted": "jobs",
+    "stage:update": "jobs",
+    "log": "jobs",
+    "engine:update": "engines",
+    "engine:deregistered": "engines",
+    "event:update": "events",
+}
 SNAPSHOT_JOBS = 50
 SNAPSHOT_LOGS = 200
 # A client further behind than this gets a fresh snapshot instead of the rows.
@@ -79,8 +97,16 @@ def _same_site_origin(scope: dict[str, Any]) -> bool:
 
 
 @database_sync_to_async
-def _events_snapshot(caller: Caller) -> dict[str, Any]:
-    jobs = selectors.job_list(project=caller.project).prefetch_related("stages")[:SNAPSHOT_JOBS]
+def _project(project_id: str) -> Project | None:
+    try:
+        return Project.objects.filter(pk=project_id).first()
+    except (ValueError, DjangoValidationError):
+        return None
+
+
+@database_sync_to_async
+def _events_snapshot(project: Project | None) -> dict[str, Any]:
+    jobs = selectors.job_list(project=project).prefetch_related("stages")[:SNAPSHOT_JOBS]
     return {"jobs": JobSerializer(jobs, many=True).data}
 
 
@@ -98,29 +124,48 @@ def _job_snapshot(job_id: str, caller: Caller) -> dict[str, Any] | None:
 
 
 @database_sync_to_async
-def _rows_after(after: int, caller: Caller, job_id: str | None) -> list[dict[str, Any]] | None:
-    rows = Activity.objects.filter(id__gt=after).order_by("id")
+def _rows_after(
+    after: int, upto: int, project: Project | None, job_id: str | None
+) -> list[dict[str, Any]] | None:
+    """The rows after `after` up to the feed's cursor: later ones come live, in id order
+    (a replay past the cursor could send 5 before a 3 still in flight)."""
+    rows = Activity.objects.filter(id__gt=after, id__lte=upto).order_by("id")
     if job_id is not None:
         rows = rows.filter(job_id=job_id)
-    elif caller.project is not None:
-        rows = rows.filter(project_id=caller.project.pk)
-    found = list(rows.values("id", "kind", "job_id", "data")[: MAX_REPLAY + 1])
+    elif project is not None:
+        rows = rows.filter(project_id=project.pk)
+    found = list(rows.values("id", "kind", "job_id", "data", "at")[: MAX_REPLAY + 1])
     if len(found) > MAX_REPLAY:
         return None
-    return [{**row, "job_id": str(row["job_id"]) if row["job_id"] else None} for row in found]
+    return [
+        {
+            **row,
+            "job_id": str(row["job_id"]) if row["job_id"] else None,
+            "at": row["at"].isoformat(),
+        }
+        for row in found
+    ]
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    return (query.get(name) or [None])[0]
 
 
 class ActivityConsumer(AsyncJsonWebsocketConsumer):
     """`/ws/events` (everything the caller may see) and `/ws/jobs/{id}` (one job)."""
 
     groups: list[str]
+    topics: set[str]
+    metrics: bool = False
 
     async def connect(self) -> None:
         query = parse_qs(self.scope.get("query_string", b"").decode())
         job_id = self.scope["url_route"]["kwargs"].get("job_id")
         try:
-            caller = await _caller(self.scope, (query.get("token") or [None])[0])
+            caller = await _caller(self.scope, _one(query, "token"))
             after = self._after(query)
+            self.topics = self._topics(query)
+            project = await self._scope_project(caller, _one(query, "project"))
         except Refused as refused:
             # Accepted first so that the client sees the close code (a refused
             # handshake shows none).
@@ -130,33 +175,62 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
         await live.feed.ensure_running()
         if job_id is not None:
             group = live.group_for_job(job_id)
-        elif caller.project is not None:
-            group = live.group_for_project(caller.project.pk)
+        elif project is not None:
+            group = live.group_for_project(project.pk)
         else:
             group = live.GROUP_ALL
-        # Join before reading anything: a row committed meanwhile comes twice at worst.
+        self.metrics = job_id is None and caller.project is None and "metrics" in self.topics
+        # Join before reading anything: a change committed meanwhile comes twice at worst.
         await self.channel_layer.group_add(group, self.channel_name)
         self.groups = [group]
         cursor = live.feed.cursor
         snapshot = (
             await _job_snapshot(job_id, caller)
             if job_id is not None
-            else await _events_snapshot(caller)
+            else await _events_snapshot(project)
         )
         await self.accept()
         if snapshot is None:
             await self.close(code=4004)
             return
-        rows = await _rows_after(after, caller, job_id) if after is not None else None
+        rows = await _rows_after(after, cursor, project, job_id) if after is not None else None
         if rows is None:
-            await self.send_json({"type": "snapshot", "cursor": cursor, **snapshot})
+            await self.send_json({"type": "snapshot", "cursor": cursor, "data": snapshot})
             return
         for row in rows:
-            await self.send_json(live.row_message(row, cursor=row["id"]))
+            await self._send_row(row)
+
+    @staticmethod
+    def _topics(query: dict[str, list[str]]) -> set[str]:
+        raw = _one(query, "topics")
+        if raw is None:
+            return set(TOPICS)
+        topics = {topic.strip() for topic in raw.split(",") if topic.strip()}
+        if not topics or not topics <= TOPICS:
+            raise Refused(4400)
+        return topics
+
+    @staticmethod
+    async def _scope_project(caller: Caller, project_id: str | None) -> Project | None:
+        """The project the stream is limited to: a bound key's, or the one asked for."""
+        if caller.project is not None:
+            if project_id is not None and project_id != str(caller.project.pk):
+                raise Refused(4003)
+            return caller.project
+        if project_id is None:
+            return None
+        project = await _project(project_id)
+        if project is None:
+            raise Refused(4004)
+        return project
+
+    async def _send_row(self, row: dict[str, Any]) -> None:
+        if TOPIC_OF_KIND.get(row["kind"], "jobs") in self.topics:
+            await self.send_json(live.row_message(row))
 
     @staticmethod
     def _after(query: dict[str, list[str]]) -> int | None:
-        raw = (query.get("after") or [None])[0]
+        raw = _one(query, "after")
         if raw is None:
             return None
         if not raw.isdigit() or len(raw) > 18:
@@ -170,15 +244,36 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
         if isinstance(layer, live.LiveChannelLayer):
             layer.forget(self.channel_name)
 
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels closes stale database connections (a sync thread hop) before every
+        # handler; the stream's handlers touch no database, and with many clients that
+        # hop per row per client was most of a row's cost (docs/benchmarks.md).
+        if message["type"] == "activity.row":
+            await self.activity_row(message)
+        elif message["type"] == "activity.metrics":
+            await self.activity_metrics(message)
+        else:
+            await super().dispatch(message)
+
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """Clients only listen; anything they send is ignored."""
 
-    async def activity_row(self, message: dict[str, Any]) -> None:
+    async def _fell_behind(self) -> bool:
         layer = self.channel_layer
         if isinstance(layer, live.LiveChannelLayer) and self.channel_name in layer.overflowed:
             await self.close(code=live.CLOSE_TOO_SLOW)
-            return
-        await self.send_json(live.row_message(message["row"], message["cursor"]))
+            return True
+        return False
+
+    async def activity_row(self, message: dict[str, Any]) -> None:
+        if not await self._fell_behind():
+            await self._send_row(message["row"])
+
+    async def activity_metrics(self, message: dict[str, Any]) -> None:
+        if self.metrics and not await self._fell_behind():
+            await self.send_json(
+                {"type": "metrics", "at": timezone.now().isoformat(), "data": message["data"]}
+            )
 
     @classmethod
     async def encode_json(cls, content: Any) -> str:

@@ -778,6 +778,7 @@ def stage_report(
         if progress is not None:
             _update_progress(job)
             job.save(update_fields=["progress", "updated_at"])
+            _stage_changed(job, run)
             _job_changed(job, "job:progress")
         if message:
             _log(job, message, stage=run.name, level=level)
@@ -1220,8 +1221,8 @@ def job_retry(*, job_id: Any) -> Job:
         job.started_at = now if job.pipeline == BATCH_PIPELINE else None
         job.save()
         _log(job, "retried by request")
-        _job_changed(job)
         if job.pipeline == BATCH_PIPELINE:
+            _job_changed(job)
             for child in job.children.filter(status__in=RETRYABLE_STATUSES).order_by("created_at"):
                 job_retry(job_id=child.pk)
             _batch_child_finished(parent_id=job.pk, now=now)
@@ -1243,6 +1244,10 @@ def job_retry(*, job_id: Any) -> Job:
             run.started_at = None
             run.finished_at = None
             run.save()
+            if not all(
+                runs[p].status == StageStatus.COMPLETED for p in dag.stage(run.name).depends_on
+            ):
+                _stage_changed(job, run)  # waiting; the queued ones are told by the enqueue
         for name in dag.order:
             run = runs[name]
             if run.status == StageStatus.WAITING and all(
@@ -1251,6 +1256,7 @@ def job_retry(*, job_id: Any) -> Job:
                 _enqueue_stage(job, run, dag.stage(name))
         _update_progress(job)
         job.save(update_fields=["progress", "updated_at"])
+        _job_changed(job)  # after the stages: the progress it shows is the reset one
         return job
 
 

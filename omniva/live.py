@@ -8,12 +8,13 @@ sends each to the groups that may see it: everything (`activity`), its project's
 job's. Consumers (jobs/consumers.py) join the group their caller is scoped to.
 
 The cursor. Row ids are taken at insert and transactions commit in their own order, so
-id 11 can be visible while id 10 is still in flight. The feed keeps a watermark: the
-highest id below which every row has been seen, or given up on after HOLE_GRACE_S (an
-id a rolled-back transaction took never commits). Each message carries the watermark
-no higher than its own id, so a client that resumes with `?after=<cursor>` is sent
-again everything it may have missed (and some it has seen: rows are idempotent states
-with ids, clients drop ids they have).
+id 11 can be visible while id 10 is still in flight. The feed delivers rows in id
+order: a row above such a hole waits until the hole fills, or until no transaction
+that was running when the hole was first seen still runs (the id was rolled back and
+never commits; see Watermark), or at most HOLE_GRACE_S. So a message's id is a cursor:
+a client that resumes with `?after=<id>` is sent everything after it. The exception is
+a row whose transaction held its id past HOLE_GRACE_S: it is delivered when it
+commits, after larger ids.
 
 Backpressure. Groups deliver into bounded per-consumer queues (`LiveChannelLayer`).
 A consumer whose queue filled up is marked; it closes with code 4008 at its next
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Iterable
@@ -39,11 +41,15 @@ from omniva.services import ACTIVITY_CHANNEL
 
 logger = logging.getLogger("omniva.live")
 
-# An id not seen this long after a larger one was is taken as never coming.
-HOLE_GRACE_S = 5.0
+# The longest a row above a hole waits for a transaction still in progress.
+HOLE_GRACE_S = 30.0
 # The feed reads at least this often, to give up on holes and recover a lost NOTIFY.
 TICK_S = 1.0
 FETCH_LIMIT = 500
+# Ids given up on are looked for this long in case their transaction commits after all.
+GIVEN_UP_KEPT_S = 120.0
+# How often clients of /ws/events get a `metrics` message.
+METRICS_S = 5.0
 # Close code of a consumer that fell behind; the client resumes with its cursor.
 CLOSE_TOO_SLOW = 4008
 
@@ -77,31 +83,41 @@ class LiveChannelLayer(InMemoryChannelLayer):
 
 
 class Watermark:
-    """The stream position below which every row was seen or given up on."""
+    """The stream position below which every row was seen or given up on.
+
+    A hole (an id below one seen, not seen itself) is waited for while a transaction
+    that was in progress when the hole was first seen still is: the one that took the
+    id is among them. Once none is and the row has not come, it was rolled back and the
+    hole is given up at once. HOLE_GRACE_S bounds the wait for a very long transaction.
+    """
 
     def __init__(self, low: int) -> None:
         self.low = low
         self._seen: set[int] = set()
-        self._holes: dict[int, float] = {}
+        self._holes: dict[int, tuple[float, frozenset[int]]] = {}
 
-    def observe(self, ids: Iterable[int], now: float) -> None:
+    def observe(self, ids: Iterable[int], now: float, in_progress: frozenset[int]) -> None:
+        """`ids` read in one snapshot, in which `in_progress` were the running xids."""
         for row_id in ids:
             if row_id > self.low:
                 self._seen.add(row_id)
         top = max(self._seen, default=self.low)
         for row_id in range(self.low + 1, top):
             if row_id not in self._seen:
-                self._holes.setdefault(row_id, now)
-        self.advance(now)
+                self._holes.setdefault(row_id, (now, in_progress))
+        self.advance(now, in_progress)
 
-    def advance(self, now: float) -> None:
+    def advance(self, now: float, in_progress: frozenset[int]) -> None:
         while True:
             following = self.low + 1
             if following in self._seen:
                 self._seen.discard(following)
             else:
-                since = self._holes.get(following)
-                if since is None or now - since < HOLE_GRACE_S:
+                hole = self._holes.get(following)
+                if hole is None:
+                    return
+                since, waiting_on = hole
+                if waiting_on & in_progress and now - since < HOLE_GRACE_S:
                     return
             self._holes.pop(following, None)
             self.low = following
@@ -110,12 +126,12 @@ class Watermark:
         return row_id <= self.low or row_id in self._seen
 
 
-def row_message(row: dict[str, Any], cursor: int) -> dict[str, Any]:
-    """What a consumer sends its client for one activity row."""
+def row_message(row: dict[str, Any]) -> dict[str, Any]:
+    """What a consumer sends its client for one activity row (API.md, Websockets)."""
     return {
         "type": row["kind"],
         "id": row["id"],
-        "cursor": min(cursor, row["id"]),
+        "at": row["at"],
         "job_id": row["job_id"],
         "data": row["data"],
     }
@@ -128,17 +144,26 @@ class ActivityFeed:
         self.task: asyncio.Task | None = None
         self.watermark: Watermark | None = None
         self.ready = asyncio.Event()
+        # Rows read above a hole, delivered once the watermark passes them.
+        self._held: dict[int, dict[str, Any]] = {}
+        # Ids given up on (monotonic time when): delivered late should they commit.
+        self._given_up: dict[int, float] = {}
+        self._last_metrics = 0.0
 
     async def ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
         # A task of another loop (a test's, long closed) does not run here.
         if self.task is None or self.task.done() or self.task.get_loop() is not loop:
             self.ready = asyncio.Event()
-            self.task = loop.create_task(self._run())
+            # A context of its own: a task copies its creator's, and the consumer that
+            # happens to start the feed must not lend it its (per-connection) executor
+            # for sync calls, which would stop with that connection.
+            self.task = loop.create_task(self._run(), context=contextvars.Context())
         await asyncio.wait_for(self.ready.wait(), timeout=10)
 
     @property
     def cursor(self) -> int:
+        """Every row up to here has been delivered (or given up on)."""
         return self.watermark.low if self.watermark else 0
 
     async def stop(self) -> None:
@@ -164,6 +189,7 @@ class ActivityFeed:
                     self.ready.set()
                     while True:
                         await self._read_and_fan_out(conn)
+                        await self._send_metrics()
                         async for _notify in conn.notifies(timeout=TICK_S, stop_after=1):
                             pass
             except asyncio.CancelledError:
@@ -174,37 +200,98 @@ class ActivityFeed:
 
     async def _read_and_fan_out(self, conn: psycopg.AsyncConnection) -> None:
         assert self.watermark is not None
-        layer = get_channel_layer()
+        now = time.monotonic()
+        self._given_up = {i: t for i, t in self._given_up.items() if now - t < GIVEN_UP_KEPT_S}
+        # One snapshot for the rows and the transactions then in progress (see Watermark).
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cursor = await conn.execute("SELECT pg_snapshot_xip(pg_current_snapshot())::text")
+            in_progress = frozenset(int(row[0]) for row in await cursor.fetchall())
+            rows = await self._rows(conn)
+        for row in rows:
+            if self._given_up.pop(row["id"], None) is not None:
+                await self._fan_out(row)  # late: its hole was given up on
+            elif not self.watermark.seen(row["id"]):
+                self._held[row["id"]] = row
+        before = self.watermark.low
+        self.watermark.observe(
+            (row["id"] for row in rows if row["id"] > before), time.monotonic(), in_progress
+        )
+        await self._release(before)
+
+    async def _rows(self, conn: psycopg.AsyncConnection) -> list[dict[str, Any]]:
+        assert self.watermark is not None
+        rows: list[dict[str, Any]] = []
         after = self.watermark.low
         while True:
             cursor = await conn.execute(
-                "SELECT id, kind, project_id, job_id, data FROM omniva_activity"
-                " WHERE id > %s ORDER BY id LIMIT %s",
-                [after, FETCH_LIMIT],
+                "SELECT id, kind, project_id, job_id, data, at FROM omniva_activity"
+                " WHERE id > %s OR id = ANY(%s) ORDER BY id LIMIT %s",
+                [after, list(self._given_up), FETCH_LIMIT],
             )
-            rows = [
+            page = [
                 {
                     "id": row[0],
                     "kind": row[1],
                     "project_id": str(row[2]) if row[2] else None,
                     "job_id": str(row[3]) if row[3] else None,
                     "data": row[4],
+                    "at": row[5].isoformat(),
                 }
                 for row in await cursor.fetchall()
             ]
-            fresh = [row for row in rows if not self.watermark.seen(row["id"])]
-            self.watermark.observe((row["id"] for row in rows), time.monotonic())
-            for row in fresh:
-                message = {"type": "activity.row", "row": row, "cursor": self.watermark.low}
-                await layer.group_send(GROUP_ALL, message)
-                if row["project_id"]:
-                    await layer.group_send(group_for_project(row["project_id"]), message)
-                if row["job_id"]:
-                    await layer.group_send(group_for_job(row["job_id"]), message)
-            if len(rows) < FETCH_LIMIT:
-                self.watermark.advance(time.monotonic())
-                return
-            after = rows[-1]["id"]
+            rows.extend(page)
+            if len(page) < FETCH_LIMIT:
+                return rows
+            after = max(after, page[-1]["id"])
+
+    async def _release(self, before: int) -> None:
+        """Deliver, in id order, the held rows the watermark has passed; remember the
+        ids it gave up on."""
+        assert self.watermark is not None
+        for row_id in range(before + 1, self.watermark.low + 1):
+            row = self._held.pop(row_id, None)
+            if row is None:
+                self._given_up[row_id] = time.monotonic()
+            else:
+                await self._fan_out(row)
+
+    async def _fan_out(self, row: dict[str, Any]) -> None:
+        layer = get_channel_layer()
+        message = {"type": "activity.row", "row": row}
+        await layer.group_send(GROUP_ALL, message)
+        if row["project_id"]:
+            await layer.group_send(group_for_project(row["project_id"]), message)
+        if row["job_id"]:
+            await layer.group_send(group_for_job(row["job_id"]), message)
+
+    async def _send_metrics(self) -> None:
+        """Every METRICS_S, the figures of /v1/metrics to unscoped clients (API.md)."""
+        now = time.monotonic()
+        if now - self._last_metrics < METRICS_S:
+            return
+        self._last_metrics = now
+        try:
+            figures = await asyncio.to_thread(_metrics_now)
+        except Exception as exc:  # the database is down: the next tick tries again
+            logger.warning("live metrics unavailable: %s", type(exc).__name__)
+            return
+        await get_channel_layer().group_send(
+            GROUP_ALL, {"type": "activity.metrics", "data": figures}
+        )
+
+
+def _metrics_now() -> dict[str, Any]:
+    """/v1/metrics's figures, on a worker thread with a connection of its own (closed
+    after: the thread is not one of Django's request threads)."""
+    from django.db import connections
+
+    from omniva.selectors import service_metrics
+
+    try:
+        return service_metrics()
+    finally:
+        connections.close_all()
 
 
 feed = ActivityFeed()

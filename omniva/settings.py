@@ -384,7 +384,8 @@ Q_CLUSTER = {
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "omniva.live.LiveChannelLayer",
-        "CONFIG": {"capacity": 1000, "expiry": 10**9},
+        # Nor do group memberships: a client may stay connected for days.
+        "CONFIG": {"capacity": 1000, "expiry": 10**9, "group_expiry": 10**9},
     }
 }
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path, re_path
 
+from omniva import dashboard
 from omniva.api import views as api_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("health", api_views.RootHealthView.as_view(), name="health-root"),
+    path("dashboard", dashboard.dashboard, name="dashboard"),
     path("v1/", include("omniva.api.urls")),
     path("v1/", include("jobs.api.urls")),
     path("v1/", include("engines.api.urls")),

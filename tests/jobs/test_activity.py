@@ -68,6 +68,8 @@ def test_progress_reports_are_job_progress_events() -> None:
     services.stage_report(stage_run_id=run.pk, token=claim.token, progress=40, message="halfway")
     progress = Activity.objects.filter(job_id=job.pk, kind="job:progress").get()
     assert progress.data["progress"] == 40.0
+    stage = Activity.objects.filter(job_id=job.pk, kind="stage:update").order_by("id").last()
+    assert (stage.data["status"], stage.data["progress"]) == ("running", 40.0)
     assert Activity.objects.filter(job_id=job.pk, kind="log").get().data["message"] == "halfway"
 
 
@@ -106,3 +108,18 @@ def test_a_committed_transition_notifies_the_activity_channel() -> None:
         services.job_submit(pipeline="noop")
         notifies = list(listener.notifies(timeout=5, stop_after=1))
     assert [n.channel for n in notifies] == [ACTIVITY_CHANNEL]
+
+
+def test_a_retry_tells_the_reset_state_after_its_stages_were_reset() -> None:
+    job, _ = services.job_submit(pipeline="sleep", params={"seconds": 5})
+    run = job.stages.get()
+    claim = services.stage_start(stage_run_id=run.pk, worker="test")
+    assert claim is not None
+    services.stage_report(stage_run_id=run.pk, token=claim.token, progress=30)
+    services.job_cancel(job_id=job.pk)
+    services.stage_cancelled(stage_run_id=run.pk, token=claim.token)
+    services.job_retry(job_id=job.pk)
+    last = Activity.objects.filter(job_id=job.pk, kind="job:update").order_by("id").last()
+    assert (last.data["status"], last.data["progress"]) == ("pending", 0.0)
+    stage = Activity.objects.filter(job_id=job.pk, kind="stage:update").order_by("id").last()
+    assert stage.data["status"] == "queued"

@@ -1,4 +1,4 @@
-"""`manage.py bench [api|queue|events]`: benchmarks that print tables of side-by-side ratios.
+"""`manage.py bench [api|queue|events|live]`: benchmarks that print tables of side-by-side ratios.
 
 With no suite named, every suite runs (`make bench`).
 
@@ -15,6 +15,10 @@ broker beside django-q2's stock ORM broker (see jobs/benchmarks.py).
 `events` measures the leased event queue through the HTTP API of a real daphne
 server: events claimed and completed per second by concurrent engine clients, beside
 the GET /v1/health requests per second of the same server (see engines/benchmarks.py).
+
+`live` measures the live stream: websocket clients of one daphne on /ws/events, and
+the time from a state change committed by a `qcluster` worker to its arrival at every
+client, p50 and p99 (see omniva/live_benchmark.py).
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
-SUITES = ["api", "queue", "events"]
-DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3}
+SUITES = ["api", "queue", "events", "live"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -57,7 +61,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rounds",
             type=int,
-            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3).",
+            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3, live: 1).",
         )
         parser.add_argument(
             "--requests", type=int, default=400, help="api: requests per variant per round."
@@ -75,7 +79,8 @@ class Command(BaseCommand):
             "--workers",
             type=int,
             default=settings.OMNIVA_WORKERS,
-            help="queue: workers of every cluster (OMNIVA_WORKERS; bulk and queue_limit follow).",
+            help="queue, live: workers of every cluster (OMNIVA_WORKERS; bulk and queue_limit "
+            "follow).",
         )
         parser.add_argument(
             "--samples", type=int, default=50, help="queue: idle latency samples per broker."
@@ -105,6 +110,24 @@ class Command(BaseCommand):
             default=4,
             help="events: concurrent engine clients (threads, one connection each).",
         )
+        parser.add_argument(
+            "--ws-clients",
+            type=int,
+            default=100,
+            help="live: websocket clients on /ws/events (one asyncio loop).",
+        )
+        parser.add_argument(
+            "--live-jobs",
+            type=int,
+            default=200,
+            help="live: noop jobs per round.",
+        )
+        parser.add_argument(
+            "--live-interval-s",
+            type=float,
+            default=0.2,
+            help="live: seconds between two submissions.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         suites = [options["suite"]] if options["suite"] else SUITES
@@ -112,6 +135,13 @@ class Command(BaseCommand):
             options["q_cluster"] = self._queue_options(options)
         if "events" in suites and (options["events"] < 100 or options["clients"] < 1):
             raise CommandError("--events must be at least 100, --clients at least 1")
+        if "live" in suites and (
+            options["ws_clients"] < 1 or options["live_jobs"] < 10 or options["live_interval_s"] < 0
+        ):
+            raise CommandError(
+                "--ws-clients must be at least 1, --live-jobs at least 10, "
+                "--live-interval-s not negative"
+            )
         # SIGTERM (a timeout, CI) unwinds like Ctrl-C: clusters and the database stop.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         database = None
@@ -128,8 +158,10 @@ class Command(BaseCommand):
                     self.bench_api(options["requests"], rounds)
                 elif suite == "queue":
                     self.bench_queue(database, rounds, options)
-                else:
+                elif suite == "events":
                     self.bench_events(database, rounds, options)
+                else:
+                    self.bench_live(database, rounds, options)
         finally:
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
@@ -250,6 +282,40 @@ class Command(BaseCommand):
                 bench.run()
             except BenchError as exc:
                 raise CommandError(f"bench events failed: {exc}") from None
+            for line in bench.report():
+                self.stdout.write(line)
+
+    def bench_live(
+        self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
+    ) -> None:
+        from jobs.benchmarks import bench_database, work_folder
+        from omniva.live_benchmark import BenchError, LiveBench
+
+        def say(message: str) -> None:
+            self.stdout.write(message)
+            self.stdout.flush()
+
+        if database is None:
+            say(
+                "bench live runs in the database of DATABASE_URL: a `default` qcluster "
+                "already serving it takes some of the benchmark's jobs (their latency counts "
+                "all the same)."
+            )
+        with bench_database(database) as url, work_folder("live") as folder:
+            bench = LiveBench(
+                database_url=url,
+                work_dir=folder,
+                clients=options["ws_clients"],
+                jobs=options["live_jobs"],
+                interval_s=options["live_interval_s"],
+                rounds=rounds,
+                workers=options["workers"],
+                say=say,
+            )
+            try:
+                bench.run()
+            except BenchError as exc:
+                raise CommandError(f"bench live failed: {exc}") from None
             for line in bench.report():
                 self.stdout.write(line)
 
