@@ -25,7 +25,6 @@ key, is lower than what N clients send); the per-request rate-limit UPSERT still
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import http.client
 import json
 import math
@@ -43,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from omniva.benchmarks import BenchError, table_lines
+from omniva.processes import die_with_parent
+
 BENCH_NAME = "bench"  # the event type and the engine type
 BATCH_SIZE = 10
 TARGET_RATIO = 0.5
@@ -54,19 +56,6 @@ WARMUP_REQUESTS = 20  # per client, of each kind, before the first round
 ERROR_SAMPLES = 5
 # Never refuse the benchmark's own requests (the check itself still runs).
 SERVER_RATE_ENV = {"OMNIVA_RATE_LIMIT": "1000000000", "OMNIVA_RATE_BURST": "1000000000"}
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the benchmark dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -113,7 +102,7 @@ class Server:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def wait_ready(self) -> None:
@@ -562,12 +551,6 @@ class EventsBench:
             ),
         ]
         header = ("figure", "value", "target", "met")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: tuple[str, ...]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest]).rstrip()
 
         def listed(values: list[float]) -> str:
             return ", ".join(f"{v:.0f}" for v in values)
@@ -579,8 +562,7 @@ class EventsBench:
             "one daphne, rate limit lifted",
             f"{os.cpu_count()} cores, load average {r.load_before:.2f} before, "
             f"{r.load_after:.2f} after",
-            line(header),
-            *(line(row) for row in rows),
+            *table_lines(header, rows),
             f"rounds: events/s {listed(r.event_rates)}; health req/s {listed(r.health_rates)}; "
             "ratio "
             + ", ".join(

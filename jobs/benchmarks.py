@@ -34,7 +34,6 @@ cluster already running there would take the jobs of figure 2.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -49,6 +48,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from omniva.benchmarks import BenchError, table_lines
+from omniva.processes import die_with_parent
 
 NOOP = "jobs.benchmarks.bench_noop"
 STAMP = "jobs.benchmarks.bench_stamp"
@@ -227,19 +229,6 @@ class StockOrmQueue(QueueUnderTest):
 # --- clusters as child processes --------------------------------------------------------
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the benchmark dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class Cluster:
     """One `qcluster` serving `queue`, in its own process group."""
@@ -279,7 +268,7 @@ class Cluster:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def check_alive(self) -> None:
@@ -644,12 +633,6 @@ class QueueBench:
             ),
         ]
         header = ("figure", "omniva broker", "django-q2 ORM", "target", "met")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: tuple[str, ...]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest]).rstrip()
 
         changes = f"; Q_CLUSTER changes {self.q_cluster}" if self.q_cluster else ""
         rounds = "; ".join(
@@ -678,8 +661,7 @@ class QueueBench:
             f"{self.samples} idle samples, backlog {self.backlog}{changes}",
             f"{os.cpu_count()} cores, load average {r.load_before:.2f} before, "
             f"{r.load_after:.2f} after",
-            line(header),
-            *(line(row) for row in rows),
+            *table_lines(header, rows),
             f"rounds, tasks/s: {rounds}; jobs/s " + ", ".join(f"{v:.0f}" for v in r.job_rates),
             f"enqueue in one transaction: {enqueue}; job_submit {med(r.submit_rates):.0f} jobs/s",
             f"p50 from the enqueue's commit (not the call) to the start: {after_commit}",

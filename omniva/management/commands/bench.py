@@ -18,7 +18,7 @@ the GET /v1/health requests per second of the same server (see engines/benchmark
 
 `live` measures the live stream: websocket clients of one daphne on /ws/events, and
 the time from a state change committed by a `qcluster` worker to its arrival at every
-client, p50 and p99 (see omniva/live_benchmark.py).
+client, p50 and p99 (see jobs/live_benchmark.py).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from django.test import Client
 from django.test.utils import override_settings, setup_test_environment
 
 from omniva import services
+from omniva.benchmarks import BenchError
 from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
@@ -220,22 +221,43 @@ class Command(BaseCommand):
                 q_cluster[key.strip()] = raw
         return q_cluster
 
+    def _say(self, message: str) -> None:
+        self.stdout.write(message)
+        self.stdout.flush()
+
+    def _run_suite(
+        self,
+        suite: str,
+        database: EmbeddedServer | None,
+        shared_database_warning: str,
+        build: Callable[[str, Any], Any],
+    ) -> None:
+        """Run a suite that starts processes of its own, in a database of its own."""
+        from jobs.benchmarks import bench_database, work_folder
+
+        if database is None:
+            self._say(
+                f"bench {suite} runs in the database of DATABASE_URL: {shared_database_warning}"
+            )
+        with bench_database(database) as url, work_folder(suite) as folder:
+            bench = build(url, folder)
+            try:
+                bench.run()
+            except BenchError as exc:
+                raise CommandError(f"bench {suite} failed: {exc}") from None
+            for line in bench.report():
+                self.stdout.write(line)
+
     def bench_queue(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from jobs.benchmarks import BenchError, QueueBench, bench_database, work_folder
+        from jobs.benchmarks import QueueBench
 
-        def say(message: str) -> None:
-            self.stdout.write(message)
-            self.stdout.flush()
-
-        if database is None:
-            say(
-                "bench queue runs in the database of DATABASE_URL: a `default` qcluster "
-                "already serving it would take the benchmark's jobs."
-            )
-        with bench_database(database) as url, work_folder() as folder:
-            bench = QueueBench(
+        self._run_suite(
+            "queue",
+            database,
+            "a `default` qcluster already serving it would take the benchmark's jobs.",
+            lambda url, folder: QueueBench(
                 database_url=url,
                 work_dir=folder,
                 tasks=options["tasks"],
@@ -245,64 +267,40 @@ class Command(BaseCommand):
                 samples=options["samples"],
                 backlog=options["backlog"],
                 q_cluster=options["q_cluster"],
-                say=say,
-            )
-            try:
-                bench.run()
-            except BenchError as exc:
-                raise CommandError(f"bench queue failed: {exc}") from None
-            for line in bench.report():
-                self.stdout.write(line)
+                say=self._say,
+            ),
+        )
 
     def bench_events(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from engines.benchmarks import BenchError, EventsBench
-        from jobs.benchmarks import bench_database, work_folder
+        from engines.benchmarks import EventsBench
 
-        def say(message: str) -> None:
-            self.stdout.write(message)
-            self.stdout.flush()
-
-        if database is None:
-            say(
-                "bench events runs in the database of DATABASE_URL: an engine of type "
-                "`bench` already serving it would take the benchmark's events."
-            )
-        with bench_database(database) as url, work_folder("events") as folder:
-            bench = EventsBench(
+        self._run_suite(
+            "events",
+            database,
+            "an engine of type `bench` already serving it would take the benchmark's events.",
+            lambda url, folder: EventsBench(
                 database_url=url,
                 work_dir=folder,
                 events=options["events"],
                 clients=options["clients"],
                 rounds=rounds,
-                say=say,
-            )
-            try:
-                bench.run()
-            except BenchError as exc:
-                raise CommandError(f"bench events failed: {exc}") from None
-            for line in bench.report():
-                self.stdout.write(line)
+                say=self._say,
+            ),
+        )
 
     def bench_live(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from jobs.benchmarks import bench_database, work_folder
-        from omniva.live_benchmark import BenchError, LiveBench
+        from jobs.live_benchmark import LiveBench
 
-        def say(message: str) -> None:
-            self.stdout.write(message)
-            self.stdout.flush()
-
-        if database is None:
-            say(
-                "bench live runs in the database of DATABASE_URL: a `default` qcluster "
-                "already serving it takes some of the benchmark's jobs (their latency counts "
-                "all the same)."
-            )
-        with bench_database(database) as url, work_folder("live") as folder:
-            bench = LiveBench(
+        self._run_suite(
+            "live",
+            database,
+            "a `default` qcluster already serving it takes some of the benchmark's jobs "
+            "(their latency counts all the same).",
+            lambda url, folder: LiveBench(
                 database_url=url,
                 work_dir=folder,
                 clients=options["ws_clients"],
@@ -310,14 +308,9 @@ class Command(BaseCommand):
                 interval_s=options["live_interval_s"],
                 rounds=rounds,
                 workers=options["workers"],
-                say=say,
-            )
-            try:
-                bench.run()
-            except BenchError as exc:
-                raise CommandError(f"bench live failed: {exc}") from None
-            for line in bench.report():
-                self.stdout.write(line)
+                say=self._say,
+            ),
+        )
 
     @staticmethod
     def _time(client: Client, requests: int) -> float:

@@ -9,7 +9,6 @@ rest down with it, so a half-running platform never pretends to be up.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -27,16 +26,10 @@ from django.db import connections
 
 from omniva import services
 from omniva.embedded_db import EmbeddedServer
+from omniva.processes import die_with_parent
 
 STOP_GRACE_S = 15
 ADMIN_USERNAME = "admin"
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if `serve` itself dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -54,7 +47,7 @@ class Child:
             env=self.env,
             cwd=settings.BASE_DIR,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def terminate(self) -> None:

@@ -41,9 +41,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from engines.benchmarks import HOST, Server
-from engines.benchmarks import BenchError as ServerError
-from jobs.benchmarks import BenchError as ClusterError
 from jobs.benchmarks import Cluster, percentile
+from omniva.benchmarks import BenchError, table_lines
 
 PIPELINE = "noop"
 SUBMIT_INTERVAL_S = 0.2
@@ -62,10 +61,6 @@ HTTP_TIMEOUT_S = 30.0
 
 TARGET_P50_MS = 50.0
 TARGET_P99_MS = 200.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 def _timestamp(value: str) -> float:
@@ -356,8 +351,6 @@ class LiveBench:
         try:
             self.setup()
             asyncio.run(self.measure())
-        except (ServerError, ClusterError) as exc:
-            raise BenchError(str(exc)) from exc
         finally:
             self.teardown()
         self.results.load_after = os.getloadavg()[0]
@@ -408,12 +401,6 @@ class LiveBench:
             ("(client, job) pairs", f"{len(r.latencies_ms)}", "", ""),
         ]
         header = ("figure", "value", "target", "met")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-        def line(cells: tuple[str, ...]) -> str:
-            first = cells[0].ljust(widths[0])
-            rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
-            return "  ".join([first, *rest]).rstrip()
 
         def listed(values: list[float]) -> str:
             return ", ".join(f"{v:.1f}" for v in values)
@@ -426,8 +413,7 @@ class LiveBench:
             "rate limit lifted",
             f"{os.cpu_count()} cores, load average {r.load_before:.2f} before, "
             f"{r.load_after:.2f} after",
-            line(header),
-            *(line(row) for row in rows),
+            *table_lines(header, rows),
             f"rounds: p50 ms {listed(r.round_p50_ms)}; p99 ms {listed(r.round_p99_ms)}",
             f"messages received by all clients in the rounds {r.messages} "
             f"({r.messages / r.measured_s:.0f}/s); POST /v1/jobs p50 "
