@@ -117,7 +117,9 @@ def _notify_claimable(engine_type: str) -> None:
         cursor.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, engine_type])
 
 
-def _backoff_s(retry_number: int) -> int:
+def retry_backoff_s(retry_number: int) -> int:
+    """Seed 000's retry policy, kept for events and job stages alike: the wait before
+    retry number `retry_number` (1, 2, 3 → 30, 60, 120 s by default; the last repeats)."""
     backoff = settings.OMNIVA_RETRY_BACKOFF_S
     return backoff[min(retry_number - 1, len(backoff) - 1)] if backoff else 0
 
@@ -556,7 +558,7 @@ def event_update_status(
             if retry_count > event.max_retries:
                 _to_dead_letter(event, failure, now, retry_count=retry_count)
                 return event
-            delay = _backoff_s(retry_count)
+            delay = retry_backoff_s(retry_count)
             event.status = EventStatus.PENDING
             event.retry_count = retry_count
             event.error = failure

@@ -947,11 +947,6 @@ def stage_complete(
         return
 
 
-def _backoff_s(retry_number: int) -> int:
-    backoff = settings.OMNIVA_RETRY_BACKOFF_S
-    return backoff[min(retry_number - 1, len(backoff) - 1)] if backoff else 0
-
-
 def stage_fail(
     *,
     stage_run_id: int,
@@ -980,7 +975,7 @@ def stage_fail(
             return job
         retries_used = run.attempt - run.attempt_floor
         if retryable and retries_used <= job.max_retries:
-            delay = _backoff_s(retries_used)
+            delay = engines.retry_backoff_s(retries_used)
             run.save()
             _log(
                 job,
