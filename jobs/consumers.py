@@ -21,6 +21,7 @@ or project, 4008 too slow (reconnect with your cursor), 4400 a bad parameter.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -166,6 +167,8 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             after = self._after(query)
             self.topics = self._topics(query)
             project = await self._scope_project(caller, _one(query, "project"))
+            if job_id is not None:
+                job_id = self._job_id(job_id)
         except Refused as refused:
             # Accepted first so that the client sees the close code (a refused
             # handshake shows none).
@@ -199,6 +202,15 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             return
         for row in rows:
             await self._send_row(row)
+
+    @staticmethod
+    def _job_id(raw: str) -> str:
+        # Checked before it names a group (group names allow few characters): a job id
+        # that is no UUID is no job.
+        try:
+            return str(uuid.UUID(raw))
+        except ValueError:
+            raise Refused(4004) from None
 
     @staticmethod
     def _topics(query: dict[str, list[str]]) -> set[str]:

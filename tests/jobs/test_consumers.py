@@ -181,6 +181,18 @@ def test_a_job_socket_follows_one_job_from_its_snapshot() -> None:
     run(scenario)
 
 
+@pytest.mark.parametrize("job_id", ["not-a-job", "x" * 300, "a%20b!"])
+def test_a_job_socket_for_an_id_that_is_no_job_closes_with_4004(job_id: str) -> None:
+    secret = key(Scope.JOBS_READ)
+
+    async def scenario() -> None:
+        ws = connect(f"/ws/jobs/{job_id}?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4004}
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(
     ("query", "code"),
     [("", 4001), ("?token=omv_nope_nope", 4001), ("?token={engines}", 4003), ("?after=x", 4001)],
