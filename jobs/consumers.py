@@ -20,6 +20,8 @@ or project, 4008 too slow (reconnect with your cursor), 4400 a bad parameter.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -201,7 +203,7 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "snapshot", "cursor": cursor, "data": snapshot})
             return
         for row in rows:
-            await self._send_row(row)
+            await self._send_row(row["kind"], live.row_text(row))
 
     @staticmethod
     def _job_id(raw: str) -> str:
@@ -236,9 +238,9 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             raise Refused(4004)
         return project
 
-    async def _send_row(self, row: dict[str, Any]) -> None:
-        if TOPIC_OF_KIND.get(row["kind"], "jobs") in self.topics:
-            await self.send_json(live.row_message(row))
+    async def _send_row(self, kind: str, text: str) -> None:
+        if TOPIC_OF_KIND.get(kind, "jobs") in self.topics:
+            await self.send(text_data=text)
 
     @staticmethod
     def _after(query: dict[str, list[str]]) -> int | None:
@@ -260,8 +262,8 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
         # Channels closes stale database connections (a sync thread hop) before every
         # handler; the stream's handlers touch no database, and with many clients that
         # hop per row per client was most of a row's cost (docs/benchmarks.md).
-        if message["type"] == "activity.row":
-            await self.activity_row(message)
+        if message["type"] == "activity.rows":
+            await self.activity_rows(message)
         elif message["type"] == "activity.metrics":
             await self.activity_metrics(message)
         else:
@@ -277,12 +279,27 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
             return True
         return False
 
-    async def activity_row(self, message: dict[str, Any]) -> None:
-        if not await self._fell_behind():
-            await self._send_row(message["row"])
+    async def _may_send(self) -> bool:
+        """Whether to send now. While the client's connection takes no more data, wait
+        (what comes meanwhile waits in this consumer's bounded queue); False once the
+        client fell behind and was closed."""
+        flow: live.ConnectionFlow | None = self.scope.get("omniva.flow")
+        while flow is not None and not flow.writable.is_set():
+            # Woken by the connection draining; looks every STALL_CHECK_S whether the
+            # queue filled meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(flow.writable.wait(), live.STALL_CHECK_S)
+            if await self._fell_behind():
+                return False
+        return not await self._fell_behind()
+
+    async def activity_rows(self, message: dict[str, Any]) -> None:
+        if await self._may_send():
+            for kind, text in message["rows"]:
+                await self._send_row(kind, text)
 
     async def activity_metrics(self, message: dict[str, Any]) -> None:
-        if self.metrics and not await self._fell_behind():
+        if self.metrics and await self._may_send():
             await self.send_json(
                 {"type": "metrics", "at": timezone.now().isoformat(), "data": message["data"]}
             )

@@ -14,6 +14,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import ActivityConsumer  # noqa: E402
+from omniva.live import FlowControlMiddleware  # noqa: E402
 
 websocket_urlpatterns: list = [
     path("ws/events", ActivityConsumer.as_asgi()),
@@ -25,6 +26,6 @@ application = ProtocolTypeRouter(
         "http": django_asgi_app,
         # Origins are checked by the consumers for session callers only; API-key
         # callers (engines, scripts) send none.
-        "websocket": AuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        "websocket": FlowControlMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

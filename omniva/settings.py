@@ -379,13 +379,12 @@ Q_CLUSTER = {
 
 # In-process groups: each daphne reads the activity outbox itself (omniva/live.py), so
 # no layer between processes is needed. A consumer's queue holds at most `capacity`
-# messages; one that fills up is closed (4008) and resumes from its cursor. Messages
-# never expire: a full queue, not time, is what drops a slow client.
+# messages of up to live.ROWS_PER_MESSAGE rows; one that fills up is closed (4008) and
+# resumes from its cursor. Nothing expires: a full queue, not time, drops a slow client.
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "omniva.live.LiveChannelLayer",
-        # Nor do group memberships: a client may stay connected for days.
-        "CONFIG": {"capacity": 1000, "expiry": 10**9, "group_expiry": 10**9},
+        "CONFIG": {"capacity": env_int("OMNIVA_LIVE_CLIENT_BACKLOG", 200, minimum=1)},
     }
 }
 

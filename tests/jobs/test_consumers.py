@@ -228,7 +228,7 @@ def test_a_client_that_falls_behind_is_closed_with_4008_and_nothing_piles_up() -
             "data": {},
             "at": "2026-01-01T00:00:00+00:00",
         }
-        message = {"type": "activity.row", "row": row}
+        message = {"type": "activity.rows", "rows": [(row["kind"], live.row_text(row))]}
         # Rows arrive faster than the consumer takes them: its queue fills up, and the
         # layer refuses the rest rather than keep them.
         refused = 0
@@ -244,6 +244,40 @@ def test_a_client_that_falls_behind_is_closed_with_4008_and_nothing_piles_up() -
         await ws.disconnect()  # as daphne reports the closed connection
         assert channel not in layer.overflowed  # forgotten with the consumer
         assert channel not in layer.groups.get(live.GROUP_ALL, {})
+
+    run(scenario)
+
+
+def test_nothing_is_sent_while_the_connection_is_full_and_a_full_queue_closes_it() -> None:
+    secret = key(Scope.JOBS_READ)
+
+    def rows_message(n: int) -> dict[str, Any]:
+        row = {"id": n, "kind": "log", "job_id": None, "data": {"n": n}, "at": "2026-01-01"}
+        return {"type": "activity.rows", "rows": [("log", live.row_text(row))]}
+
+    async def scenario() -> None:
+        layer = channel_layers["default"]
+        layer.capacity = 2
+        flow = live.ConnectionFlow()
+        ws = connect(f"/ws/events?token={secret}")
+        ws.scope["omniva.flow"] = flow  # as FlowControlMiddleware does under daphne
+        await ws.connect(timeout=TIMEOUT)
+        await ws.receive_json_from(timeout=TIMEOUT)
+        [channel] = layer.groups[live.GROUP_ALL]
+
+        flow.pauseProducing()  # the client's connection takes no more data
+        await layer.group_send(live.GROUP_ALL, rows_message(1))
+        assert await ws.receive_nothing(timeout=0.3)
+        flow.resumeProducing()
+        assert (await ws.receive_json_from(timeout=TIMEOUT))["data"] == {"n": 1}
+
+        flow.pauseProducing()
+        for n in range(2, 6):  # one taken and waiting, two queued, one overflows
+            await layer.group_send(live.GROUP_ALL, rows_message(n))
+        assert channel in layer.overflowed
+        output = await ws.receive_output(timeout=TIMEOUT)
+        assert output == {"type": "websocket.close", "code": live.CLOSE_TOO_SLOW}
+        await ws.disconnect()
 
     run(scenario)
 
