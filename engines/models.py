@@ -143,6 +143,10 @@ class Event(models.Model):
     # The job stage this event runs, when it was made by the orchestrator (engines
     # does not import jobs; the id is opaque here).
     stage_run_id = models.BigIntegerField(null=True, blank=True, db_index=True)
+    # Its job and that job's project, opaque here too: the event's activity rows carry
+    # them, so the job's socket and the project's keys see the event (docs/live.md).
+    job_id = models.UUIDField(null=True, blank=True)
+    project_id = models.UUIDField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)

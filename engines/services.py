@@ -109,7 +109,12 @@ def _engine_changed(engine: EngineInstance, kind: str = "engine:update") -> None
 
 
 def _event_changed(event: Event) -> None:
-    activity_record(kind="event:update", data=_event_summary(event))
+    activity_record(
+        kind="event:update",
+        data=_event_summary(event),
+        job_id=event.job_id,
+        project_id=event.project_id,
+    )
 
 
 def _notify_claimable(engine_type: str) -> None:
@@ -305,6 +310,8 @@ def event_create(
     priority: int | None = None,
     max_retries: int | None = None,
     stage_run_id: int | None = None,
+    job_id: Any = None,
+    project_id: Any = None,
     delay_s: float = 0,
 ) -> Event:
     """Queue an event; engines of its type waiting in a long poll wake at commit."""
@@ -318,6 +325,8 @@ def event_create(
         lease_s=event_type.lease_s,
         available_at=now + timedelta(seconds=delay_s),
         stage_run_id=stage_run_id,
+        job_id=job_id,
+        project_id=project_id,
         created_at=now,
     )
     _event_changed(event)
@@ -349,8 +358,8 @@ WITH claimed AS (
     )
     RETURNING e.*, t.name AS event_type_name
 ), activity AS (
-    INSERT INTO omniva_activity (at, kind, data)
-    SELECT %(now)s, 'event:update', jsonb_build_object(
+    INSERT INTO omniva_activity (at, kind, job_id, project_id, data)
+    SELECT %(now)s, 'event:update', c.job_id, c.project_id, jsonb_build_object(
         'id', c.id, 'event_type_id', c.event_type_id, 'engine_type', c.engine_type,
         'status', c.status, 'priority', c.priority, 'retry_count', c.retry_count,
         'lock_until', c.lock_until, 'engine_id', c.leased_by_id,

@@ -210,6 +210,8 @@ def _enqueue_stage(
             priority=job.priority,
             max_retries=job.max_retries,
             stage_run_id=run.pk,
+            job_id=job.pk,
+            project_id=job.project_id,
             delay_s=delay_s,
             data={
                 "job_id": str(job.pk),

@@ -45,6 +45,22 @@ def test_an_engine_stage_becomes_an_event_with_the_jobs_params_and_priority() ->
     assert job.stages.get().status == StageStatus.QUEUED
 
 
+def test_a_stage_events_activity_rows_carry_its_job_and_project() -> None:
+    from omniva.models import Activity, Project
+
+    project = Project.objects.create(name="scoped")
+    job = submit_echo(project=project)
+    event = claim_one()
+    engines.event_update_status(event_id=event.pk, status="completed", result={"ok": 1})
+    rows = Activity.objects.filter(kind="event:update").order_by("id")
+    # created, claimed (the claim statement), completed
+    assert [(r.data["status"], r.job_id, r.project_id) for r in rows] == [
+        ("pending", job.pk, project.pk),
+        ("leased", job.pk, project.pk),
+        ("completed", job.pk, project.pk),
+    ]
+
+
 def test_a_claim_marks_the_stage_running_on_that_engine(
     django_capture_on_commit_callbacks: Any,
 ) -> None:
