@@ -8,15 +8,16 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_q.signals import pre_execute
+        from django_q.signals import post_spawn, pre_execute
 
-        from jobs import builtin, selectors, tasks  # noqa: F401  (builtin registers pipelines)
+        from jobs import builtin, gpu, selectors, tasks  # noqa: F401  (they register pipelines)
         from omniva import selectors as core_selectors
         from omniva.health import register_check
 
         core_selectors.contribute_info(selectors.contribute_info)
         core_selectors.contribute_metrics(selectors.contribute_metrics)
         register_check("queues", selectors.check_queues)
+        register_check("gpu", selectors.check_gpu)
 
         # An engine stage's event reaches the orchestrator through these (engines/).
         from engines import services as engines
@@ -37,3 +38,5 @@ class JobsConfig(AppConfig):
 
         # The worker needs its task's delivery id to heartbeat and acknowledge it.
         pre_execute.connect(tasks.remember_delivery, dispatch_uid="omniva.remember_delivery")
+        # A worker of the gpu cluster warms its models up and reports its device.
+        post_spawn.connect(tasks.on_worker_spawned, dispatch_uid="omniva.gpu_reporter")

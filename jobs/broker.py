@@ -62,6 +62,25 @@ SELECT id, pg_notify(%(channel)s, '') FROM task
 """
 
 
+# The gpu worker's micro-batches (jobs/inference.py): ready rows of `queue` whose stage
+# runs are of the given (pipeline, stage) pairs, claimed like CLAIM_SQL claims.
+CLAIM_STAGES_SQL = """
+UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
+                          deliveries = deliveries + 1
+WHERE id IN (
+    SELECT q.id FROM jobs_queuetask q
+    JOIN jobs_stagerun r ON r.id = q.stage_run_id
+    JOIN jobs_job j ON j.id = r.job_id
+    WHERE q.queue = %(queue)s AND q.visible_at <= statement_timestamp()
+      AND j.pipeline || '.' || r.name = ANY(%(stages)s)
+    ORDER BY q.priority DESC, q.id
+    LIMIT %(limit)s
+    FOR UPDATE OF q SKIP LOCKED
+)
+RETURNING id, deliveries, stage_run_id
+"""
+
+
 def channel_for(queue: str) -> str:
     return f"omniva_queue_{queue}"
 
@@ -94,6 +113,10 @@ def enqueue_payload(
         return cursor.fetchone()[0]
 
 
+def ack_id_for(row_id: int, deliveries: int) -> str:
+    return f"{row_id}:{deliveries}"
+
+
 def parse_ack_id(ack_id: str) -> tuple[int, int]:
     row_id, deliveries = str(ack_id).split(":", 1)
     return int(row_id), int(deliveries)
@@ -122,6 +145,17 @@ def defer_delivery(*, ack_id: str, until: Any) -> None:
             "WHERE id = %s AND deliveries = %s",
             [until, row_id, deliveries],
         )
+
+
+def claim_stage_tasks(*, queue: str, stages: list[str], limit: int) -> list[tuple[str, int]]:
+    """Claim up to `limit` ready tasks of `queue` that run one of `stages` ("pipeline.stage"):
+    (ack id, stage run id) of each, in priority then age order."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            CLAIM_STAGES_SQL,
+            {"lease": task_lease_s(), "queue": queue, "stages": stages, "limit": limit},
+        )
+        return [(ack_id_for(row_id, deliveries), run_id) for row_id, deliveries, run_id in cursor]
 
 
 def acknowledge_delivery(*, ack_id: str) -> None:
@@ -220,7 +254,9 @@ class PostgresBroker(Broker):
         )
         # RETURNING does not keep the subquery's order: restore priority, then age.
         rows.sort(key=lambda row: (-row[2], row[0]))
-        return [(f"{row_id}:{deliveries}", payload) for row_id, deliveries, _, payload in rows]
+        return [
+            (ack_id_for(row_id, deliveries), payload) for row_id, deliveries, _, payload in rows
+        ]
 
     def _seconds_until_next_due(self) -> float | None:
         row = (

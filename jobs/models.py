@@ -217,3 +217,16 @@ class QueueTask(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue}#{self.pk} p{self.priority}"
+
+
+class GpuWorkerReport(models.Model):
+    """What a gpu worker process last said about itself (jobs/inference.py): its device,
+    memory, utilization, loaded models and batch statistics. Written every few seconds;
+    a report older than a few intervals belongs to a worker that stopped."""
+
+    worker = models.CharField(max_length=200, primary_key=True)
+    reported_at = models.DateTimeField()
+    data = models.JSONField(default=dict)
+
+    def __str__(self) -> str:
+        return f"{self.worker} at {self.reported_at:%H:%M:%S}"

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from jobs.stages import StageContext
 
 StageFunction = Callable[["StageContext"], Any]
+# Runs several jobs' attempts of one stage together (one forward pass on the gpu worker,
+# jobs/inference.py): one output, or the StageError of that item, per context, in order.
+BatchFunction = Callable[[list["StageContext"]], list[Any]]
 ResultBuilder = Callable[[dict[str, Any]], Any]
 
 
@@ -33,6 +36,9 @@ class Stage:
     depends_on: tuple[str, ...] = ()
     queue: str = "default"
     engine_type: str | None = None
+    # Set for stages whose attempts may run batched across jobs; `run` is then the same
+    # work for one context (batch=[ctx]).
+    batch: BatchFunction | None = None
 
 
 def sink_output(outputs: dict[str, Any], dag: Dag) -> Any:

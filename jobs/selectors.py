@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -13,7 +13,7 @@ from django.db.models import Avg, Count, F, Max, QuerySet
 from django.utils import timezone
 
 from jobs import pipelines
-from jobs.models import ACTIVE_STATUSES, Job, JobStatus, QueueTask
+from jobs.models import ACTIVE_STATUSES, GpuWorkerReport, Job, JobStatus, QueueTask
 from omniva.models import Project
 
 # Histogram buckets (seconds) of job and stage durations in /metrics.
@@ -197,6 +197,13 @@ def contribute_info(info: dict[str, Any]) -> None:
     info["config"]["cancel_grace_s"] = settings.OMNIVA_CANCEL_GRACE_S
     info["config"]["job_timeout_s"] = settings.OMNIVA_JOB_TIMEOUT_S
     info["config"]["queue_timeout_s"] = settings.OMNIVA_QUEUE_TIMEOUT_S
+    info["config"]["gpu"] = {
+        "max_batch": settings.OMNIVA_GPU_MAX_BATCH,
+        "max_wait_ms": settings.OMNIVA_GPU_MAX_WAIT_MS,
+        "upscale_tile": settings.OMNIVA_UPSCALE_TILE,
+        "image_max_pixels": settings.OMNIVA_IMAGE_MAX_PIXELS,
+        "workers": gpu_reports(),
+    }
 
 
 def contribute_metrics(metrics: dict[str, Any]) -> None:
@@ -206,6 +213,32 @@ def contribute_metrics(metrics: dict[str, Any]) -> None:
     jobs_last = metrics["jobs"]["last_activity"]
     if jobs_last and (last is None or jobs_last > last):
         metrics["last_activity"] = jobs_last
+
+
+def gpu_reports() -> list[dict[str, Any]]:
+    """The status of every gpu worker that reported lately (jobs/inference.py)."""
+    from jobs.inference import REPORT_STALE_S
+
+    since = timezone.now() - timedelta(seconds=REPORT_STALE_S)
+    return [
+        {"worker": report.worker, "reported_at": report.reported_at, **report.data}
+        for report in GpuWorkerReport.objects.filter(reported_at__gte=since).order_by("worker")
+    ]
+
+
+def check_gpu() -> dict[str, Any]:
+    """The gpu workers' devices, memory and batches; degraded when gpu work waits and no
+    gpu worker reports."""
+    reports = gpu_reports()
+    if reports:
+        # The first worker's figures at the top level (the dashboard's panel), all below.
+        return {"status": "ok", **reports[0], "workers": reports}
+    waiting = queue_stats().get("gpu", {}).get("depth", 0)
+    return {
+        "status": "degraded" if waiting else "ok",
+        "workers": [],
+        "detail": "no gpu worker reporting" + (f"; {waiting} gpu tasks waiting" if waiting else ""),
+    }
 
 
 def check_queues() -> dict[str, Any]:

@@ -36,6 +36,7 @@ from jobs.models import (
     ACTIVE_STATUSES,
     FINISHED_STATUSES,
     RETRYABLE_STATUSES,
+    GpuWorkerReport,
     Job,
     JobLog,
     JobStatus,
@@ -1257,7 +1258,8 @@ def job_retry(*, job_id: Any) -> Job:
         return job
 
 
-def _job_files(job_id: Any) -> Path:
+def job_files(job_id: Any) -> Path:
+    """The folder of a job's files under the media root (removed with the job)."""
     return Path(settings.MEDIA_ROOT) / "jobs" / str(job_id)
 
 
@@ -1282,7 +1284,7 @@ def job_delete(*, job_id: Any) -> None:
             )
         job.delete()
         transaction.on_commit(
-            lambda: [shutil.rmtree(_job_files(i), ignore_errors=True) for i in ids]
+            lambda: [shutil.rmtree(job_files(i), ignore_errors=True) for i in ids]
         )
 
 
@@ -1305,7 +1307,7 @@ def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -
         _deleted, per_model = Job.objects.filter(pk__in=ids).delete()
         cleared = per_model.get("jobs.Job", 0)
         transaction.on_commit(
-            lambda: [shutil.rmtree(_job_files(i), ignore_errors=True) for i in ids]
+            lambda: [shutil.rmtree(job_files(i), ignore_errors=True) for i in ids]
         )
     return cleared
 
@@ -1318,3 +1320,13 @@ def job_expire_if_due(*, job_id: Any) -> Job:
         if job.status == JobStatus.PENDING:
             _expire_if_queue_timed_out(job, timezone.now())
         return job
+
+
+# --- gpu worker status -------------------------------------------------------------------
+
+
+def gpu_report_save(*, worker: str, data: dict[str, Any]) -> None:
+    """A gpu worker's status report (jobs/inference.py), replacing its previous one."""
+    GpuWorkerReport.objects.update_or_create(
+        worker=worker[:200], defaults={"reported_at": timezone.now(), "data": data}
+    )

@@ -26,7 +26,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection
 from django.utils import timezone
 
-from jobs import pipelines, services
+from jobs import inference, pipelines, services
 from jobs.stages import (
     StageCancelled,
     StageContext,
@@ -53,11 +53,12 @@ def remember_delivery(sender: Any, func: Any, task: dict[str, Any], **kwargs: An
     _current_delivery["task"] = task
 
 
-def _acknowledged() -> None:
+def _acknowledged(claim: services.StageClaim) -> None:
     """The transition acknowledged the delivery in its transaction: django-q2's monitor
-    need not (it acknowledges only tasks that still carry an ack id)."""
+    need not (it acknowledges only tasks that still carry an ack id). Attempts gathered
+    into a batch were claimed by the worker itself; django-q2 never knew them."""
     task = _current_delivery.get("task")
-    if task is not None:
+    if task is not None and claim.ack_id and task.get("ack_id") == claim.ack_id:
         task.pop("ack_id", None)
 
 
@@ -217,59 +218,171 @@ def run_stage(stage_run_id: int) -> None:
     execute_claim(claim)
 
 
+def claim_delivery(queue: str) -> tuple[str, dict[str, Any]] | None:
+    """One ready task of `queue`, claimed with the broker's claim: its ack id and the
+    unpacked django-q2 task (for running it in this process: benchmarks and tests)."""
+    from django_q.signing import SignedPackage
+
+    from jobs.broker import CLAIM_SQL, ack_id_for, task_lease_s
+
+    with connection.cursor() as cursor:
+        cursor.execute(CLAIM_SQL, {"lease": task_lease_s(), "queue": queue, "limit": 1})
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    row_id, deliveries, _priority, payload = row
+    return ack_id_for(row_id, deliveries), SignedPackage.loads(payload)
+
+
+def run_delivery(ack_id: str, task: dict[str, Any]) -> None:
+    """Run a claimed task here as a worker process does, and acknowledge it."""
+    from jobs.broker import acknowledge_delivery
+
+    remember_delivery(sender=None, func=None, task={**task, "ack_id": ack_id})
+    run_stage(*task["args"], **task["kwargs"])
+    acknowledge_delivery(ack_id=ack_id)
+
+
 def execute_claim(claim: services.StageClaim) -> None:
-    definition = pipelines.get(claim.pipeline)
-    ids = {"stage_run_id": claim.stage_run_id, "token": claim.token}
+    stage = _stage_of(claim)
+    if (
+        isinstance(stage, pipelines.Stage)
+        and stage.batch is not None
+        and settings.OMNIVA_GPU_MAX_BATCH > 1
+    ):
+        _execute_batch(claim, stage)
+        return
+    outcome: Any
     try:
-        if definition is None:
-            raise StageError(
-                "UNKNOWN_PIPELINE",
-                f"Pipeline {claim.pipeline!r} is not installed here.",
-                retryable=False,
-            )
-        stage = definition.dag(claim.params).stage(claim.stage)
-        context = StageContext(
-            job_id=claim.job_id,
-            stage=claim.stage,
-            stage_run_id=claim.stage_run_id,
-            attempt=claim.attempt,
-            token=claim.token,
-            params=claim.params,
-            inputs=claim.inputs,
-            pipeline=claim.pipeline,
-        )
+        if isinstance(stage, StageError):
+            raise stage
         with supervised(claim):
-            output = stage.run(context)
-    except StageCancelled:
-        services.stage_cancelled(**ids)
-    except StageTimedOut:
-        services.stage_timed_out(**ids)
-    except StageLeaseLost:
-        logger.warning("stage %s lost its lease; its result is dropped", claim.stage)
-    except StageError as exc:
-        _report_failure(ids, exc.code, exc.message, retryable=exc.retryable)
+            outcome = stage.run(_context(claim))
+    except (StageInterrupted, Exception) as exc:
+        outcome = exc
+    _settle(claim, outcome)
+
+
+def _stage_of(claim: services.StageClaim) -> pipelines.Stage | StageError:
+    definition = pipelines.get(claim.pipeline)
+    if definition is None:
+        return StageError(
+            "UNKNOWN_PIPELINE",
+            f"Pipeline {claim.pipeline!r} is not installed here.",
+            retryable=False,
+        )
+    try:
+        return definition.dag(claim.params).stage(claim.stage)
     except Exception as exc:
-        logger.warning("stage %s raised:\n%s", claim.stage, traceback.format_exc())
-        _report_failure(ids, "STAGE_FAILED", f"{exc.__class__.__name__}: {exc}", retryable=True)
+        return StageError("UNKNOWN_STAGE", f"{claim.stage}: {exc}", retryable=False)
+
+
+def _context(claim: services.StageClaim) -> StageContext:
+    return StageContext(
+        job_id=claim.job_id,
+        stage=claim.stage,
+        stage_run_id=claim.stage_run_id,
+        attempt=claim.attempt,
+        token=claim.token,
+        params=claim.params,
+        inputs=claim.inputs,
+        pipeline=claim.pipeline,
+    )
+
+
+def _batch_items(claim: services.StageClaim) -> int:
+    """How many items one attempt adds to a forward pass (texts, for `embed`)."""
+    texts = claim.params.get("texts")
+    return len(texts) if isinstance(texts, list) and texts else 1
+
+
+def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
+    """`first` and the ready attempts of the same stage gathered with it, in one call of
+    `stage.batch` (one forward pass); each attempt is settled on its own. The supervisor
+    watches `first` (its deadline and cancel interrupt the batch); the others' leases
+    outlast a forward pass many times over."""
+    assert stage.batch is not None
+    claims = [
+        first,
+        *inference.gather_batch(
+            first,
+            items=_batch_items,
+            worker=worker_name(),
+            max_items=settings.OMNIVA_GPU_MAX_BATCH,
+            max_wait_s=settings.OMNIVA_GPU_MAX_WAIT_MS / 1000,
+        ),
+    ]
+    outcomes: list[Any]
+    try:
+        with supervised(first):
+            outcomes = stage.batch([_context(claim) for claim in claims])
+        if len(outcomes) != len(claims):
+            raise RuntimeError(f"{len(outcomes)} outputs for {len(claims)} attempts")
+    except StageInterrupted as exc:
+        # Only `first` was stopped; the others ran into it and are tried again.
+        interrupted = StageError("BATCH_INTERRUPTED", "Its batch was interrupted.")
+        outcomes = [exc, *[interrupted] * (len(claims) - 1)]
+    except Exception as exc:
+        outcomes = [exc] * len(claims)
+    for claim, outcome in zip(claims, outcomes, strict=True):
+        _settle(claim, outcome)
+
+
+def _settle(claim: services.StageClaim, outcome: Any) -> None:
+    """The one way an attempt ends: its output, or the exception it ended with."""
+    ids = {"stage_run_id": claim.stage_run_id, "token": claim.token}
+    if isinstance(outcome, StageCancelled):
+        services.stage_cancelled(**ids)
+    elif isinstance(outcome, StageTimedOut):
+        services.stage_timed_out(**ids)
+    elif isinstance(outcome, StageLeaseLost):
+        logger.warning("stage %s lost its lease; its result is dropped", claim.stage)
+    elif isinstance(outcome, StageError):
+        _report_failure(claim, outcome.code, outcome.message, retryable=outcome.retryable)
+    elif isinstance(outcome, BaseException):
+        logger.warning(
+            "stage %s raised:\n%s",
+            claim.stage,
+            "".join(traceback.format_exception(outcome)),
+        )
+        _report_failure(
+            claim, "STAGE_FAILED", f"{outcome.__class__.__name__}: {outcome}", retryable=True
+        )
     else:
         try:
-            services.stage_complete(**ids, output=output, ack_id=claim.ack_id)
-            _acknowledged()
+            services.stage_complete(**ids, output=outcome, ack_id=claim.ack_id)
+            _acknowledged(claim)
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)
         except (TypeError, ValueError) as exc:
             _report_failure(
-                ids,
+                claim,
                 "BAD_OUTPUT",
                 f"The stage returned what JSON cannot hold: {exc}",
                 retryable=False,
             )
 
 
-def _report_failure(ids: dict[str, Any], code: str, message: str, *, retryable: bool) -> None:
-    ack_id = _current_delivery.get("ack_id")
+def _report_failure(
+    claim: services.StageClaim, code: str, message: str, *, retryable: bool
+) -> None:
     try:
-        services.stage_fail(**ids, code=code, message=message, retryable=retryable, ack_id=ack_id)
-        _acknowledged()
+        services.stage_fail(
+            stage_run_id=claim.stage_run_id,
+            token=claim.token,
+            code=code,
+            message=message,
+            retryable=retryable,
+            ack_id=claim.ack_id,
+        )
+        _acknowledged(claim)
     except OmnivaError as exc:
         logger.warning("failure report refused: %s", exc.message)
+
+
+def on_worker_spawned(sender: Any, proc_name: str, **kwargs: Any) -> None:
+    """django-q2 spawned a worker process: in the gpu cluster, warm up and report."""
+    from django_q.conf import Conf
+
+    if Conf.CLUSTER_NAME == inference.GPU_QUEUE:
+        inference.start_reporter(worker_name())

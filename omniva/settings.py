@@ -331,6 +331,16 @@ if OMNIVA_DEVICE not in {"auto", "cpu", "cuda"} and not OMNIVA_DEVICE.startswith
         f"OMNIVA_DEVICE must be auto, cpu, cuda or cuda:N; got {OMNIVA_DEVICE!r}"
     )
 OMNIVA_ALLOW_PRIVATE_URLS = env_bool("OMNIVA_ALLOW_PRIVATE_URLS", False)
+# Outbound fetches of user-given URLs (omniva/outbound.py): size and time limits.
+OMNIVA_FETCH_MAX_BYTES = env_int("OMNIVA_FETCH_MAX_BYTES", 50 * 1024 * 1024, minimum=1)
+OMNIVA_FETCH_TIMEOUT_S = env_float("OMNIVA_FETCH_TIMEOUT_S", 30.0, minimum=0.1)
+# The gpu worker's cross-job micro-batches (jobs/inference.py): at most this many items
+# in one forward pass, gathered for at most this long once the first is ready.
+OMNIVA_GPU_MAX_BATCH = env_int("OMNIVA_GPU_MAX_BATCH", 64, minimum=1, maximum=4096)
+OMNIVA_GPU_MAX_WAIT_MS = env_int("OMNIVA_GPU_MAX_WAIT_MS", 10, minimum=0, maximum=10_000)
+# Images (jobs/imaging.py): the largest input decoded, and the upscale's tile edge.
+OMNIVA_IMAGE_MAX_PIXELS = env_int("OMNIVA_IMAGE_MAX_PIXELS", 16_000_000, minimum=1)
+OMNIVA_UPSCALE_TILE = env_int("OMNIVA_UPSCALE_TILE", 512, minimum=32, maximum=8192)
 OMNIVA_QUEUES = ["default", "gpu"]
 OMNIVA_WORKERS = env_int("OMNIVA_WORKERS", 2, minimum=1, maximum=64)
 OMNIVA_GPU_WORKERS = env_int("OMNIVA_GPU_WORKERS", 1, minimum=1, maximum=16)

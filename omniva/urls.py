@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path
 
-from omniva import dashboard
+from omniva import dashboard, media
 from omniva.api import views as api_views
 
 urlpatterns = [
@@ -17,6 +18,8 @@ urlpatterns = [
     path("v1/", include("engines.api.urls")),
     # Last under /v1: every unknown path answers an enveloped 404.
     re_path(r"^v1(?:/.*)?$", api_views.NotFoundView.as_view(), name="v1-not-found"),
+    # Pipeline outputs under the media root; their names are under the job's id.
+    re_path(r"^" + settings.MEDIA_URL.strip("/") + r"/(?P<path>.+)$", media.media_file),
     path("", include("django_prometheus.urls")),
 ]
 

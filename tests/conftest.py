@@ -46,6 +46,9 @@ def _sweep_leftover_servers(root: Path) -> None:
         EmbeddedServer(folder).destroy()
 
 
+LEFTOVER_GRACE_S = 5.0
+
+
 def _other_client_backends(server: EmbeddedServer) -> list[tuple]:
     import psycopg
 
@@ -65,7 +68,11 @@ def embedded_test_server() -> Iterator[EmbeddedServer]:
     server.start(owner_pid=os.getpid())
     yield server
     try:
-        leftovers = _other_client_backends(server)
+        # A backend leaves pg_stat_activity a moment after its client hung up (the
+        # test database's own DROP, a process killed at teardown): give it that moment.
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while (leftovers := _other_client_backends(server)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         server.destroy()
     assert not leftovers, f"the test run left database connections open: {leftovers}"

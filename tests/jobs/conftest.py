@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from django.db import connection
 from django.utils import timezone
-from django_q.signing import SignedPackage
 
-from jobs import broker, tasks
+from jobs import tasks
 from jobs.models import Job, QueueTask
 
 
@@ -30,22 +28,9 @@ class Drained:
         return len(self.ran)
 
 
-def claim_one(queue: str) -> tuple[str, dict[str, Any]] | None:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            broker.CLAIM_SQL, {"lease": broker.task_lease_s(), "queue": queue, "limit": 1}
-        )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    row_id, deliveries, _priority, payload = row
-    return f"{row_id}:{deliveries}", SignedPackage.loads(payload)
-
-
-def run_delivery(ack_id: str, task: dict[str, Any]) -> None:
-    tasks.remember_delivery(sender=None, func=None, task={**task, "ack_id": ack_id})
-    tasks.run_stage(*task["args"], **task["kwargs"])
-    broker.acknowledge_delivery(ack_id=ack_id)
+# The in-process worker's two steps, apart for tests that act in between.
+claim_one = tasks.claim_delivery
+run_delivery = tasks.run_delivery
 
 
 @pytest.fixture

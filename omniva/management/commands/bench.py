@@ -1,4 +1,4 @@
-"""`manage.py bench [api|queue|events|live]`: benchmarks that print tables of side-by-side ratios.
+"""`manage.py bench [api|queue|events|live|gpu]`: benchmarks printing side-by-side ratios.
 
 With no suite named, every suite runs (`make bench`).
 
@@ -15,6 +15,11 @@ broker beside django-q2's stock ORM broker (see jobs/benchmarks.py).
 `events` measures the leased event queue through the HTTP API of a real daphne
 server: events claimed and completed per second by concurrent engine clients, beside
 the GET /v1/health requests per second of the same server (see engines/benchmarks.py).
+
+`gpu` measures the gpu queue's stages in this process: embed_texts jobs run per item
+and batched across jobs at batch 1, 8, 32, 128 beside the raw forward pass, and the
+upscale's megapixels per second (see jobs/gpu_benchmark.py). Stop gpu workers on the
+same database first, or they take some of its jobs.
 
 `live` measures the live stream: websocket clients of one daphne on /ws/events, and
 the time from a state change committed by a `qcluster` worker to its arrival at every
@@ -44,8 +49,8 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
-SUITES = ["api", "queue", "events", "live"]
-DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1}
+SUITES = ["api", "queue", "events", "live", "gpu"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -129,6 +134,12 @@ class Command(BaseCommand):
             default=0.2,
             help="live: seconds between two submissions.",
         )
+        parser.add_argument(
+            "--gpu-jobs",
+            type=int,
+            default=128,
+            help="gpu: embed_texts jobs per batch size (at least twice the batch).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         suites = [options["suite"]] if options["suite"] else SUITES
@@ -161,8 +172,10 @@ class Command(BaseCommand):
                     self.bench_queue(database, rounds, options)
                 elif suite == "events":
                     self.bench_events(database, rounds, options)
-                else:
+                elif suite == "live":
                     self.bench_live(database, rounds, options)
+                else:
+                    self.bench_gpu(options)
         finally:
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
@@ -311,6 +324,17 @@ class Command(BaseCommand):
                 say=self._say,
             ),
         )
+
+    def bench_gpu(self, options: dict[str, Any]) -> None:
+        from jobs.gpu_benchmark import GpuBench
+
+        bench = GpuBench(jobs_per_size=options["gpu_jobs"], say=self._say)
+        try:
+            bench.run()
+        except BenchError as exc:
+            raise CommandError(f"bench gpu failed: {exc}") from None
+        for line in bench.report():
+            self.stdout.write(line)
 
     @staticmethod
     def _time(client: Client, requests: int) -> float:

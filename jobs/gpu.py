@@ -1,0 +1,276 @@
+"""The pipelines of the gpu queue: `embed_texts` and `image_upscale` (seed 003's
+image_super_resolution_pipeline).
+
+`embed` batches across jobs (jobs/inference.py): the gpu worker runs the texts of every
+ready `embed` attempt in one forward pass and hands each job its own vectors.
+`image_upscale` is fetch → classify_image → upscale → store. The fetched input and the
+upscaled output are files under the job's media folder (removed with the job); stage
+outputs carry their paths, never the bytes. Bad input (not an image, too large, an
+unreachable or private URL, no texts) fails the job with its code and is not retried;
+only transient errors (timeouts, 5xx) are.
+
+torch and Pillow are imported inside the stage functions: registering these pipelines
+costs a web process nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from jobs.pipelines import Dag, Pipeline, Stage, register
+from jobs.stages import StageContext, StageError
+from omniva import outbound
+
+EMBED_TEXTS_MAX = 1000
+EMBED_TEXT_MAX_CHARS = 10_000
+# The upscaled picture may have at most this many times OMNIVA_IMAGE_MAX_PIXELS.
+UPSCALE_OUTPUT_FACTOR = 4
+INPUT_FILE = "input"
+
+
+# --- embed_texts ------------------------------------------------------------------------
+
+
+def _texts_of(ctx: StageContext) -> list[str]:
+    texts = ctx.params.get("texts")
+    if not isinstance(texts, list) or not texts:
+        raise StageError("EMPTY_INPUT", "`texts` must be a non-empty list.", retryable=False)
+    if not all(isinstance(text, str) for text in texts):
+        raise StageError("INVALID_INPUT", "Every text must be a string.", retryable=False)
+    return texts
+
+
+def embed_many(contexts: list[StageContext]) -> list[Any]:
+    """Every context's texts in one `encode` call (forward passes of the max batch);
+    one output, or the StageError of bad input, per context."""
+    from jobs.inference import EMBED_DIM, EMBED_MODEL, models
+
+    outcomes: list[Any] = []
+    texts: list[str] = []
+    spans: list[tuple[int, int] | None] = []
+    for ctx in contexts:
+        try:
+            own = _texts_of(ctx)
+        except StageError as exc:
+            outcomes.append(exc)
+            spans.append(None)
+            continue
+        outcomes.append(None)
+        spans.append((len(texts), len(texts) + len(own)))
+        texts.extend(own)
+    vectors = models.embed(texts) if texts else []
+    for index, span in enumerate(spans):
+        if span is not None:
+            outcomes[index] = {
+                "model": EMBED_MODEL,
+                "dim": EMBED_DIM,
+                "vectors": vectors[span[0] : span[1]],
+            }
+    return outcomes
+
+
+def embed_one(ctx: StageContext) -> dict[str, Any]:
+    [outcome] = embed_many([ctx])
+    if isinstance(outcome, StageError):
+        raise outcome
+    return outcome
+
+
+EMBED_TEXTS = register(
+    Pipeline(
+        name="embed_texts",
+        description="Normalized 384-d vectors of `texts` (all-MiniLM-L6-v2 on the gpu "
+        "queue, batched across jobs).",
+        stages=(Stage("embed", embed_one, queue="gpu", batch=embed_many),),
+        params_schema={
+            "type": "object",
+            "properties": {
+                "texts": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": EMBED_TEXTS_MAX,
+                    "items": {"type": "string", "maxLength": EMBED_TEXT_MAX_CHARS},
+                }
+            },
+            "required": ["texts"],
+            "additionalProperties": False,
+        },
+    )
+)
+
+
+# --- image_upscale ----------------------------------------------------------------------
+
+
+def _media_name(value: str) -> str:
+    """A media file named by its served URL path (`/media/…`, what `store` returns) or
+    by its name under the media root."""
+    prefix = "/" + settings.MEDIA_URL.strip("/") + "/"
+    return value[len(prefix) :] if value.startswith(prefix) else value
+
+
+def _outbound_failure(exc: outbound.OutboundError) -> StageError:
+    return StageError(exc.code, exc.message, retryable=exc.transient)
+
+
+def _read_input(source: str) -> bytes:
+    if source.startswith(("http://", "https://")):
+        try:
+            return outbound.fetch(
+                source,
+                max_bytes=settings.OMNIVA_FETCH_MAX_BYTES,
+                timeout_s=settings.OMNIVA_FETCH_TIMEOUT_S,
+            ).body
+        except outbound.OutboundError as exc:
+            raise _outbound_failure(exc) from exc
+    if "://" in source:
+        raise StageError(
+            "URL_NOT_ALLOWED", "The input must be an http(s) URL or a media file.", retryable=False
+        )
+    try:
+        path = outbound.media_path(_media_name(source))
+    except outbound.OutboundError as exc:
+        raise _outbound_failure(exc) from exc
+    if path.stat().st_size > settings.OMNIVA_FETCH_MAX_BYTES:
+        raise StageError(
+            "FETCH_TOO_LARGE",
+            f"The file is larger than {settings.OMNIVA_FETCH_MAX_BYTES} bytes.",
+            retryable=False,
+        )
+    return path.read_bytes()
+
+
+def _job_folder(ctx: StageContext) -> Path:
+    from jobs.services import job_files
+
+    folder = job_files(ctx.job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _decode(data: bytes) -> Any:
+    from jobs.imaging import decode_image
+
+    return decode_image(data, max_pixels=settings.OMNIVA_IMAGE_MAX_PIXELS)
+
+
+def fetch(ctx: StageContext) -> dict[str, Any]:
+    """The input's bytes, checked to be an image within the limits, kept as a file."""
+    data = _read_input(str(ctx.params["input_url"]))
+    image = _decode(data)
+    path = _job_folder(ctx) / INPUT_FILE
+    path.write_bytes(data)
+    return {
+        "path": str(path.relative_to(settings.MEDIA_ROOT)),
+        "bytes": len(data),
+        "width": image.width,
+        "height": image.height,
+    }
+
+
+def _fetched(ctx: StageContext) -> Any:
+    return _decode((Path(settings.MEDIA_ROOT) / ctx.inputs["fetch"]["path"]).read_bytes())
+
+
+def classify(ctx: StageContext) -> dict[str, Any]:
+    from jobs.imaging import classify_image
+
+    return classify_image(_fetched(ctx))
+
+
+def upscale(ctx: StageContext) -> dict[str, Any]:
+    """Bicubic resampling and an unsharp mask on the gpu worker's device, tiled."""
+    from jobs.imaging import UPSCALE_METHOD, encode_png
+    from jobs.imaging import upscale as upscale_image
+    from jobs.inference import models
+
+    scale = int(ctx.params.get("scale", 2))
+    image = _fetched(ctx)
+    limit = settings.OMNIVA_IMAGE_MAX_PIXELS * UPSCALE_OUTPUT_FACTOR
+    if image.width * image.height * scale * scale > limit:
+        raise StageError(
+            "IMAGE_TOO_LARGE",
+            f"Upscaled {scale}x the image would have more than {limit} pixels.",
+            retryable=False,
+        )
+    started = time.monotonic()
+    result = upscale_image(
+        image,
+        scale=scale,
+        device=models.device,
+        tile=settings.OMNIVA_UPSCALE_TILE,
+        half=models.half,
+    )
+    elapsed = time.monotonic() - started
+    models.record("upscale_megapixels", result.width * result.height / 1e6, elapsed)
+    path = _job_folder(ctx) / f"upscaled_x{scale}.png"
+    path.write_bytes(encode_png(result))
+    return {
+        "path": str(path.relative_to(settings.MEDIA_ROOT)),
+        "width": result.width,
+        "height": result.height,
+        "scale": scale,
+        "method": UPSCALE_METHOD,
+        "device": str(models.device),
+        "ms": round(elapsed * 1000),
+    }
+
+
+def store(ctx: StageContext) -> dict[str, Any]:
+    """PUT the picture to `output_url` when one is given, else serve it from the media
+    root (its URL path)."""
+    relative = ctx.inputs["upscale"]["path"]
+    output_url = ctx.params.get("output_url")
+    if output_url:
+        try:
+            outbound.send(
+                "PUT",
+                str(output_url),
+                body=(Path(settings.MEDIA_ROOT) / relative).read_bytes(),
+                content_type="image/png",
+                timeout_s=settings.OMNIVA_FETCH_TIMEOUT_S,
+            )
+        except outbound.OutboundError as exc:
+            raise _outbound_failure(exc) from exc
+    else:
+        output_url = "/" + settings.MEDIA_URL.strip("/") + "/" + relative
+    return {"input_url": ctx.params["input_url"], "output_url": output_url}
+
+
+def upscale_result(outputs: dict[str, Any], dag: Dag) -> dict[str, Any]:
+    upscaled = outputs["upscale"]
+    return {
+        **outputs["store"],
+        "classification": outputs["classify_image"],
+        "upscale": {key: upscaled[key] for key in ("scale", "width", "height", "method", "device")},
+    }
+
+
+IMAGE_UPSCALE = register(
+    Pipeline(
+        name="image_upscale",
+        description="Fetch an image (http(s) URL or media file), classify it, upscale it 2x "
+        "or 4x on the gpu worker (bicubic + unsharp mask, not a learned model), store it.",
+        stages=(
+            Stage("fetch", fetch, queue="gpu"),
+            Stage("classify_image", classify, depends_on=("fetch",), queue="gpu"),
+            Stage("upscale", upscale, depends_on=("fetch",), queue="gpu"),
+            Stage("store", store, depends_on=("upscale", "classify_image"), queue="gpu"),
+        ),
+        result=upscale_result,
+        params_schema={
+            "type": "object",
+            "properties": {
+                "input_url": {"type": "string", "minLength": 1, "maxLength": 2048},
+                "output_url": {"type": "string", "minLength": 1, "maxLength": 2048},
+                "scale": {"enum": [2, 4]},
+            },
+            "required": ["input_url"],
+            "additionalProperties": False,
+        },
+    )
+)
