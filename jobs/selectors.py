@@ -237,7 +237,7 @@ def check_gpu() -> dict[str, Any]:
     return {
         "status": "degraded" if waiting else "ok",
         "workers": [],
-        "detail": "no gpu worker reporting" + (f"; {waiting} gpu tasks waiting" if waiting else ""),
+        "detail": "no GPU worker reporting" + (f"; {waiting} gpu tasks waiting" if waiting else ""),
     }
 
 

@@ -703,17 +703,29 @@
 
   function renderGpu(gpu) {
     const body = $("gpu-body");
-    if (!gpu) {
-      body.replaceChildren(el("p", { class: "empty", text: "no GPU worker reporting" }));
+    if (!gpu || !gpu.device) {
+      body.replaceChildren(el("p", { class: "empty", text: (gpu && gpu.detail) || "no GPU worker reporting" }));
       return;
     }
     const badge = el("span");
     statusBadge(badge, gpu.status);
     const facts = el("dl", { class: "facts" });
-    for (const [key, value] of Object.entries(gpu)) {
-      if (key === "status") continue;
-      facts.append(el("dt", { text: key.replace(/_/g, " ") }), el("dd", { text: typeof value === "object" ? JSON.stringify(value) : value }));
+    const fact = (name, value) => facts.append(el("dt", { text: name }), el("dd", { text: value }));
+    fact("device", `${gpu.name || ""} (${gpu.device}${gpu.half_precision ? ", fp16" : ""})`);
+    if (gpu.memory_total_mb) {
+      const share = Math.round((100 * gpu.memory_used_mb) / gpu.memory_total_mb);
+      fact("memory", `${gpu.memory_used_mb} / ${gpu.memory_total_mb} MiB (${share}%)`);
     }
+    fact("utilization", gpu.utilization_pct == null ? "not reported by the driver" : `${gpu.utilization_pct}%`);
+    fact("models", (gpu.models || []).join(", ") || "none loaded yet");
+    for (const [kind, stats] of Object.entries(gpu.batches || {})) {
+      fact(
+        kind.replace(/_/g, " "),
+        `${stats.forward_passes} passes, mean ${stats.mean_batch}, last ${stats.last_batch} in ${stats.last_batch_ms} ms`,
+      );
+    }
+    fact("workers", String((gpu.workers || []).length));
+    fact("reported", ageOf(gpu.reported_at));
     body.replaceChildren(el("p", {}, ["Status: ", badge]), facts);
   }
 

@@ -322,4 +322,4 @@ def test_gpu_work_waiting_with_no_worker_reporting_degrades_health() -> None:
     assert not GpuWorkerReport.objects.exists()
     check = selectors.check_gpu()
     assert check["status"] == "degraded"
-    assert "no gpu worker reporting" in check["detail"]
+    assert "no GPU worker reporting" in check["detail"]

@@ -156,6 +156,15 @@ class Site:
             row = conn.execute("SELECT status FROM jobs_job WHERE id = %s", [job_id]).fetchone()
         return row[0] if row else None
 
+    def save_gpu_report(self, worker: str, data: dict[str, Any]) -> None:
+        """What jobs.services.gpu_report_save writes, without the ORM (as job_status)."""
+        with psycopg.connect(self.database_url) as conn:
+            conn.execute(
+                "INSERT INTO jobs_gpuworkerreport (worker, reported_at, data)"
+                " VALUES (%s, now(), %s)",
+                [worker, json.dumps(data)],
+            )
+
     def output(self) -> str:
         return "\n".join(
             f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
@@ -250,6 +259,40 @@ def test_the_dashboard_shows_its_panels(dashboard: Browser, site: Site) -> None:
     expect(page.locator("#failures-empty")).to_be_visible()
     expect(page.get_by_label("Status", exact=True)).to_be_visible()
     expect(page.get_by_label("Pipeline", exact=True)).to_contain_text("sleep")
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_gpu_panel_shows_what_a_gpu_worker_reports(dashboard: Browser, site: Site) -> None:
+    page = dashboard.page
+    expect(page.locator("#gpu-body")).to_have_text("no GPU worker reporting")
+    site.save_gpu_report(
+        "gpu-box:7",
+        {
+            "device": "cuda:0",
+            "name": "Test Accelerator 80GB",
+            "half_precision": True,
+            "memory_used_mb": 2048,
+            "memory_total_mb": 81920,
+            "utilization_pct": 37,
+            "models": ["all-MiniLM-L6-v2"],
+            "batches": {
+                "embed": {
+                    "forward_passes": 3,
+                    "mean_batch": 21.5,
+                    "last_batch": 32,
+                    "last_batch_ms": 4.2,
+                }
+            },
+        },
+    )
+    # The page polls /v1/health: the report shows without a reload.
+    gpu = page.locator("#gpu-body")
+    expect(gpu).to_contain_text("Test Accelerator 80GB (cuda:0, fp16)")
+    expect(gpu).to_contain_text("2048 / 81920 MiB (3%)")
+    expect(gpu).to_contain_text("37%")
+    expect(gpu).to_contain_text("all-MiniLM-L6-v2")
+    expect(gpu).to_contain_text("3 passes, mean 21.5, last 32 in 4.2 ms")
 
 
 @pytest.mark.slow
