@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.db.models import Avg, Count, F, Max, QuerySet
 from django.utils import timezone
 
@@ -202,8 +202,17 @@ def contribute_info(info: dict[str, Any]) -> None:
         "max_wait_ms": settings.OMNIVA_GPU_MAX_WAIT_MS,
         "upscale_tile": settings.OMNIVA_UPSCALE_TILE,
         "image_max_pixels": settings.OMNIVA_IMAGE_MAX_PIXELS,
-        "workers": gpu_reports(),
+        "workers": _gpu_reports_or_none(),
     }
+
+
+def _gpu_reports_or_none() -> list[dict[str, Any]] | None:
+    """/v1/info answers with the database down too (its reports are then unknown)."""
+    try:
+        return gpu_reports()
+    except DatabaseError:
+        connection.close_if_unusable_or_obsolete()
+        return None
 
 
 def contribute_metrics(metrics: dict[str, Any]) -> None:
