@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 
 from jobs.broker import channel_for
 from omniva.notifications import Listener
@@ -232,15 +232,22 @@ def gather_batch(
         nonlocal total
         if total >= max_items:
             return total
-        for ack_id, stage_run_id in broker.claim_stage_tasks(
-            queue=GPU_QUEUE, stages=[key], limit=max(1, (max_items - total) // per_task)
-        ):
-            claim = services.stage_start(stage_run_id=stage_run_id, worker=worker, ack_id=ack_id)
-            if claim is None:
-                broker.acknowledge_delivery(ack_id=ack_id)
-                continue
-            claims.append(claim)
-            total += items(claim)
+        # One transaction for the claim and every start: one commit for the round, and
+        # should a start fail, the claimed rows are back in the queue with it.
+        with transaction.atomic():
+            started: list[StageClaim] = []
+            for ack_id, stage_run_id in broker.claim_stage_tasks(
+                queue=GPU_QUEUE, stages=[key], limit=max(1, (max_items - total) // per_task)
+            ):
+                claim = services.stage_start(
+                    stage_run_id=stage_run_id, worker=worker, ack_id=ack_id
+                )
+                if claim is None:
+                    broker.acknowledge_delivery(ack_id=ack_id)
+                else:
+                    started.append(claim)
+        claims.extend(started)
+        total += sum(items(claim) for claim in started)
         return total
 
     if max_wait_s <= 0:

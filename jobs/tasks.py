@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from jobs import inference, pipelines, services
@@ -324,8 +324,12 @@ def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
         outcomes = [exc, *[interrupted] * (len(claims) - 1)]
     except Exception as exc:
         outcomes = [exc] * len(claims)
-    for claim, outcome in zip(claims, outcomes, strict=True):
-        _settle(claim, outcome)
+    # One commit for the whole batch, each attempt in a savepoint of its own: one that
+    # is refused (a lost lease) leaves the others alone.
+    with transaction.atomic():
+        for claim, outcome in zip(claims, outcomes, strict=True):
+            with transaction.atomic():
+                _settle(claim, outcome)
 
 
 def _settle(claim: services.StageClaim, outcome: Any) -> None:

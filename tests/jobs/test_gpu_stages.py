@@ -123,6 +123,30 @@ def test_the_batch_stops_at_the_max_batch_and_the_rest_run_after(
     assert all(Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED for job in jobs)
 
 
+def test_a_refused_completion_leaves_the_rest_of_the_batch_completed(
+    drain: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    from jobs.models import StageRun
+
+    jobs = [submit("embed_texts", {"texts": [f"text {i}"]}) for i in range(3)]
+    victim = jobs[1]
+    embed = models.embed
+
+    def embed_while_another_attempt_takes_over(texts: list[str], **kwargs: Any) -> Any:
+        # The victim's lease is lost mid-batch: its completion must be refused alone.
+        StageRun.objects.filter(job=victim).update(lease_token=uuid.uuid4())
+        return embed(texts, **kwargs)
+
+    monkeypatch.setattr(models, "embed", embed_while_another_attempt_takes_over)
+    with override_settings(OMNIVA_GPU_MAX_BATCH=64, OMNIVA_GPU_MAX_WAIT_MS=0):
+        drain("gpu")
+    statuses = [Job.objects.get(pk=job.pk).status for job in jobs]
+    assert statuses == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.COMPLETED]
+    assert Job.objects.get(pk=victim.pk).result is None
+
+
 def test_an_empty_text_list_is_refused_at_submission() -> None:
     from omniva.errors import OmnivaError
 
