@@ -235,17 +235,24 @@ def gather_batch(
         # One transaction for the claim and every start: one commit for the round, and
         # should a start fail, the claimed rows are back in the queue with it.
         with transaction.atomic():
-            started: list[StageClaim] = []
-            for ack_id, stage_run_id in broker.claim_stage_tasks(
-                queue=GPU_QUEUE, stages=[key], limit=max(1, (max_items - total) // per_task)
-            ):
+            ack_ids: dict[int, str | None] = {
+                stage_run_id: ack_id
+                for ack_id, stage_run_id in broker.claim_stage_tasks(
+                    queue=GPU_QUEUE, stages=[key], limit=max(1, (max_items - total) // per_task)
+                )
+            }
+            # The common starts in one statement; the rest under stage_start's full rules.
+            started = services.stages_start_granted(ack_ids=ack_ids, worker=worker)
+            for claim in started:
+                del ack_ids[claim.stage_run_id]
+            for stage_run_id, ack_id in ack_ids.items():
                 claim = services.stage_start(
                     stage_run_id=stage_run_id, worker=worker, ack_id=ack_id
                 )
-                if claim is None:
-                    broker.acknowledge_delivery(ack_id=ack_id)
-                else:
+                if claim is not None:
                     started.append(claim)
+                elif ack_id:
+                    broker.acknowledge_delivery(ack_id=ack_id)
         claims.extend(started)
         total += sum(items(claim) for claim in started)
         return total

@@ -546,9 +546,9 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
     A stage still `running` whose lease ran out belongs to a worker that died: that
     attempt counts as failed, and this delivery is the next attempt if one is left.
     """
-    claim = _start_granted_in_one_statement(stage_run_id, worker=worker, ack_id=ack_id)
-    if claim is not None:
-        return claim
+    started = stages_start_granted(ack_ids={stage_run_id: ack_id}, worker=worker)
+    if started:
+        return started[0]
     with transaction.atomic():
         locked = _lock_job_of_stage(stage_run_id)
         if locked is None:
@@ -645,17 +645,18 @@ START_SQL = """
 WITH target AS (
     SELECT r.id AS run_id
     FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
-    WHERE r.id = %(run)s AND r.status = %(queued)s
+    WHERE r.id = ANY(%(runs)s) AND r.status = %(queued)s
       AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
       AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
            OR j.pending_since IS NULL
            OR %(now)s <= j.pending_since + make_interval(secs => j.queue_timeout_s))
       AND (COALESCE(j.timeout_s, 0) = 0 OR j.started_at IS NULL
            OR %(now)s < j.started_at + make_interval(secs => j.timeout_s))
+    ORDER BY j.id
     FOR UPDATE OF j
 ), run AS (
     UPDATE jobs_stagerun r
-    SET status = %(running)s, attempt = r.attempt + 1, lease_token = %(token)s,
+    SET status = %(running)s, attempt = r.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = %(lease)s, worker = %(worker)s, started_at = %(now)s,
         finished_at = NULL, progress = 0, error = NULL
     FROM target
@@ -683,51 +684,53 @@ WITH target AS (
             'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
             'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
             'error', run.error)
-    FROM job, run
+    FROM job JOIN run ON run.job_id = job.id
 )
-SELECT job.id, job.pipeline, job.params, job.started_at, job.timeout_s, run.name, run.attempt,
-       pg_notify(%(activity_channel)s, '')
-FROM job, run
+SELECT run.id, run.lease_token, job.id, job.pipeline, job.params, job.started_at,
+       job.timeout_s, run.name, run.attempt, pg_notify(%(activity_channel)s, '')
+FROM job JOIN run ON run.job_id = job.id
 """
 
 
-def _start_granted_in_one_statement(
-    stage_run_id: int, *, worker: str, ack_id: str | None
-) -> StageClaim | None:
+def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list[StageClaim]:
+    """The common starts of many stage runs (`ack_ids`: run id -> its delivery) in one
+    statement (START_SQL); the runs it did not start are for stage_start to decide."""
+    if not ack_ids:
+        return []
     now = timezone.now()
-    token = uuid.uuid4()
     with connection.cursor() as cursor:
         cursor.execute(
             START_SQL,
             {
-                "run": stage_run_id,
+                "runs": list(ack_ids),
                 "queued": StageStatus.QUEUED,
                 "running": StageStatus.RUNNING,
                 "finished": list(FINISHED_STATUSES),
                 "now": now,
-                "token": token,
                 "lease": _lease_until(now),
                 "worker": worker[:200],
                 "activity_channel": core_services.ACTIVITY_CHANNEL,
             },
         )
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    job_id, pipeline, params, started_at, timeout_s, stage, attempt, _notified = row
-    params = _json_column(params)
-    return StageClaim(
-        stage_run_id=stage_run_id,
-        job_id=str(job_id),
-        pipeline=pipeline,
-        stage=stage,
-        attempt=attempt,
-        token=str(token),
-        params=params,
-        inputs=_parent_outputs(job_id, pipeline, params, stage),
-        deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
-        ack_id=ack_id,
-    )
+        rows = cursor.fetchall()
+    claims = []
+    for run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt, _ in rows:
+        params = _json_column(params)
+        claims.append(
+            StageClaim(
+                stage_run_id=run_id,
+                job_id=str(job_id),
+                pipeline=pipeline,
+                stage=stage,
+                attempt=attempt,
+                token=str(token),
+                params=params,
+                inputs=_parent_outputs(job_id, pipeline, params, stage),
+                deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
+                ack_id=ack_ids[run_id],
+            )
+        )
+    return claims
 
 
 def _json_column(value: Any) -> Any:
@@ -823,26 +826,33 @@ def _acknowledge(ack_id: str | None) -> None:
 # transition, and only while the attempt's token holds; otherwise it changes nothing and
 # stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
 COMPLETE_SOLE_STAGE_SQL = """
-WITH target AS (
+WITH given AS (
+    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[],
+                         %(rows)s::bigint[], %(deliveries)s::int[])
+           AS g(run_id, token, output, row_id, deliveries)
+), target AS (
     SELECT r.id AS run_id
     FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
-    WHERE r.id = %(run)s AND r.status = %(running)s AND r.lease_token = %(token)s
+    JOIN given g ON g.run_id = r.id AND g.token = r.lease_token
+    WHERE r.status = %(running)s
       AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
       AND j.parent_id IS NULL AND j.pipeline = ANY(%(pipelines)s)
+    ORDER BY j.id
     FOR UPDATE OF j
 ), run AS (
     UPDATE jobs_stagerun r
-    SET status = %(completed)s, output = %(output)s::jsonb, progress = 100,
+    SET status = %(completed)s, output = g.output::jsonb, progress = 100,
         finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
-    FROM target
-    WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = %(token)s
+    FROM target JOIN given g ON g.run_id = target.run_id
+    WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = g.token
     RETURNING r.*
 ), ack AS (
-    DELETE FROM jobs_queuetask
-    WHERE id = %(row)s AND deliveries = %(deliveries)s AND EXISTS (SELECT FROM run)
+    DELETE FROM jobs_queuetask q
+    USING given g JOIN run ON run.id = g.run_id
+    WHERE q.id = g.row_id AND q.deliveries = g.deliveries
 ), job AS (
     UPDATE jobs_job j
-    SET status = %(completed)s, result = %(output)s::jsonb, error = NULL, progress = 100,
+    SET status = %(completed)s, result = run.output, error = NULL, progress = 100,
         finished_at = %(now)s, next_attempt_at = NULL, updated_at = %(now)s
     FROM run
     WHERE j.id = run.job_id
@@ -854,7 +864,7 @@ WITH target AS (
             'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
             'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
             'error', run.error)
-    FROM job, run
+    FROM job JOIN run ON run.job_id = job.id
     UNION ALL
     SELECT %(now)s, 'job:update', job.project_id, job.id,
         jsonb_build_object(
@@ -863,34 +873,45 @@ WITH target AS (
             'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
     FROM job
 )
-SELECT pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '') FROM job
+SELECT run.id, pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '')
+FROM job JOIN run ON run.job_id = job.id
 """
 
 
-def _completed_job_in_one_statement(
-    stage_run_id: int, *, token: str, output: Any, ack_id: str | None
-) -> bool:
-    row_id, deliveries = broker.parse_ack_id(ack_id) if ack_id else (None, None)
+@dataclass(frozen=True)
+class Completion:
+    stage_run_id: int
+    token: str
+    output: Any
+    ack_id: str | None = None
+
+
+def stages_complete_sole(completions: list[Completion]) -> set[int]:
+    """Complete many one-stage jobs with their stage in one statement
+    (COMPLETE_SOLE_STAGE_SQL): the ids of the runs it completed; the others are for
+    stage_complete to decide. What JSON cannot hold raises before anything is written."""
+    if not completions:
+        return set()
+    acks = [broker.parse_ack_id(c.ack_id) if c.ack_id else (None, None) for c in completions]
     with connection.cursor() as cursor:
         cursor.execute(
             COMPLETE_SOLE_STAGE_SQL,
             {
-                "run": stage_run_id,
-                "token": token,
+                "runs": [c.stage_run_id for c in completions],
+                "tokens": [c.token for c in completions],
+                "outputs": [json.dumps(c.output, allow_nan=False) for c in completions],
+                "rows": [row for row, _ in acks],
+                "deliveries": [deliveries for _, deliveries in acks],
                 "running": StageStatus.RUNNING,
                 "completed": StageStatus.COMPLETED,
                 "finished": list(FINISHED_STATUSES),
                 "pipelines": pipelines.single_stage_pipelines(),
-                # What JSON cannot hold raises here, before anything is written.
-                "output": json.dumps(output, allow_nan=False),
                 "now": timezone.now(),
-                "row": row_id,
-                "deliveries": deliveries,
                 "channel": JOB_DONE_CHANNEL,
                 "activity_channel": core_services.ACTIVITY_CHANNEL,
             },
         )
-        return cursor.fetchone() is not None
+        return {row[0] for row in cursor.fetchall()}
 
 
 def stage_complete(
@@ -898,7 +919,7 @@ def stage_complete(
 ) -> None:
     """Store the output; start every child whose parents all completed; finish the job
     when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
-    if _completed_job_in_one_statement(stage_run_id, token=token, output=output, ack_id=ack_id):
+    if stages_complete_sole([Completion(stage_run_id, token, output, ack_id)]):
         return
     with transaction.atomic():
         job, run = _held_run(stage_run_id, token)

@@ -12,6 +12,7 @@ down with it; django-q2 starts a fresh one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -324,12 +325,34 @@ def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
         outcomes = [exc, *[interrupted] * (len(claims) - 1)]
     except Exception as exc:
         outcomes = [exc] * len(claims)
-    # One commit for the whole batch, each attempt in a savepoint of its own: one that
-    # is refused (a lost lease) leaves the others alone.
+    # One commit for the whole batch. The outputs of one-stage jobs complete with their
+    # jobs in one statement; every other outcome, and a completion that statement did
+    # not make (a lost lease, a cancel), is settled alone in a savepoint of its own.
     with transaction.atomic():
+        done = services.stages_complete_sole(
+            [
+                services.Completion(claim.stage_run_id, claim.token, outcome, claim.ack_id)
+                for claim, outcome in zip(claims, outcomes, strict=True)
+                if _storable(outcome)
+            ]
+        )
         for claim, outcome in zip(claims, outcomes, strict=True):
+            if claim.stage_run_id in done:
+                _acknowledged(claim)
+                continue
             with transaction.atomic():
                 _settle(claim, outcome)
+
+
+def _storable(outcome: Any) -> bool:
+    """An output, not an exception, that JSON can hold (the others fail alone)."""
+    if isinstance(outcome, BaseException):
+        return False
+    try:
+        json.dumps(outcome, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _settle(claim: services.StageClaim, outcome: Any) -> None:

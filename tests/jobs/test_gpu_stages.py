@@ -20,6 +20,7 @@ from jobs.gpu import embed_many, embed_one
 from jobs.inference import EMBED_DIM, models
 from jobs.models import GpuWorkerReport, Job, JobStatus
 from jobs.stages import StageContext
+from omniva.models import Activity
 
 pytestmark = pytest.mark.django_db
 
@@ -109,6 +110,17 @@ def test_ready_embed_jobs_run_in_one_forward_pass_and_each_gets_its_own_vectors(
         alone = embed_one(context([text]))["vectors"][0]
         assert cosine(job.result["vectors"][0], alone) > 0.9999
         assert (job.result["model"], job.result["dim"]) == ("all-MiniLM-L6-v2", EMBED_DIM)
+        # Started and completed in one statement each for the batch, with the live
+        # stream's rows of each job as a single start and completion write them.
+        rows = Activity.objects.filter(job_id=job.pk).order_by("id")
+        assert [(r.kind, r.data["status"]) for r in rows] == [
+            ("job:update", "pending"),
+            ("stage:update", "queued"),
+            ("job:update", "running"),
+            ("stage:update", "running"),
+            ("stage:update", "completed"),
+            ("job:update", "completed"),
+        ]
 
 
 def test_the_batch_stops_at_the_max_batch_and_the_rest_run_after(
