@@ -834,7 +834,8 @@ WITH given AS (
     SELECT r.id AS run_id
     FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
     JOIN given g ON g.run_id = r.id AND g.token = r.lease_token
-    WHERE r.status = %(running)s
+    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
+    WHERE r.id = ANY(%(runs)s) AND r.status = %(running)s
       AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
       AND j.parent_id IS NULL AND j.pipeline = ANY(%(pipelines)s)
     ORDER BY j.id
