@@ -302,6 +302,19 @@ def test_bad_images_fail_the_job_without_a_retry(
     assert source.requests == 1  # tried once: bad input is not retried
 
 
+def test_an_unreachable_url_fails_the_job_without_a_retry(
+    drain: Callable[..., Any], media: Path
+) -> None:
+    from tests.conftest import free_port
+
+    closed = free_port()  # nothing listens there
+    with override_settings(OMNIVA_ALLOW_PRIVATE_URLS=True):
+        job = submit("image_upscale", {"input_url": f"http://127.0.0.1:{closed}/a.png"})
+        drain("gpu")
+    job.refresh_from_db()
+    assert (job.status, job.error["code"], job.attempts) == (JobStatus.FAILED, "FETCH_FAILED", 1)
+
+
 def test_a_too_large_image_fails_with_image_too_large(
     drain: Callable[..., Any], media: Path
 ) -> None:
