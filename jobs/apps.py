@@ -38,5 +38,11 @@ class JobsConfig(AppConfig):
 
         # The worker needs its task's delivery id to heartbeat and acknowledge it.
         pre_execute.connect(tasks.remember_delivery, dispatch_uid="omniva.remember_delivery")
+        # A clip whose title or transcript changed is embedded by a job (jobs/gpu.py).
+        from omniva import services as core_services
+
+        core_services.clip_embedding_requested = lambda clip: services.job_submit(
+            pipeline="clip_embed", params={"clip_id": str(clip.pk)}, project=clip.project
+        )
         # A worker of the gpu cluster warms its models up and reports its device.
         post_spawn.connect(tasks.on_worker_spawned, dispatch_uid="omniva.gpu_reporter")

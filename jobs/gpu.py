@@ -16,6 +16,7 @@ costs a web process nothing.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,62 @@ EMBED_TEXTS = register(
                 }
             },
             "required": ["texts"],
+            "additionalProperties": False,
+        },
+    )
+)
+
+
+# --- clip_embed -------------------------------------------------------------------------
+
+
+def clip_embed_many(contexts: list[StageContext]) -> list[Any]:
+    """The vectors of the clips' titles and transcripts, in one forward pass, each stored
+    on its clip unless its text changed meanwhile (a newer job stores that one)."""
+    from jobs.inference import EMBED_DIM, models
+    from omniva.models import Clip
+    from omniva.services import clip_embedding_store
+
+    ids = [str(ctx.params.get("clip_id")) for ctx in contexts]
+    texts = {
+        str(clip.pk): clip.text_for_embedding()
+        for clip in Clip.objects.filter(pk__in=[i for i in ids if _is_uuid(i)])
+    }
+    wanted = [clip_id for clip_id in ids if texts.get(clip_id)]
+    vectors = dict(zip(wanted, models.embed([texts[i] for i in wanted]), strict=True))
+    return [
+        {
+            "clip_id": clip_id,
+            "dim": EMBED_DIM,
+            "stored": clip_id in vectors
+            and clip_embedding_store(clip_id=clip_id, text=texts[clip_id], vector=vectors[clip_id]),
+        }
+        for clip_id in ids
+    ]
+
+
+def clip_embed_one(ctx: StageContext) -> dict[str, Any]:
+    return clip_embed_many([ctx])[0]
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+CLIP_EMBED = register(
+    Pipeline(
+        name="clip_embed",
+        description="Embed a clip's title and transcript for semantic search (queued by "
+        "every change of them; batched across jobs on the gpu queue).",
+        stages=(Stage("embed", clip_embed_one, queue="gpu", batch=clip_embed_many),),
+        params_schema={
+            "type": "object",
+            "properties": {"clip_id": {"type": "string", "format": "uuid"}},
+            "required": ["clip_id"],
             "additionalProperties": False,
         },
     )

@@ -1352,3 +1352,28 @@ def gpu_report_save(*, worker: str, data: dict[str, Any]) -> None:
     GpuWorkerReport.objects.update_or_create(
         worker=worker[:200], defaults={"reported_at": timezone.now(), "data": data}
     )
+
+
+# --- query embeddings (clip search) ------------------------------------------------------
+
+QUERY_EMBEDDING_TIMEOUT_S = 15.0
+
+
+def query_embedding_make(*, text: str, project: Project | None) -> list[float]:
+    """The vector of `text`, made by an `embed_texts` job on the gpu queue (batched with
+    whatever else waits there), so no web process loads a model. 503 when no gpu
+    worker made it in time (the job is cancelled)."""
+    from jobs.waiting import wait_for_job
+
+    job, _ = job_submit(pipeline="embed_texts", params={"texts": [text]}, project=project)
+    job = wait_for_job(job.pk, timeout_s=QUERY_EMBEDDING_TIMEOUT_S)
+    if job.status == JobStatus.COMPLETED:
+        return job.result["vectors"][0]
+    if not job.is_finished:
+        with contextlib.suppress(OmnivaError):
+            job_cancel(job_id=job.pk, reason="the search gave up waiting")
+    raise OmnivaError(
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "No gpu worker embedded the query in time; try again later.",
+        status=503,
+    )

@@ -1,7 +1,5 @@
-"""The core models: projects, API keys, the audit trail, rate-limit buckets and the
-activity outbox.
-
-The content models (Creator, Clip) join this module in the issue that builds them.
+"""The core models: projects, API keys, the audit trail, rate-limit buckets, the
+activity outbox, and the content of a project (creators and their clips).
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.utils import timezone
+from pgvector.django import HnswIndex, VectorField
 
 
 class Project(models.Model):
@@ -142,3 +141,83 @@ class Activity(models.Model):
 
     def __str__(self) -> str:
         return f"{self.id} {self.kind}"
+
+
+# --- content (seed 002) ------------------------------------------------------------------
+
+# The clip embedding's size (all-MiniLM-L6-v2, jobs/inference.py).
+CLIP_EMBEDDING_DIM = 384
+
+
+class Creator(models.Model):
+    """A source of clips in a project: a channel, a feed, a folder."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="creators")
+    name = models.CharField(max_length=200)
+    handle = models.CharField(max_length=200, blank=True, default="")
+    platform = models.CharField(max_length=50, blank=True, default="")
+    source_url = models.CharField(max_length=2048, blank=True, default="")
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ClipStatus(models.TextChoices):
+    """Where a clip is in the clipfarm lifecycle (seed 002)."""
+
+    INGESTED = "ingested"
+    ANALYZED = "analyzed"
+    EDITED = "edited"
+    PUBLISHED = "published"
+    FAILED = "failed"
+
+
+class Clip(models.Model):
+    """A piece of media of a project. `embedding` is the vector of its title and
+    transcript (made on the gpu queue whenever they change; `embedded_text` is the hash
+    of the text it was made from), searched by cosine distance through an HNSW index."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="clips")
+    creator = models.ForeignKey(
+        Creator, null=True, blank=True, on_delete=models.SET_NULL, related_name="clips"
+    )
+    title = models.CharField(max_length=500, blank=True, default="")
+    source_url = models.CharField(max_length=2048, blank=True, default="")
+    media_url = models.CharField(max_length=2048, blank=True, default="")
+    duration_s = models.FloatField(null=True, blank=True)
+    transcript = models.TextField(blank=True, default="")
+    status = models.CharField(
+        max_length=20, choices=ClipStatus.choices, default=ClipStatus.INGESTED
+    )
+    analysis = models.JSONField(default=dict, blank=True)
+    embedding = VectorField(dimensions=CLIP_EMBEDDING_DIM, null=True, blank=True)
+    embedded_text = models.CharField(max_length=64, blank=True, default="")
+    embedded_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            HnswIndex(
+                name="omniva_clip_embedding_cosine",
+                fields=["embedding"],
+                m=16,
+                ef_construction=64,
+                opclasses=["vector_cosine_ops"],
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.title or str(self.pk)
+
+    def text_for_embedding(self) -> str:
+        return "\n".join(part for part in (self.title.strip(), self.transcript.strip()) if part)

@@ -13,7 +13,7 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 import omniva
-from omniva.models import ApiKey, AuditRecord
+from omniva.models import ApiKey, AuditRecord, Clip, Project
 
 STARTED_AT = timezone.now()
 
@@ -130,3 +130,19 @@ def database_ping() -> float:
         cursor.execute("SELECT 1")
         cursor.fetchone()
     return round((time.perf_counter() - started) * 1000, 2)
+
+
+def clips_nearest(
+    *, project: Project | None, vector: list[float], limit: int, exclude: Any = None
+) -> list[tuple[Clip, float]]:
+    """The embedded clips closest to `vector` by cosine distance (the HNSW index), with
+    their cosine similarity, best first."""
+    from pgvector.django import CosineDistance
+
+    clips = Clip.objects.filter(embedding__isnull=False)
+    if project is not None:
+        clips = clips.filter(project=project)
+    if exclude is not None:
+        clips = clips.exclude(pk=exclude)
+    ranked = clips.annotate(distance=CosineDistance("embedding", vector)).order_by("distance")
+    return [(clip, 1.0 - clip.distance) for clip in ranked[:limit]]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from omniva.errors import ErrorCode, OmnivaError
-from omniva.models import Activity, ApiKey, AuditRecord, Project, Scope
+from omniva.models import Activity, ApiKey, AuditRecord, Clip, Creator, Project, Scope
 
 logger = logging.getLogger("omniva")
 
@@ -29,8 +30,12 @@ KEY_USE_RESOLUTION = timedelta(seconds=60)
 # --- API keys ------------------------------------------------------------------------------
 
 
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def api_key_hash(raw: str) -> str:
-    return hashlib.sha256(raw.encode()).hexdigest()
+    return sha256_hex(raw)
 
 
 def api_key_create(
@@ -123,6 +128,101 @@ def project_update(*, project: Project, changes: dict[str, Any]) -> Project:
 def project_delete(*, project: Project) -> None:
     with transaction.atomic():
         Project.objects.filter(pk=project.pk).delete()
+
+
+# --- Content: creators and clips ----------------------------------------------------------
+
+CREATOR_FIELDS = ("name", "handle", "platform", "source_url", "active")
+CLIP_FIELDS = (
+    "creator", "title", "source_url", "media_url", "duration_s", "transcript", "status",
+    "analysis",
+)  # fmt: skip
+
+# Set by the jobs app at start (the core imports no app): queues the job that embeds a
+# clip's title and transcript, in the caller's transaction (a clip is never left
+# changed without the job that embeds it).
+clip_embedding_requested: Callable[[Clip], None] | None = None
+
+
+def _creator_in_project(creator: Creator | None, project: Project) -> None:
+    if creator is not None and creator.project_id != project.pk:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            "The creator belongs to another project.",
+            details={"creator": ["The creator belongs to another project."]},
+        )
+
+
+def creator_create(*, project: Project, **fields: Any) -> Creator:
+    with transaction.atomic():
+        return Creator.objects.create(
+            project=project, **{k: v for k, v in fields.items() if k in CREATOR_FIELDS}
+        )
+
+
+def creator_update(*, creator: Creator, changes: dict[str, Any]) -> Creator:
+    with transaction.atomic():
+        locked = Creator.objects.select_for_update().get(pk=creator.pk)
+        for field in CREATOR_FIELDS:
+            if field in changes:
+                setattr(locked, field, changes[field])
+        locked.save()
+        return locked
+
+
+def creator_delete(*, creator: Creator) -> None:
+    with transaction.atomic():
+        Creator.objects.filter(pk=creator.pk).delete()
+
+
+def _request_embedding(clip: Clip) -> None:
+    if clip_embedding_requested is not None and clip.text_for_embedding():
+        clip_embedding_requested(clip)
+
+
+def clip_create(*, project: Project, **fields: Any) -> Clip:
+    _creator_in_project(fields.get("creator"), project)
+    with transaction.atomic():
+        clip = Clip.objects.create(
+            project=project, **{k: v for k, v in fields.items() if k in CLIP_FIELDS}
+        )
+        _request_embedding(clip)
+        return clip
+
+
+def clip_update(*, clip: Clip, changes: dict[str, Any]) -> Clip:
+    """Change a clip; a new title or transcript queues a new embedding."""
+    with transaction.atomic():
+        locked = Clip.objects.select_for_update().get(pk=clip.pk)
+        if "creator" in changes:
+            _creator_in_project(changes["creator"], locked.project)
+        text_before = locked.text_for_embedding()
+        for field in CLIP_FIELDS:
+            if field in changes:
+                setattr(locked, field, changes[field])
+        locked.save()
+        if locked.text_for_embedding() != text_before:
+            _request_embedding(locked)
+        return locked
+
+
+def clip_delete(*, clip: Clip) -> None:
+    with transaction.atomic():
+        Clip.objects.filter(pk=clip.pk).delete()
+
+
+def clip_embedding_store(*, clip_id: Any, text: str, vector: list[float]) -> bool:
+    """Store the vector of `text` on the clip, unless its text changed since (the job
+    of the new text stores that one): whether it was stored. A deleted clip is no error."""
+    with transaction.atomic():
+        clip = Clip.objects.select_for_update().filter(pk=clip_id).first()
+        if clip is None or clip.text_for_embedding() != text:
+            return False
+        clip.embedding = vector
+        clip.embedded_text = sha256_hex(text)
+        clip.embedded_at = timezone.now()
+        clip.save(update_fields=["embedding", "embedded_text", "embedded_at"])
+        return True
 
 
 # --- Audit ---------------------------------------------------------------------------------

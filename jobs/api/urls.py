@@ -15,4 +15,5 @@ urlpatterns = [
     path("jobs/<str:job_id>/cancel", views.JobCancelView.as_view(), name="job-cancel"),
     path("jobs/<str:job_id>/retry", views.JobRetryView.as_view(), name="job-retry"),
     path("pipelines", views.PipelineListView.as_view(), name="pipeline-list"),
+    path("clips/search", views.ClipSearchView.as_view(), name="clip-search"),
 ]

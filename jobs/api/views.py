@@ -15,6 +15,9 @@ from jobs import pipelines, selectors, services
 from jobs.api import serializers
 from jobs.models import Job, JobStatus
 from jobs.waiting import wait_for_job
+from omniva import selectors as core_selectors
+from omniva.api import serializers as core_serializers
+from omniva.api import views as core_views
 from omniva.api.middleware import note_entities
 from omniva.api.permissions import bound_project
 from omniva.api.renderers import EnvelopeResponse
@@ -218,3 +221,29 @@ class PipelineListView(APIView):
     )
     def get(self, request: Request) -> EnvelopeResponse:
         return EnvelopeResponse([p.describe() for p in pipelines.all_pipelines()])
+
+
+class ClipSearchView(APIView):
+    """Semantic search over the caller's clips: the query is embedded on the gpu queue."""
+
+    read_scope = Scope.CONTENT
+
+    @extend_schema(
+        parameters=[core_serializers.ClipSearchParamsSerializer],
+        responses={200: core_serializers.ClipMatchSerializer(many=True)},
+        summary="Clips closest in meaning to `q`, with their cosine similarity",
+    )
+    def get(self, request: Request) -> EnvelopeResponse:
+        params = core_serializers.ClipSearchParamsSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        wanted = params.validated_data
+        project = bound_project(request)
+        if project is None and "project" in wanted:
+            project = Project.objects.filter(pk=wanted["project"]).first()
+            if project is None:
+                raise OmnivaError(ErrorCode.PROJECT_NOT_FOUND, "No such project.")
+        vector = services.query_embedding_make(text=wanted["q"], project=project)
+        matches = core_selectors.clips_nearest(
+            project=project, vector=vector, limit=wanted["limit"]
+        )
+        return EnvelopeResponse(core_views.match_data(matches))

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from typing import Any
+
 from rest_framework import serializers
 
-from omniva.models import AuditRecord, Project
+from omniva.models import AuditRecord, Clip, ClipStatus, Creator, Project
 
 
 class ProjectSerializer(serializers.ModelSerializer):
@@ -12,6 +14,73 @@ class ProjectSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created_at", "updated_at"]
         # Uniqueness is the service's to check, inside its transaction.
         extra_kwargs = {"name": {"validators": []}}
+
+
+class BoundProjectFields:
+    """A key bound to a project names only its own project and creators."""
+
+    context: dict[str, Any]
+
+    def get_fields(self) -> dict[str, Any]:
+        fields = super().get_fields()  # type: ignore[misc]
+        bound = self.context.get("bound_project")
+        if bound is not None:
+            for name, model in (("project", Project), ("creator", Creator)):
+                if name in fields:
+                    own = {"pk": bound.pk} if model is Project else {"project": bound}
+                    fields[name].queryset = model.objects.filter(**own)
+        return fields
+
+
+class CreatorSerializer(BoundProjectFields, serializers.ModelSerializer):
+    project = serializers.PrimaryKeyRelatedField(queryset=Project.objects.all(), required=False)
+
+    class Meta:
+        model = Creator
+        fields = [
+            "id", "project", "name", "handle", "platform", "source_url", "active",
+            "created_at", "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+
+class ClipSerializer(BoundProjectFields, serializers.ModelSerializer):
+    project = serializers.PrimaryKeyRelatedField(queryset=Project.objects.all(), required=False)
+    creator = serializers.PrimaryKeyRelatedField(
+        queryset=Creator.objects.all(), required=False, allow_null=True
+    )
+    duration_s = serializers.FloatField(required=False, allow_null=True, min_value=0)
+
+    class Meta:
+        model = Clip
+        fields = [
+            "id", "project", "creator", "title", "source_url", "media_url", "duration_s",
+            "transcript", "status", "analysis", "embedded_at", "created_at", "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["id", "embedded_at", "created_at", "updated_at"]
+
+
+class ContentFilterSerializer(serializers.Serializer):
+    project = serializers.UUIDField(required=False)
+    creator = serializers.UUIDField(required=False)
+    status = serializers.ChoiceField(choices=ClipStatus.choices, required=False)
+
+
+class ClipMatchSerializer(serializers.Serializer):
+    """A clip found by semantic search, with its cosine similarity (1 is identical)."""
+
+    score = serializers.FloatField()
+    clip = ClipSerializer()
+
+
+class ClipSearchParamsSerializer(serializers.Serializer):
+    q = serializers.CharField(max_length=2000)
+    project = serializers.UUIDField(required=False)
+    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
+
+
+class ClipSimilarParamsSerializer(serializers.Serializer):
+    limit = serializers.IntegerField(min_value=1, max_value=100, default=10)
 
 
 class AuditRecordSerializer(serializers.ModelSerializer):

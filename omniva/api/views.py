@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
@@ -23,9 +24,9 @@ from omniva.api.envelope import error_body, error_response
 from omniva.api.middleware import is_api_path
 from omniva.api.permissions import bound_project
 from omniva.api.renderers import EnvelopeResponse
-from omniva.errors import ErrorCode
+from omniva.errors import ErrorCode, OmnivaError
 from omniva.health import health_report
-from omniva.models import AuditRecord, Project, Scope
+from omniva.models import AuditRecord, Clip, Creator, Project, Scope
 
 
 class PublicView(APIView):
@@ -118,6 +119,149 @@ class ProjectDetailView(ProjectScopedQueryset, generics.RetrieveUpdateDestroyAPI
             raise PermissionDenied("A key bound to a project cannot delete it.")
         services.project_delete(project=project)
         return EnvelopeResponse(None)
+
+
+def _write_project(request: Request, given: Project | None) -> Project:
+    """The project a new creator or clip goes to: the key's own, or the one named."""
+    bound = bound_project(request)
+    if bound is not None:
+        return bound
+    if given is None:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            "Name the project.",
+            details={"project": ["This field is required."]},
+        )
+    return given
+
+
+class ContentQueryset:
+    """Creators and clips the caller may see, narrowed by `?project=` (and the view's
+    own filters)."""
+
+    request: Request
+    model: Any
+    filters: tuple[str, ...] = ()
+
+    def get_queryset(self) -> Any:
+        items = self.model.objects.all()
+        bound = bound_project(self.request)
+        if bound is not None:
+            items = items.filter(project=bound)
+        wanted = serializers.ContentFilterSerializer(data=self.request.query_params)
+        wanted.is_valid(raise_exception=True)
+        for name, value in wanted.validated_data.items():
+            if name in ("project", *self.filters):
+                items = items.filter(**{name: value})
+        return items
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        context = super().get_serializer_context()  # type: ignore[misc]
+        context["bound_project"] = bound_project(self.request)
+        return context
+
+
+class ContentListView(ContentQueryset, generics.ListCreateAPIView):
+    read_scope = Scope.CONTENT
+    write_scope = Scope.CONTENT
+    # The service that creates one item: create_item(project=..., **fields).
+    create_item: Callable[..., Any]
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        fields = dict(serializer.validated_data)
+        project = _write_project(request, fields.pop("project", None))
+        item = type(self).create_item(project=project, **fields)
+        return EnvelopeResponse(self.get_serializer(item).data, status=http.HTTP_201_CREATED)
+
+
+class ContentDetailView(ContentQueryset, generics.RetrieveUpdateDestroyAPIView):
+    read_scope = Scope.CONTENT
+    write_scope = Scope.CONTENT
+    http_method_names = ["get", "patch", "delete", "head", "options"]
+    # The services that change and delete one item.
+    update_item: Callable[[Any, dict[str, Any]], Any]
+    delete_item: Callable[[Any], None]
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        serializer = self.get_serializer(self.get_object(), data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        changes = dict(serializer.validated_data)
+        changes.pop("project", None)  # an item stays in its project
+        item = type(self).update_item(serializer.instance, changes)
+        return EnvelopeResponse(self.get_serializer(item).data)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
+        type(self).delete_item(self.get_object())
+        return EnvelopeResponse(None)
+
+
+class CreatorListView(ContentListView):
+    model = Creator
+    serializer_class = serializers.CreatorSerializer
+    create_item = staticmethod(services.creator_create)
+
+
+class CreatorDetailView(ContentDetailView):
+    model = Creator
+    serializer_class = serializers.CreatorSerializer
+    not_found_code = ErrorCode.CREATOR_NOT_FOUND
+    update_item = staticmethod(
+        lambda item, changes: services.creator_update(creator=item, changes=changes)
+    )
+    delete_item = staticmethod(lambda item: services.creator_delete(creator=item))
+
+
+class ClipListView(ContentListView):
+    model = Clip
+    filters = ("creator", "status")
+    serializer_class = serializers.ClipSerializer
+    create_item = staticmethod(services.clip_create)
+
+
+class ClipDetailView(ContentDetailView):
+    model = Clip
+    serializer_class = serializers.ClipSerializer
+    not_found_code = ErrorCode.CLIP_NOT_FOUND
+    update_item = staticmethod(
+        lambda item, changes: services.clip_update(clip=item, changes=changes)
+    )
+    delete_item = staticmethod(lambda item: services.clip_delete(clip=item))
+
+
+class ClipSimilarView(ContentQueryset, generics.GenericAPIView):
+    model = Clip
+    read_scope = Scope.CONTENT
+    not_found_code = ErrorCode.CLIP_NOT_FOUND
+
+    @extend_schema(
+        parameters=[serializers.ClipSimilarParamsSerializer],
+        responses={200: serializers.ClipMatchSerializer(many=True)},
+        summary="The clips of the same project closest in meaning to this one",
+    )
+    def get(self, request: Request, pk: Any) -> EnvelopeResponse:
+        clip = self.get_object()
+        params = serializers.ClipSimilarParamsSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        if clip.embedding is None:
+            raise OmnivaError(
+                ErrorCode.EMBEDDING_PENDING, "The clip's embedding is not made yet; try again."
+            )
+        matches = selectors.clips_nearest(
+            project=clip.project,
+            vector=list(clip.embedding),
+            limit=params.validated_data["limit"],
+            exclude=clip.pk,
+        )
+        return EnvelopeResponse(match_data(matches))
+
+
+def match_data(matches: list[tuple[Clip, float]]) -> list[dict[str, Any]]:
+    return [
+        {"score": round(score, 6), "clip": serializers.ClipSerializer(clip).data}
+        for clip, score in matches
+    ]
 
 
 class AuditListView(generics.ListAPIView):

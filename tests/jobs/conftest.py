@@ -65,9 +65,10 @@ def due() -> Callable[[Job], None]:
 def stop_job_listener() -> Any:
     """Sync waits start a LISTEN thread; stop it so no connection outlives the test."""
     yield
-    from jobs.waiting import listener
+    from jobs import inference, waiting
 
-    listener.stop()
+    waiting.listener.stop()
+    inference.listener.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -58,3 +58,25 @@ def test_admin_pages_render_with_their_styles(staff_client) -> None:
 
     assert page.status_code == 200
     assert css.status_code == 200
+
+
+def test_a_clip_added_and_retitled_in_the_admin_queues_its_embedding(staff_client) -> None:
+    from jobs.models import Job
+    from omniva.models import Clip, Project
+
+    project = Project.objects.create(name="admin-clips")
+    form = {"project": str(project.pk), "title": "First", "status": "ingested", "analysis": "{}"}
+    added = staff_client.post("/admin/omniva/clip/add/", form)
+    assert added.status_code == 302, added.content[:2000]
+    clip = Clip.objects.get()
+    changed = staff_client.post(
+        f"/admin/omniva/clip/{clip.pk}/change/", {**form, "title": "Second"}
+    )
+    assert changed.status_code == 302
+    clip.refresh_from_db()
+    assert clip.title == "Second"
+    assert [j.params for j in Job.objects.filter(pipeline="clip_embed")] == [
+        {"clip_id": str(clip.pk)}
+    ] * 2
+    staff_client.post(f"/admin/omniva/clip/{clip.pk}/delete/", {"post": "yes"})
+    assert not Clip.objects.exists()
