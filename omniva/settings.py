@@ -251,6 +251,8 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns when it is mi
 WHITENOISE_USE_FINDERS = True
 MEDIA_ROOT = Path(env_str("OMNIVA_MEDIA_ROOT", str(VAR_DIR / "media")))
 MEDIA_URL = "media/"
+# Directory destinations publish into folders under this one (publishing/adapters.py).
+OMNIVA_PUBLISH_ROOT = Path(env_str("OMNIVA_PUBLISH_ROOT", str(VAR_DIR / "publish")))
 
 LOGIN_URL = "admin:login"
 

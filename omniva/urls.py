@@ -16,6 +16,7 @@ urlpatterns = [
     path("v1/", include("omniva.api.urls")),
     path("v1/", include("jobs.api.urls")),
     path("v1/", include("engines.api.urls")),
+    path("v1/", include("publishing.api.urls")),
     # Last under /v1: every unknown path answers an enveloped 404.
     re_path(r"^v1(?:/.*)?$", api_views.NotFoundView.as_view(), name="v1-not-found"),
     # Pipeline outputs under the media root; their names are under the job's id.

@@ -6,3 +6,6 @@ from django.apps import AppConfig
 class PublishingConfig(AppConfig):
     name = "publishing"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from publishing import pipelines  # noqa: F401  (registers the pipelines that publish)
