@@ -29,7 +29,6 @@ import http.client
 import json
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,8 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from omniva.benchmarks import BenchError, table_lines
-from omniva.processes import die_with_parent
+from omniva.benchmarks import BenchError, SuiteProcess, table_lines
 
 BENCH_NAME = "bench"  # the event type and the engine type
 BATCH_SIZE = 10
@@ -51,7 +49,6 @@ TARGET_RATIO = 0.5
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
-STOP_GRACE_S = 15.0
 WARMUP_REQUESTS = 20  # per client, of each kind, before the first round
 ERROR_SAMPLES = 5
 # Never refuse the benchmark's own requests (the check itself still runs).
@@ -68,7 +65,7 @@ def free_port() -> int:
 
 
 @dataclass
-class Server:
+class Server(SuiteProcess):
     """daphne serving the platform, as `manage.py serve` starts it, in its own group."""
 
     database_url: str
@@ -78,7 +75,6 @@ class Server:
     _log: IO[bytes] | None = None
 
     def start(self) -> None:
-        from django.conf import settings
 
         env = {
             **os.environ,
@@ -93,17 +89,7 @@ class Server:
             "--access-log", os.devnull,
             "omniva.asgi:application",
         ]  # fmt: skip
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=settings.BASE_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        self.spawn(argv, env)
 
     def wait_ready(self) -> None:
         """Until GET /v1/health answers 200."""
@@ -133,29 +119,6 @@ class Server:
             raise BenchError(
                 f"the server exited with code {self.process.returncode}:\n" + self.log_tail()
             )
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        process = self.process
-        if process is not None:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=STOP_GRACE_S)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-            self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # --- the clients ----------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,8 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from omniva.benchmarks import BenchError, table_lines
-from omniva.processes import die_with_parent
+from omniva.benchmarks import BenchError, SuiteProcess, table_lines
 
 NOOP = "jobs.benchmarks.bench_noop"
 STAMP = "jobs.benchmarks.bench_stamp"
@@ -62,7 +60,6 @@ LOW_PRIORITY = 2
 URGENT_PRIORITY = 10
 DEPTH_POLL_S = 0.05
 STAMP_POLL_S = 0.001
-STOP_GRACE_S = 15.0
 READY_TIMEOUT_S = 120.0
 
 # Targets on the project's 2-core machine (docs/benchmarks.md).
@@ -230,7 +227,7 @@ class StockOrmQueue(QueueUnderTest):
 
 
 @dataclass
-class Cluster:
+class Cluster(SuiteProcess):
     """One `qcluster` serving `queue`, in its own process group."""
 
     queue: str
@@ -249,7 +246,6 @@ class Cluster:
         return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"]
 
     def start(self) -> None:
-        from django.conf import settings
 
         env = {
             **os.environ,
@@ -259,17 +255,7 @@ class Cluster:
             "OMNIVA_WORKERS": str(self.workers),
             "PYTHONUNBUFFERED": "1",
         }
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            self.argv(),
-            env=env,
-            cwd=settings.BASE_DIR,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        self.spawn(self.argv(), env)
 
     def check_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
@@ -277,31 +263,6 @@ class Cluster:
                 f"qcluster for {self.queue!r} exited with code {self.process.returncode}:\n"
                 + self.log_tail()
             )
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        process = self.process
-        if process is not None:
-            if process.poll() is None:
-                # Only the leader: qcluster stops its own processes in order.
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=STOP_GRACE_S)
-            # Whatever is left in its group (a worker whose parent already exited).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
-            self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # --- the measurements -------------------------------------------------------------------

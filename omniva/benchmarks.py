@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from omniva.processes import die_with_parent
+
+# How long a suite's process has to stop on SIGTERM before its group is killed.
+STOP_GRACE_S = 15.0
 
 
 class BenchError(RuntimeError):
@@ -19,3 +30,53 @@ def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[st
         return "  ".join([first, *rest]).rstrip()
 
     return [line(header), *(line(row) for row in rows)]
+
+
+class SuiteProcess:
+    """A process a suite starts (daphne, a qcluster): in its own process group, dying
+    with its parent, its output appended to `log_path`. Subclasses declare the
+    `log_path`, `process` and `_log` fields."""
+
+    log_path: Path
+    process: subprocess.Popen[bytes] | None
+    _log: IO[bytes] | None
+
+    def spawn(self, argv: list[str], env: dict[str, str]) -> None:
+        from django.conf import settings
+
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=settings.BASE_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None:
+            if process.poll() is None:
+                # Only the leader: qcluster stops its own processes in order.
+                with contextlib.suppress(ProcessLookupError):
+                    process.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=STOP_GRACE_S)
+            # Whatever is left in its group (a worker whose parent already exited).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
+            self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
