@@ -25,6 +25,7 @@ from django.conf import settings
 from jobs.pipelines import Dag, Pipeline, Stage, register
 from jobs.stages import StageContext, StageError
 from omniva import outbound
+from omniva.media import media_name
 
 EMBED_TEXTS_MAX = 1000
 EMBED_TEXT_MAX_CHARS = 10_000
@@ -163,13 +164,6 @@ CLIP_EMBED = register(
 # --- image_upscale ----------------------------------------------------------------------
 
 
-def _media_name(value: str) -> str:
-    """A media file named by its served URL path (`/media/…`, what `store` returns) or
-    by its name under the media root."""
-    prefix = "/" + settings.MEDIA_URL.strip("/") + "/"
-    return value[len(prefix) :] if value.startswith(prefix) else value
-
-
 def _outbound_failure(exc: outbound.OutboundError) -> StageError:
     return StageError(exc.code, exc.message, retryable=exc.transient)
 
@@ -189,7 +183,7 @@ def _read_input(source: str) -> bytes:
             "URL_NOT_ALLOWED", "The input must be an http(s) URL or a media file.", retryable=False
         )
     try:
-        path = outbound.media_path(_media_name(source))
+        path = outbound.media_path(media_name(source))
     except outbound.OutboundError as exc:
         raise _outbound_failure(exc) from exc
     if path.stat().st_size > settings.OMNIVA_FETCH_MAX_BYTES:

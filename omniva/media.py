@@ -11,3 +11,10 @@ from django.views.static import serve
 def media_file(request: HttpRequest, path: str) -> HttpResponse:
     # The root is read per request (it is a setting; tests and `serve` change it).
     return serve(request, path, document_root=settings.MEDIA_ROOT)
+
+
+def media_name(value: str) -> str:
+    """A media file's name under the media root, from its served URL path (`/media/…`,
+    what pipelines return) or from the name itself."""
+    prefix = "/" + settings.MEDIA_URL.strip("/") + "/"
+    return value[len(prefix) :] if value.startswith(prefix) else value

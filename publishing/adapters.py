@@ -103,11 +103,14 @@ def _directory(destination: Destination, item: Item, key: str) -> Published:
             "A directory destination's `path` must stay under the publish root.", transient=False
         )
     folder = publish_root() / relative
-    folder.mkdir(parents=True, exist_ok=True)
-    if item.file is not None:
-        _write_atomically(folder / f"{key}{item.file.suffix}", item.file)
-    # The description last: its presence says the item is complete.
-    _write_atomically(folder / f"{key}.json", json.dumps(item.data, sort_keys=True).encode())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if item.file is not None:
+            _write_atomically(folder / f"{key}{item.file.suffix}", item.file)
+        # The description last: its presence says the item is complete.
+        _write_atomically(folder / f"{key}.json", json.dumps(item.data, sort_keys=True).encode())
+    except OSError as exc:  # a full disk, a permission: the retry may succeed
+        raise AdapterError(f"Writing to {relative} failed: {exc.strerror or exc}") from exc
     return Published(external_id=key, url=str(relative / f"{key}.json"))
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from omniva import outbound
 from omniva.errors import ErrorCode, OmnivaError
+from omniva.media import media_name
 from omniva.models import Clip, Project
 from omniva.services import sha256_hex
 from publishing import adapters
@@ -111,16 +112,13 @@ def _item(publication: Publication) -> adapters.Item:
 
 
 def _media_file(name: str) -> Path | None:
-    """A file of ours under the media root, or None (remote media is sent as a URL)."""
+    """A file of ours under the media root, or None (remote media is sent as its URL)."""
     if not name or "://" in name:
         return None
-    prefix = "/" + settings.MEDIA_URL.strip("/") + "/"
-    path = Path(settings.MEDIA_ROOT) / (name[len(prefix) :] if name.startswith(prefix) else name)
-    root = Path(settings.MEDIA_ROOT).resolve()
-    resolved = path.resolve()
-    if root not in resolved.parents or not resolved.is_file():
+    try:
+        return outbound.media_path(media_name(name))
+    except outbound.OutboundError:
         return None
-    return resolved
 
 
 def publication_publish(*, publication_id: Any) -> Publication:
