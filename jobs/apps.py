@@ -10,7 +10,7 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         from django_q.signals import post_spawn, pre_execute
 
-        from jobs import builtin, gpu, selectors, tasks  # noqa: F401  (they register pipelines)
+        from jobs import builtin, gpu, reports, selectors, tasks  # noqa: F401  (they register)
         from omniva import selectors as core_selectors
         from omniva.health import register_check
 

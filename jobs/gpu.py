@@ -25,7 +25,7 @@ from django.conf import settings
 from jobs.pipelines import Dag, Pipeline, Stage, register
 from jobs.stages import StageContext, StageError
 from omniva import outbound
-from omniva.media import media_name
+from omniva.media import artifact_save, artifact_url, job_artifact_name, media_name
 
 EMBED_TEXTS_MAX = 1000
 EMBED_TEXT_MAX_CHARS = 10_000
@@ -288,7 +288,8 @@ def store(ctx: StageContext) -> dict[str, Any]:
         except outbound.OutboundError as exc:
             raise _outbound_failure(exc) from exc
     else:
-        output_url = "/" + settings.MEDIA_URL.strip("/") + "/" + relative
+        path = Path(settings.MEDIA_ROOT) / relative
+        output_url = artifact_url(artifact_save(job_artifact_name(ctx.job_id, path.name), path))
     return {"input_url": ctx.params["input_url"], "output_url": output_url}
 
 

@@ -44,6 +44,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from omniva import media
 from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Project
@@ -1283,6 +1284,14 @@ def job_retry(*, job_id: Any) -> Job:
 def job_files(job_id: Any) -> Path:
     """The folder of a job's files under the media root (removed with the job)."""
     return Path(settings.MEDIA_ROOT) / "jobs" / str(job_id)
+
+
+def _job_files_delete(job_id: Any) -> None:
+    """A job's scratch folder, and its artifacts where they are not in that folder (a
+    bucket)."""
+    shutil.rmtree(job_files(job_id), ignore_errors=True)
+    if not media.is_local_storage():
+        media.artifacts_delete(media.job_artifact_name(job_id, ""))
 
 
 def job_delete(*, job_id: Any) -> None:

@@ -206,6 +206,14 @@ class Clip(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # A source is ingested once per project (clipfarm skips what it has).
+            models.UniqueConstraint(
+                fields=["project", "source_url"],
+                condition=~models.Q(source_url=""),
+                name="omniva_clip_one_per_source",
+            )
+        ]
         indexes = [
             HnswIndex(
                 name="omniva_clip_embedding_cosine",

@@ -180,14 +180,37 @@ def _request_embedding(clip: Clip) -> None:
         clip_embedding_requested(clip)
 
 
+def _source_taken() -> OmnivaError:
+    return OmnivaError(
+        ErrorCode.CONFLICT,
+        "The project already has a clip from this source.",
+        details={"source_url": ["The project already has a clip from this source."]},
+    )
+
+
 def clip_create(*, project: Project, **fields: Any) -> Clip:
     _creator_in_project(fields.get("creator"), project)
-    with transaction.atomic():
-        clip = Clip.objects.create(
-            project=project, **{k: v for k, v in fields.items() if k in CLIP_FIELDS}
-        )
-        _request_embedding(clip)
-        return clip
+    try:
+        with transaction.atomic():
+            clip = Clip.objects.create(
+                project=project, **{k: v for k, v in fields.items() if k in CLIP_FIELDS}
+            )
+            _request_embedding(clip)
+            return clip
+    except IntegrityError as exc:
+        raise _source_taken() from exc
+
+
+def clip_ingest(*, project: Project, source_url: str, **fields: Any) -> tuple[Clip, bool]:
+    """The project's clip of `source_url`, made (and queued for embedding) unless it was
+    ingested before: (clip, created). Two ingests of one source at once make one clip."""
+    existing = Clip.objects.filter(project=project, source_url=source_url).first()
+    if existing is not None:
+        return existing, False
+    try:
+        return clip_create(project=project, source_url=source_url, **fields), True
+    except OmnivaError:
+        return Clip.objects.get(project=project, source_url=source_url), False
 
 
 def clip_update(*, clip: Clip, changes: dict[str, Any]) -> Clip:
@@ -200,7 +223,11 @@ def clip_update(*, clip: Clip, changes: dict[str, Any]) -> Clip:
         for field in CLIP_FIELDS:
             if field in changes:
                 setattr(locked, field, changes[field])
-        locked.save()
+        try:
+            with transaction.atomic():
+                locked.save()
+        except IntegrityError as exc:
+            raise _source_taken() from exc
         if locked.text_for_embedding() != text_before:
             _request_embedding(locked)
         return locked

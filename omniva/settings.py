@@ -251,6 +251,32 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns when it is mi
 WHITENOISE_USE_FINDERS = True
 MEDIA_ROOT = Path(env_str("OMNIVA_MEDIA_ROOT", str(VAR_DIR / "media")))
 MEDIA_URL = "media/"
+# Media and artifacts (pipeline outputs, edited videos, reports, mockups) go through
+# Django's default storage: files under MEDIA_ROOT, or an S3 bucket when
+# OMNIVA_S3_BUCKET is set (django-storages; credentials from the usual AWS_* variables
+# or the instance role, never from this file). omniva/media.py is the one way in.
+OMNIVA_S3_BUCKET = env_str("OMNIVA_S3_BUCKET", "")
+STORAGES = {
+    "default": (
+        {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": OMNIVA_S3_BUCKET,
+                "endpoint_url": env_str("OMNIVA_S3_ENDPOINT_URL", "") or None,
+                "region_name": env_str("OMNIVA_S3_REGION", "") or None,
+                "location": env_str("OMNIVA_S3_PREFIX", ""),
+                "file_overwrite": True,
+                "querystring_expire": env_int("OMNIVA_S3_URL_EXPIRE_S", 3600, minimum=60),
+            },
+        }
+        if OMNIVA_S3_BUCKET
+        else {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"allow_overwrite": True},
+        }
+    ),
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
 # Directory destinations publish into folders under this one (publishing/adapters.py).
 OMNIVA_PUBLISH_ROOT = Path(env_str("OMNIVA_PUBLISH_ROOT", str(VAR_DIR / "publish")))
 

@@ -8,4 +8,4 @@ class PublishingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from publishing import pipelines  # noqa: F401  (registers the pipelines that publish)
+        from publishing import clipfarm, pipelines, pod  # noqa: F401  (they register pipelines)

@@ -67,6 +67,9 @@ class Publication(models.Model):
     )
     # A file under the media root, for what is not a clip (a design, a report).
     artifact = models.CharField(max_length=1024, blank=True, default="")
+    # What the platform needs besides the clip or file: a design's title, description,
+    # product type, tags, price (pod_design).
+    payload = models.JSONField(default=dict, blank=True)
     idempotency_key = models.CharField(max_length=64)
     status = models.CharField(
         max_length=20, choices=PublicationStatus.choices, default=PublicationStatus.PENDING

@@ -74,7 +74,11 @@ def publication_key(*, destination: Destination, clip: Clip | None, artifact: st
 
 
 def publication_record(
-    *, destination: Destination, clip: Clip | None = None, artifact: str = ""
+    *,
+    destination: Destination,
+    clip: Clip | None = None,
+    artifact: str = "",
+    payload: dict[str, Any] | None = None,
 ) -> Publication:
     """The publication of this item to this destination, made on first use."""
     key = publication_key(destination=destination, clip=clip, artifact=artifact)
@@ -83,7 +87,7 @@ def publication_record(
             publication, _ = Publication.objects.get_or_create(
                 destination=destination,
                 idempotency_key=key,
-                defaults={"clip": clip, "artifact": artifact},
+                defaults={"clip": clip, "artifact": artifact, "payload": payload or {}},
             )
             return publication
     except IntegrityError:  # made at the same moment by another attempt
@@ -106,7 +110,7 @@ def _item(publication: Publication) -> adapters.Item:
         }
         return adapters.Item(data=data, file=_media_file(clip.media_url))
     return adapters.Item(
-        data={"kind": "artifact", "path": publication.artifact},
+        data={**publication.payload, "kind": "artifact", "path": publication.artifact},
         file=_media_file(publication.artifact),
     )
 
