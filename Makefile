@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+# The gRPC service's code, generated from its .proto: the path under protos/ is the
+# Python package it lands in (grpc_services.generated, git-ignored; docs/grpc.md).
+GRPC_PROTO := protos/grpc_services/generated/orchestrator.proto
+GRPC_CODE := grpc_services/generated/orchestrator_pb2_grpc.py
 
-.PHONY: install run test lint bench schema
+.PHONY: install run test lint bench schema grpc
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +17,12 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-install: $(STAMP)
+$(GRPC_CODE): $(GRPC_PROTO) $(STAMP)
+	$(BIN)/python -m jobs.grpc_codegen
+
+grpc: $(GRPC_CODE)
+
+install: $(STAMP) $(GRPC_CODE)
 
 run: install
 	$(BIN)/python manage.py serve

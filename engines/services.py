@@ -335,8 +335,18 @@ def event_create(
     return event
 
 
+# `picked` is MATERIALIZED so the rows are picked once (as `e.id IN (subquery)` a plan
+# that rescans the subquery takes up to LIMIT more rows on each scan).
 CLAIM_SQL = """
-WITH claimed AS (
+WITH picked AS MATERIALIZED (
+    SELECT id FROM engines_event
+    WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
+      AND ((status = %(pending)s AND available_at <= %(now)s)
+           OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
     UPDATE engines_event e
     SET status = %(leased)s,
         retry_count = e.retry_count + CASE WHEN e.status = %(leased)s THEN 1 ELSE 0 END,
@@ -346,16 +356,8 @@ WITH claimed AS (
         leased_at = %(now)s,
         progress = 0,
         updated_at = %(now)s
-    FROM engines_eventtype t
-    WHERE t.id = e.event_type_id AND e.id IN (
-        SELECT id FROM engines_event
-        WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
-          AND ((status = %(pending)s AND available_at <= %(now)s)
-               OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
-        ORDER BY priority DESC, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    )
+    FROM engines_eventtype t, picked
+    WHERE t.id = e.event_type_id AND e.id = picked.id
     RETURNING e.*, t.name AS event_type_name
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, job_id, project_id, data)

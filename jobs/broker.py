@@ -35,17 +35,23 @@ logger = logging.getLogger("omniva.broker")
 FALLBACK_POLL_S = 1.0
 RECONNECT_PAUSE_S = 0.5
 
+# The rows are picked once, in a MATERIALIZED CTE: as `WHERE id IN (subquery)` the
+# planner may run the subquery again for the update (a semi-join rescan), and each run
+# takes up to LIMIT more rows, so one claim took rows no one was handed (seen in tests).
 CLAIM_SQL = """
-UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
-                          deliveries = deliveries + 1
-WHERE id IN (
+WITH picked AS MATERIALIZED (
     SELECT id FROM jobs_queuetask
     WHERE queue = %(queue)s AND visible_at <= statement_timestamp()
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, deliveries, priority, payload
+UPDATE jobs_queuetask q
+SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
+    deliveries = q.deliveries + 1
+FROM picked
+WHERE q.id = picked.id
+RETURNING q.id, q.deliveries, q.priority, q.payload
 """
 
 # The INSERT and its NOTIFY in one round trip; the notification is delivered at commit.
@@ -65,9 +71,7 @@ SELECT id, pg_notify(%(channel)s, '') FROM task
 # The gpu worker's micro-batches (jobs/inference.py): ready rows of `queue` whose stage
 # runs are of the given (pipeline, stage) pairs, claimed like CLAIM_SQL claims.
 CLAIM_STAGES_SQL = """
-UPDATE jobs_queuetask SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
-                          deliveries = deliveries + 1
-WHERE id IN (
+WITH picked AS MATERIALIZED (
     SELECT q.id FROM jobs_queuetask q
     JOIN jobs_stagerun r ON r.id = q.stage_run_id
     JOIN jobs_job j ON j.id = r.job_id
@@ -77,7 +81,12 @@ WHERE id IN (
     LIMIT %(limit)s
     FOR UPDATE OF q SKIP LOCKED
 )
-RETURNING id, deliveries, stage_run_id
+UPDATE jobs_queuetask q
+SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
+    deliveries = q.deliveries + 1
+FROM picked
+WHERE q.id = picked.id
+RETURNING q.id, q.deliveries, q.stage_run_id
 """
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from django.conf import settings
 from jobs.pipelines import Dag, Pipeline, Stage, register
 from jobs.stages import StageContext, StageError
 from omniva import outbound
-from omniva.media import artifact_save, artifact_url, job_artifact_name, media_name
+from omniva.media import artifact_save, job_artifact_name, media_name, media_reference
 
 EMBED_TEXTS_MAX = 1000
 EMBED_TEXT_MAX_CHARS = 10_000
@@ -75,19 +76,12 @@ def embed_many(contexts: list[StageContext]) -> list[Any]:
     return outcomes
 
 
-def embed_one(ctx: StageContext) -> dict[str, Any]:
-    [outcome] = embed_many([ctx])
-    if isinstance(outcome, StageError):
-        raise outcome
-    return outcome
-
-
 EMBED_TEXTS = register(
     Pipeline(
         name="embed_texts",
         description="Normalized 384-d vectors of `texts` (all-MiniLM-L6-v2 on the gpu "
         "queue, batched across jobs).",
-        stages=(Stage("embed", embed_one, queue="gpu", batch=embed_many),),
+        stages=(Stage("embed", queue="gpu", batch=embed_many),),
         params_schema={
             "type": "object",
             "properties": {
@@ -108,41 +102,70 @@ EMBED_TEXTS = register(
 # --- clip_embed -------------------------------------------------------------------------
 
 
+class ClipEmbedding(StrEnum):
+    """What `clips_embed` did with one clip."""
+
+    STORED = "stored"  # embedded now
+    CURRENT = "current"  # its vector already is of its title and transcript: not redone
+    CHANGED = "changed"  # its text changed meanwhile: the job of the new text stores that
+    EMPTY = "empty"  # no title nor transcript: nothing to embed
+    MISSING = "missing"  # no such clip (deleted)
+
+
+def clips_embed(clip_ids: list[str]) -> dict[str, str]:
+    """Embed the titles and transcripts of the clips whose stored vector is not of their
+    current text, in one `encode` call, each stored on its clip unless its text changed
+    meanwhile; what was done with each id (ClipEmbedding)."""
+    from jobs.inference import models
+    from omniva.models import Clip
+    from omniva.services import clip_embedding_store, sha256_hex
+
+    canonical = {clip_id: _canonical_uuid(clip_id) for clip_id in clip_ids}
+    outcomes = dict.fromkeys(canonical.values(), ClipEmbedding.MISSING)
+    texts: dict[str, str] = {}
+    for clip in Clip.objects.filter(pk__in=[i for i in outcomes if i]).only(
+        "pk", "title", "transcript", "embedded_text"
+    ):
+        text = clip.text_for_embedding()
+        if not text:
+            outcomes[str(clip.pk)] = ClipEmbedding.EMPTY
+        elif clip.embedded_text == sha256_hex(text):
+            outcomes[str(clip.pk)] = ClipEmbedding.CURRENT
+        else:
+            texts[str(clip.pk)] = text
+    if texts:
+        vectors = models.embed(list(texts.values()))
+        for (clip_id, text), vector in zip(texts.items(), vectors, strict=True):
+            stored = clip_embedding_store(clip_id=clip_id, text=text, vector=vector)
+            outcomes[clip_id] = ClipEmbedding.STORED if stored else ClipEmbedding.CHANGED
+    return {clip_id: outcomes[canonical[clip_id]] for clip_id in clip_ids}
+
+
 def clip_embed_many(contexts: list[StageContext]) -> list[Any]:
     """The vectors of the clips' titles and transcripts, in one forward pass, each stored
-    on its clip unless its text changed meanwhile (a newer job stores that one)."""
-    from jobs.inference import EMBED_DIM, models
-    from omniva.models import Clip
-    from omniva.services import clip_embedding_store
+    on its clip unless its text changed meanwhile (a newer job stores that one) or its
+    vector already is of this text (clipfarm's `embed` stage made it first)."""
+    from jobs.inference import EMBED_DIM
 
     ids = [str(ctx.params.get("clip_id")) for ctx in contexts]
-    texts = {
-        str(clip.pk): clip.text_for_embedding()
-        for clip in Clip.objects.filter(pk__in=[i for i in ids if _is_uuid(i)])
-    }
-    wanted = [clip_id for clip_id in ids if texts.get(clip_id)]
-    vectors = dict(zip(wanted, models.embed([texts[i] for i in wanted]), strict=True))
+    outcomes = clips_embed(ids)
     return [
         {
             "clip_id": clip_id,
             "dim": EMBED_DIM,
-            "stored": clip_id in vectors
-            and clip_embedding_store(clip_id=clip_id, text=texts[clip_id], vector=vectors[clip_id]),
+            "stored": outcomes[clip_id] == ClipEmbedding.STORED,
+            "outcome": outcomes[clip_id],
         }
         for clip_id in ids
     ]
 
 
-def clip_embed_one(ctx: StageContext) -> dict[str, Any]:
-    return clip_embed_many([ctx])[0]
-
-
-def _is_uuid(value: str) -> bool:
+def _canonical_uuid(value: str) -> str:
+    """The UUID's usual spelling, or "" when `value` is not one."""
     try:
-        uuid.UUID(value)
+        return str(uuid.UUID(value))
     except ValueError:
-        return False
-    return True
+        return ""
 
 
 CLIP_EMBED = register(
@@ -150,7 +173,7 @@ CLIP_EMBED = register(
         name="clip_embed",
         description="Embed a clip's title and transcript for semantic search (queued by "
         "every change of them; batched across jobs on the gpu queue).",
-        stages=(Stage("embed", clip_embed_one, queue="gpu", batch=clip_embed_many),),
+        stages=(Stage("embed", queue="gpu", batch=clip_embed_many),),
         params_schema={
             "type": "object",
             "properties": {"clip_id": {"type": "string", "format": "uuid"}},
@@ -168,7 +191,9 @@ def _outbound_failure(exc: outbound.OutboundError) -> StageError:
     return StageError(exc.code, exc.message, retryable=exc.transient)
 
 
-def _read_input(source: str) -> bytes:
+def read_input(source: str) -> bytes:
+    """The bytes of a user-given input: an http(s) URL through outbound, or a media file
+    (its name or `/media/…` address); bad or private ones fail with their code."""
     if source.startswith(("http://", "https://")):
         try:
             return outbound.fetch(
@@ -211,7 +236,7 @@ def _decode(data: bytes) -> Any:
 
 def fetch(ctx: StageContext) -> dict[str, Any]:
     """The input's bytes, checked to be an image within the limits, kept as a file."""
-    data = _read_input(str(ctx.params["input_url"]))
+    data = read_input(str(ctx.params["input_url"]))
     image = _decode(data)
     path = _job_folder(ctx) / INPUT_FILE
     path.write_bytes(data)
@@ -289,7 +314,7 @@ def store(ctx: StageContext) -> dict[str, Any]:
             raise _outbound_failure(exc) from exc
     else:
         path = Path(settings.MEDIA_ROOT) / relative
-        output_url = artifact_url(artifact_save(job_artifact_name(ctx.job_id, path.name), path))
+        output_url = media_reference(artifact_save(job_artifact_name(ctx.job_id, path.name), path))
     return {"input_url": ctx.params["input_url"], "output_url": output_url}
 
 

@@ -37,8 +37,22 @@ class Stage:
     queue: str = "default"
     engine_type: str | None = None
     # Set for stages whose attempts may run batched across jobs; `run` is then the same
-    # work for one context (batch=[ctx]).
+    # work for one context, the batch of one (a StageError outcome raised).
     batch: BatchFunction | None = None
+
+    def __post_init__(self) -> None:
+        if self.run is None and self.batch is not None:
+            object.__setattr__(self, "run", _alone(self.batch))
+
+
+def _alone(batch: BatchFunction) -> StageFunction:
+    def run(ctx: StageContext) -> Any:
+        [outcome] = batch([ctx])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    return run
 
 
 def sink_output(outputs: dict[str, Any], dag: Dag) -> Any:

@@ -172,10 +172,17 @@ def _cancel_grace() -> timedelta:
     return timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
 
 
-def _definition(pipeline: str) -> pipelines.Pipeline:
-    definition = pipelines.get(pipeline)
+def pipeline_named(name: str, *, field: str = "pipeline") -> pipelines.Pipeline:
+    """The registered pipeline `name`, or UNKNOWN_PIPELINE naming the known ones under
+    `field` (what the caller called it: `pipeline`, gRPC's `task_type`)."""
+    definition = pipelines.get(name)
     if definition is None:
-        raise OmnivaError(ErrorCode.UNKNOWN_PIPELINE, f"Unknown pipeline {pipeline!r}.")
+        known = ", ".join(p.name for p in pipelines.all_pipelines())
+        raise OmnivaError(
+            ErrorCode.UNKNOWN_PIPELINE,
+            f"Unknown {field} {name!r}; known: {known}.",
+            details={field: [f"unknown: {name}"]},
+        )
     return definition
 
 
@@ -419,14 +426,7 @@ def job_submit(
 ) -> tuple[Job, bool]:
     """Create a job and enqueue its root stages; (job, created). A known idempotency key
     returns the job it first created, never a second one."""
-    definition = pipelines.get(pipeline)
-    if definition is None:
-        known = ", ".join(p.name for p in pipelines.all_pipelines())
-        raise OmnivaError(
-            ErrorCode.UNKNOWN_PIPELINE,
-            f"Unknown pipeline {pipeline!r}; known: {known}.",
-            details={"pipeline": [f"unknown: {pipeline}"]},
-        )
+    definition = pipeline_named(pipeline)
     params = {} if params is None else params
     errors = definition.validation_errors(params)
     if errors:
@@ -630,7 +630,7 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
 
 
 def _parent_outputs(job_id: Any, pipeline: str, params: dict[str, Any], stage: str) -> dict:
-    parents = _definition(pipeline).dag(params).stage(stage).depends_on
+    parents = pipeline_named(pipeline).dag(params).stage(stage).depends_on
     if not parents:
         return {}
     runs = StageRun.objects.filter(job_id=job_id, name__in=parents)
@@ -951,7 +951,7 @@ def stage_complete(
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
             return
-        definition = _definition(job.pipeline)
+        definition = pipeline_named(job.pipeline)
         dag = definition.dag(job.params)
         others = StageRun.objects.filter(job=job).exclude(pk=run.pk) if len(dag.order) > 1 else []
         runs = {r.name: r for r in others}
@@ -1010,7 +1010,10 @@ def stage_fail(
                 level="warning",
             )
             _enqueue_stage(
-                job, run, _definition(job.pipeline).dag(job.params).stage(run.name), delay_s=delay
+                job,
+                run,
+                pipeline_named(job.pipeline).dag(job.params).stage(run.name),
+                delay_s=delay,
             )
             job.status = JobStatus.RETRYING
             job.next_attempt_at = now + timedelta(seconds=delay)
@@ -1249,7 +1252,7 @@ def job_retry(*, job_id: Any) -> Job:
             _batch_child_finished(parent_id=job.pk, now=now)
             job.refresh_from_db()
             return job
-        definition = _definition(job.pipeline)
+        definition = pipeline_named(job.pipeline)
         dag = definition.dag(job.params)
         runs = {run.name: run for run in StageRun.objects.filter(job=job)}
         for run in runs.values():

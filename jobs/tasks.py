@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pydoc
 import signal
 import socket
 import threading
@@ -240,7 +241,10 @@ def run_delivery(ack_id: str, task: dict[str, Any]) -> None:
     from jobs.broker import acknowledge_delivery
 
     remember_delivery(sender=None, func=None, task={**task, "ack_id": ack_id})
-    run_stage(*task["args"], **task["kwargs"])
+    func = task["func"]
+    if isinstance(func, str):  # as django-q2's worker resolves it
+        func = pydoc.locate(func)
+    func(*task["args"], **task["kwargs"])
     acknowledge_delivery(ack_id=ack_id)
 
 

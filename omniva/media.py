@@ -20,15 +20,28 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.core.files.storage import FileSystemStorage, Storage, storages
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.views.static import serve
 
 from omniva.errors import ErrorCode, OmnivaError
 
 
 def media_file(request: HttpRequest, path: str) -> HttpResponse:
+    """`/media/<name>`: the file from MEDIA_ROOT, or a redirect to the bucket's (signed)
+    URL, so `/media/<name>` is the one lasting address of an artifact either way."""
+    if not is_local_storage():
+        try:
+            return HttpResponseRedirect(artifact_url(path))
+        except OmnivaError as exc:
+            raise Http404(exc.message) from exc
     # The root is read per request (it is a setting; tests and `serve` change it).
     return serve(request, path, document_root=settings.MEDIA_ROOT)
+
+
+def media_reference(name: str) -> str:
+    """The lasting address of a stored artifact (`/media/<name>`), for what is kept in
+    the database; `media_name` turns it back into the name."""
+    return "/" + settings.MEDIA_URL.strip("/") + "/" + checked_name(name)
 
 
 def media_name(value: str) -> str:

@@ -16,9 +16,11 @@ such a request can be aimed at the server's own network: the cloud metadata serv
 - stops reading a body at `max_bytes` + 1 and gives up once the deadline over the whole
   exchange (connect, TLS, upload, headers, body) has passed.
 
-Failures are `OutboundError`s with a stable code and a `transient` flag that tells a
-stage whether trying again later can help. `media_path` is the same guard for file
-names under MEDIA_ROOT.
+`request` is the one way a request is made; `fetch` (GET) and `send` (POST, PUT, PATCH
+with a body) are its common cases. Failures are `OutboundError`s with a stable code and
+a `transient` flag that tells a stage whether trying again later can help; with
+`raise_for_status=False` an HTTP answer of any status is a result instead. `media_path`
+is the same guard for file names under MEDIA_ROOT.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
+from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -49,6 +53,7 @@ __all__ = [
     "allowed_networks_from_settings",
     "fetch",
     "media_path",
+    "request",
     "send",
 ]
 
@@ -57,9 +62,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # Only these keep the method and the body (RFC 9110 15.4); a PUT answered with 301, 302
-# or 303 would become a GET that silently drops the upload, so send() fails on those.
+# or 303 would become a GET that silently drops the upload, and a DELETE answered with
+# 303 is asked to GET another resource, so only GET and HEAD follow those.
 BODY_PRESERVING_REDIRECTS = frozenset({307, 308})
+SAFE_METHODS = frozenset({"GET", "HEAD"})
 SEND_METHODS = frozenset({"POST", "PUT", "PATCH"})
+METHODS = SAFE_METHODS | SEND_METHODS | {"DELETE"}
 
 _CHUNK = 64 * 1024
 _USER_AGENT = f"omniva/{__version__}"
@@ -125,6 +133,20 @@ class Fetched:
     content_type: str | None  # the header as sent, parameters included; None if absent
     final_url: str  # after redirects
     status: int
+    # Lower-cased names; a header sent more than once has its values joined with ", ".
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def status_error(self) -> OutboundError | None:
+        """What this answer's status means as a failure: None for 2xx, else the
+        OutboundError a non-2xx answer raises by default (FETCH_UNAVAILABLE and transient
+        for 5xx, 408 and 429; FETCH_FAILED for the rest)."""
+        if 200 <= self.status < 300:
+            return None
+        try:
+            reason = HTTPStatus(self.status).phrase
+        except ValueError:
+            reason = ""
+        return _status_error(self.status, reason, self.final_url)
 
 
 # --- addresses ---------------------------------------------------------------------
@@ -501,15 +523,21 @@ def _options(
     )
 
 
-def _caller_headers(
-    headers: Mapping[str, str] | None, *, extra_managed: set[str]
-) -> dict[str, str]:
-    managed = _MANAGED_HEADERS | extra_managed
-    result: dict[str, str] = {}
+def _request_headers(headers: Mapping[str, str] | None, content_type: str | None) -> dict[str, str]:
+    """Our defaults, then the caller's headers (replacing a default of the same name in
+    any case), then Content-Type when `content_type` gives it."""
+    managed = _MANAGED_HEADERS | ({"content-type"} if content_type is not None else set())
+    given: dict[str, str] = {}
     for name, value in (headers or {}).items():
         if name.lower() in managed:
             raise ValueError(f"header {name!r} is set by omniva.outbound, not by the caller")
-        result[name] = value
+        given[name] = value
+    # http.client sends both of "Accept" and "accept"; a server may read either.
+    replaced = {name.lower() for name in given}
+    result = {name: v for name, v in _base_headers().items() if name.lower() not in replaced}
+    result |= given
+    if content_type is not None:
+        result["Content-Type"] = content_type
     return result
 
 
@@ -547,6 +575,27 @@ def _read_body(
         chunks.append(chunk)
 
 
+def _response_headers(response: http.client.HTTPResponse) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in response.msg.items():
+        key = name.lower()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def _fetched(
+    response: http.client.HTTPResponse, max_bytes: int, deadline: _Deadline, url: str
+) -> Fetched:
+    return Fetched(
+        body=_read_body(response, max_bytes, deadline, url),
+        content_type=response.getheader("Content-Type"),
+        final_url=url,
+        status=response.status,
+        headers=_response_headers(response),
+    )
+
+
+@contextmanager
 def _exchange(
     method: str,
     target: _Target,
@@ -554,8 +603,9 @@ def _exchange(
     headers: dict[str, str],
     options: _Options,
     deadline: _Deadline,
-) -> tuple[int, str | None, Fetched | None]:
-    """One request: (status, Location, Fetched when the status is 2xx)."""
+) -> Iterator[http.client.HTTPResponse]:
+    """One request on a connection of its own to the checked addresses; the response is
+    read inside the block, and the socket closed when it ends."""
     addresses = _resolve(target, options.networks)
     if target.scheme == "https":
         conn: _PinnedHTTPConnection = _PinnedHTTPSConnection(
@@ -565,22 +615,44 @@ def _exchange(
         conn = _PinnedHTTPConnection(target, addresses, deadline)
     try:
         conn.request(method, target.path, body=body, headers=headers)
-        response = conn.getresponse()
-        status = response.status
-        if status in REDIRECT_STATUSES:
-            return status, response.getheader("Location"), None
-        if not 200 <= status < 300:
-            raise _status_error(status, response.reason, target.url)
-        content = _read_body(response, options.max_bytes, deadline, target.url)
-        fetched = Fetched(
-            body=content,
-            content_type=response.getheader("Content-Type"),
-            final_url=target.url,
-            status=status,
-        )
-        return status, None, fetched
+        yield conn.getresponse()
     finally:
         conn.close_socket()
+
+
+def _location_to_follow(
+    response: http.client.HTTPResponse,
+    method: str,
+    redirects: int,
+    options: _Options,
+    urls: tuple[str, str],
+    raise_for_status: bool,
+) -> str | None:
+    """The Location to follow from `response`, or None when the response is the answer.
+
+    `urls` are the first URL and the one that answered. With `raise_for_status` an
+    answer outside 2xx raises, a redirect that is not followed included.
+    """
+    first_url, url = urls
+    status = response.status
+    if status not in REDIRECT_STATUSES:
+        if raise_for_status and not 200 <= status < 300:
+            raise _status_error(status, response.reason, url)
+        return None
+    location = response.getheader("Location")
+    followed = REDIRECT_STATUSES if method in SAFE_METHODS else BODY_PRESERVING_REDIRECTS
+    if status not in followed:
+        why = f"redirected a {method} with HTTP {status}, which may not keep its method and body"
+        refusal = f"{_redacted(url)} {why}; not followed"
+    elif not location:
+        refusal = f"{_redacted(url)} answered HTTP {status} without a Location"
+    elif redirects >= options.max_redirects:
+        refusal = f"more than {options.max_redirects} redirects from {_redacted(first_url)}"
+    else:
+        return location
+    if raise_for_status:
+        raise OutboundError(OutboundCode.FETCH_FAILED, refusal, status=status)
+    return None
 
 
 def _request(
@@ -590,37 +662,21 @@ def _request(
     body: bytes | None,
     headers: dict[str, str],
     options: _Options,
-    follow: frozenset[int],
+    raise_for_status: bool,
 ) -> Fetched:
     deadline = _Deadline(options.timeout_s)
     target = _parse(url)
     redirects = 0
     while True:
         try:
-            status, location, fetched = _exchange(method, target, body, headers, options, deadline)
+            with _exchange(method, target, body, headers, options, deadline) as response:
+                location = _location_to_follow(
+                    response, method, redirects, options, (url, target.url), raise_for_status
+                )
+                if location is None:
+                    return _fetched(response, options.max_bytes, deadline, target.url)
         except (OSError, http.client.HTTPException) as exc:
             raise _transport_error(exc, target.url) from exc
-        if fetched is not None:
-            return fetched
-        if status not in follow:
-            raise OutboundError(
-                OutboundCode.FETCH_FAILED,
-                f"{_redacted(target.url)} redirected a {method} with HTTP {status}, "
-                "which would drop its body; not followed",
-                status=status,
-            )
-        if not location:
-            raise OutboundError(
-                OutboundCode.FETCH_FAILED,
-                f"{_redacted(target.url)} answered HTTP {status} without a Location",
-                status=status,
-            )
-        if redirects >= options.max_redirects:
-            raise OutboundError(
-                OutboundCode.FETCH_FAILED,
-                f"more than {options.max_redirects} redirects from {_redacted(url)}",
-                status=status,
-            )
         redirects += 1
         # Every hop is parsed, resolved and checked like the first: a public server can
         # redirect to http://169.254.169.254/ as easily as a user can type it.
@@ -658,6 +714,59 @@ def _base_headers() -> dict[str, str]:
     return {"User-Agent": _USER_AGENT, "Accept": "*/*", "Connection": "close"}
 
 
+def request(
+    method: str,
+    url: str,
+    *,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    max_bytes: int | None = None,
+    timeout_s: float | None = None,
+    allowed_networks: Sequence[IPNetwork | str] | None = None,
+    max_redirects: int = 5,
+    raise_for_status: bool = True,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Fetched:
+    """One HTTP request with `method` (GET, HEAD, POST, PUT, PATCH or DELETE) to `url`.
+
+    `body` goes with any method but GET and HEAD; `content_type` is sent as
+    Content-Type (and may then not be in `headers`). GET and HEAD follow up to
+    `max_redirects` redirects of every kind with the same method; the other methods
+    follow only 307 and 308, resending method and body, since 301, 302 and 303 may turn
+    them into a body-less GET. Every hop is checked like the first.
+
+    With `raise_for_status` (the default) an answer outside 2xx raises OutboundError:
+    FETCH_UNAVAILABLE (transient) for 5xx, 408 and 429, FETCH_FAILED for the rest and
+    for a redirect that is not followed, with `status` set. Without it any answer is
+    returned, with its status, headers and body, a redirect that is not followed
+    included. Either way a refused URL, a transport failure, a body over `max_bytes`
+    (error answers' too) and the deadline raise.
+
+    `max_bytes` and `timeout_s` default to OMNIVA_FETCH_MAX_BYTES and
+    OMNIVA_FETCH_TIMEOUT_S; the timeout is a deadline over the whole exchange, upload
+    and redirects included (DNS lookups are bounded by the system resolver's own
+    timeouts). `allowed_networks` None means `allowed_networks_from_settings()`; pass
+    networks to reach private addresses on purpose. Host, Content-Length,
+    Transfer-Encoding and Connection are set here, not in `headers`; Authorization and
+    Cookie are dropped when a redirect leaves the origin.
+    """
+    method = method.upper()
+    if method not in METHODS:
+        raise ValueError(f"request() takes {', '.join(sorted(METHODS))}, not {method!r}")
+    if body is not None and method in SAFE_METHODS:
+        raise ValueError(f"a {method} request has no body")
+    options = _options(max_bytes, timeout_s, allowed_networks, max_redirects, ssl_context)
+    return _request(
+        method,
+        url,
+        body=None if body is None else bytes(body),
+        headers=_request_headers(headers, content_type),
+        options=options,
+        raise_for_status=raise_for_status,
+    )
+
+
 def fetch(
     url: str,
     *,
@@ -668,20 +777,16 @@ def fetch(
     headers: Mapping[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Fetched:
-    """GET `url`, following up to `max_redirects` redirects, each hop checked.
-
-    `max_bytes` and `timeout_s` default to OMNIVA_FETCH_MAX_BYTES and
-    OMNIVA_FETCH_TIMEOUT_S; the timeout is a deadline over the whole fetch, redirects
-    included (DNS lookups are bounded by the system resolver's own timeouts).
-    `allowed_networks` None means `allowed_networks_from_settings()`; pass networks to
-    reach private addresses on purpose. Host, Content-Length, Transfer-Encoding and
-    Connection are set here, not in `headers`; Authorization and Cookie are dropped
-    when a redirect leaves the origin. Raises OutboundError.
-    """
-    options = _options(max_bytes, timeout_s, allowed_networks, max_redirects, ssl_context)
-    request_headers = _base_headers() | _caller_headers(headers, extra_managed=set())
-    return _request(
-        "GET", url, body=None, headers=request_headers, options=options, follow=REDIRECT_STATUSES
+    """GET `url` and return its 2xx answer: `request("GET", url, ...)`."""
+    return request(
+        "GET",
+        url,
+        headers=headers,
+        max_bytes=max_bytes,
+        timeout_s=timeout_s,
+        allowed_networks=allowed_networks,
+        max_redirects=max_redirects,
+        ssl_context=ssl_context,
     )
 
 
@@ -698,30 +803,23 @@ def send(
     headers: Mapping[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> Fetched:
-    """Send `body` with POST, PUT or PATCH to `url`; returns the (2xx) answer, whose body
-    is limited by `max_bytes`.
-
-    Only 307 and 308 redirects are followed, resending method and body to the new
-    hop after checking it like the first; 301, 302 and 303 would turn the request into
-    a body-less GET, so they fail with FETCH_FAILED. `timeout_s` covers the upload too.
-    Other options as for `fetch`.
-    """
+    """Send `body` with POST, PUT or PATCH to `url` and return the 2xx answer:
+    `request(method, url, body=body, content_type=content_type, ...)`, which follows
+    only 307 and 308 redirects for these methods."""
     method = method.upper()
     if method not in SEND_METHODS:
         raise ValueError(f"send() takes {', '.join(sorted(SEND_METHODS))}, not {method!r}")
-    options = _options(max_bytes, timeout_s, allowed_networks, max_redirects, ssl_context)
-    request_headers = (
-        _base_headers()
-        | _caller_headers(headers, extra_managed={"content-type"})
-        | {"Content-Type": content_type}
-    )
-    return _request(
+    return request(
         method,
         url,
-        body=bytes(body),
-        headers=request_headers,
-        options=options,
-        follow=BODY_PRESERVING_REDIRECTS,
+        body=body,
+        content_type=content_type,
+        headers=headers,
+        max_bytes=max_bytes,
+        timeout_s=timeout_s,
+        allowed_networks=allowed_networks,
+        max_redirects=max_redirects,
+        ssl_context=ssl_context,
     )
 
 

@@ -277,6 +277,8 @@ STORAGES = {
     ),
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
+# clipfarm ingests local folders only under this one (publishing/clipfarm.py).
+OMNIVA_INGEST_ROOT = Path(env_str("OMNIVA_INGEST_ROOT", str(VAR_DIR / "ingest")))
 # Directory destinations publish into folders under this one (publishing/adapters.py).
 OMNIVA_PUBLISH_ROOT = Path(env_str("OMNIVA_PUBLISH_ROOT", str(VAR_DIR / "publish")))
 

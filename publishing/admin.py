@@ -7,9 +7,10 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 from omniva.admin import ServiceBackedAdmin
+from omniva.errors import OmnivaError
 from omniva.models import Project
 from publishing import services
-from publishing.models import Destination, Publication
+from publishing.models import Destination, Publication, Schedule
 
 
 class DestinationForm(forms.ModelForm):
@@ -72,3 +73,47 @@ class PublicationAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+class ScheduleForm(forms.ModelForm):
+    class Meta:
+        model = Schedule
+        fields = ["project", *services.SCHEDULE_FIELDS]
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        candidate = Schedule(**{k: v for k, v in cleaned.items() if k in self.Meta.fields})
+        candidate.cron = candidate.cron or ""
+        try:
+            services.schedule_check(candidate)
+        except OmnivaError as exc:
+            for field, messages in (exc.details or {"pipeline": [exc.message]}).items():
+                target = field.split(".", 1)[0]
+                self.add_error(target if target in self.fields else None, messages)
+        return cleaned
+
+
+@admin.register(Schedule)
+class ScheduleAdmin(ServiceBackedAdmin):
+    """Saved through the services, which keep django-q2's schedule in step."""
+
+    form = ScheduleForm
+
+    list_display = ["__str__", "project", "pipeline", "cron", "interval_s", "active", "runs"]
+    list_filter = ["active", "pipeline", "project"]
+    search_fields = ["name", "pipeline"]
+    fields = ["project", *services.SCHEDULE_FIELDS]
+    readonly_fields = ["next_run_at", "runs", "last_run_at", "last_job_id"]
+    fields_of_service = services.SCHEDULE_FIELDS
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return self.fields + (self.readonly_fields if obj is not None else [])
+
+    def create_item(self, project: Project, fields: dict[str, Any]) -> Schedule:
+        return services.schedule_create(project=project, **fields)
+
+    def update_item(self, item: Schedule, fields: dict[str, Any]) -> Schedule:
+        return services.schedule_update(schedule=item, changes=fields)
+
+    def delete_item(self, item: Schedule) -> None:
+        services.schedule_delete(schedule=item)

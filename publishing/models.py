@@ -11,6 +11,7 @@ worker died between the platform's answer and our commit) is recognised there.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.db import models
 
@@ -92,3 +93,49 @@ class Publication(models.Model):
 
     def __str__(self) -> str:
         return f"{self.idempotency_key[:12]} -> {self.destination_id} ({self.status})"
+
+
+class Schedule(models.Model):
+    """A pipeline run again and again with the same params: by a cron expression or
+    every `interval_s` seconds (whole minutes, django-q2's resolution).
+
+    The timing is django-q2's scheduler (`q_schedule`, kept in step by the services): a
+    qcluster's guard looks at due schedules about every 30 s and queues
+    publishing.tasks.schedule_fire, which submits the job with an idempotency key made
+    of the schedule and the run's intended time, so one run never makes two jobs.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="schedules")
+    name = models.CharField(max_length=200, blank=True, default="")
+    pipeline = models.CharField(max_length=100)
+    params = models.JSONField(default=dict, blank=True)
+    priority = models.PositiveSmallIntegerField(default=5)
+    cron = models.CharField(max_length=100, blank=True, default="")
+    interval_s = models.PositiveIntegerField(null=True, blank=True)
+    active = models.BooleanField(default=True)
+    q_schedule = models.OneToOneField(
+        "django_q.Schedule", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    runs = models.PositiveIntegerField(default=0)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_job_id = models.UUIDField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(models.Q(cron="") & models.Q(interval_s__isnull=False))
+                | (~models.Q(cron="") & models.Q(interval_s__isnull=True)),
+                name="publishing_schedule_cron_or_interval",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.pipeline} ({self.cron or f'every {self.interval_s} s'})"
+
+    @property
+    def next_run_at(self) -> Any:
+        return self.q_schedule.next_run if self.q_schedule and self.active else None

@@ -58,6 +58,9 @@ class ClipSerializer(BoundProjectFields, serializers.ModelSerializer):
             "transcript", "status", "analysis", "embedded_at", "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["id", "embedded_at", "created_at", "updated_at"]
+        # One clip per project and source: clip_create answers CONFLICT (the project may
+        # be the key's own, which DRF's constraint validator cannot know).
+        validators: list[Any] = []
 
 
 class ContentFilterSerializer(serializers.Serializer):

@@ -4,9 +4,22 @@ from typing import Any
 
 from rest_framework import serializers
 
+from jobs.api.serializers import PriorityField
 from omniva.api.serializers import BoundProjectFields
 from omniva.models import Project
-from publishing.models import Destination, DestinationKind, Publication, PublicationStatus
+from publishing.models import (
+    Destination,
+    DestinationKind,
+    Publication,
+    PublicationStatus,
+    Schedule,
+)
+
+# What each kind cannot publish without (publishing/adapters.py).
+REQUIRED_CONFIG: dict[str, tuple[str, ...]] = {
+    DestinationKind.S3: ("bucket",),
+    DestinationKind.PRINTIFY: ("shop_id", "blueprint_id", "print_provider_id", "variants"),
+}
 
 
 class DestinationSerializer(BoundProjectFields, serializers.ModelSerializer):
@@ -37,6 +50,14 @@ class DestinationSerializer(BoundProjectFields, serializers.ModelSerializer):
         config = attrs.get("config", getattr(self.instance, "config", {}))
         if kind == DestinationKind.WEBHOOK and not isinstance(config.get("url"), str):
             raise serializers.ValidationError({"config": ["A webhook needs `url`."]})
+        needed = REQUIRED_CONFIG.get(kind, ())
+        missing = [name for name in needed if config.get(name) in (None, "", [])]
+        if kind == DestinationKind.SHOPIFY and not (config.get("shop") or config.get("api_base")):
+            missing.append("shop")
+        if missing:
+            raise serializers.ValidationError(
+                {"config": [f"A {kind} destination needs {', '.join(f'`{m}`' for m in missing)}."]}
+            )
         if kind == DestinationKind.DIRECTORY:
             path = config.get("path", ".")
             if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
@@ -60,3 +81,25 @@ class PublicationFilterSerializer(serializers.Serializer):
     destination = serializers.UUIDField(required=False)
     clip = serializers.UUIDField(required=False)
     status = serializers.ChoiceField(choices=PublicationStatus.choices, required=False)
+
+
+class ScheduleSerializer(BoundProjectFields, serializers.ModelSerializer):
+    """The services check the pipeline, its params and the timing (one error answer)."""
+
+    project = serializers.PrimaryKeyRelatedField(queryset=Project.objects.all(), required=False)
+    params = serializers.DictField(required=False)
+    priority = PriorityField(required=False)
+    cron = serializers.CharField(required=False, allow_blank=True, max_length=100)
+    interval_s = serializers.IntegerField(
+        required=False, allow_null=True, min_value=60, max_value=366 * 86400
+    )
+    next_run_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Schedule
+        fields = [
+            "id", "project", "name", "pipeline", "params", "priority", "cron", "interval_s",
+            "active", "next_run_at", "runs", "last_run_at", "last_job_id", "created_at",
+            "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["id", "runs", "last_run_at", "last_job_id", "created_at", "updated_at"]

@@ -15,4 +15,6 @@ urlpatterns = [
     path(
         "publications/<uuid:pk>", views.PublicationDetailView.as_view(), name="publication-detail"
     ),
+    path("schedules", views.ScheduleListView.as_view(), name="schedule-list"),
+    path("schedules/<uuid:pk>", views.ScheduleDetailView.as_view(), name="schedule-detail"),
 ]

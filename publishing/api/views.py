@@ -1,4 +1,5 @@
-"""/v1/destinations (create, list, get, update, delete) and /v1/publications (read)."""
+"""/v1/destinations and /v1/schedules (create, list, get, update, delete) and
+/v1/publications (read)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from omniva.errors import ErrorCode
 from omniva.models import Scope
 from publishing import services
 from publishing.api import serializers
-from publishing.models import Destination, Publication
+from publishing.models import Destination, Publication, Schedule
 
 
 class DestinationListView(ContentListView):
@@ -53,3 +54,22 @@ class PublicationDetailView(PublicationQueryset, generics.RetrieveAPIView):
     serializer_class = serializers.PublicationSerializer
     read_scope = Scope.CONTENT
     not_found_code = ErrorCode.PUBLICATION_NOT_FOUND
+
+
+class ScheduleListView(ContentListView):
+    model = Schedule
+    serializer_class = serializers.ScheduleSerializer
+    create_item = staticmethod(services.schedule_create)
+
+    def get_queryset(self) -> Any:
+        return super().get_queryset().select_related("q_schedule")
+
+
+class ScheduleDetailView(ContentDetailView):
+    model = Schedule
+    serializer_class = serializers.ScheduleSerializer
+    not_found_code = ErrorCode.SCHEDULE_NOT_FOUND
+    update_item = staticmethod(
+        lambda item, changes: services.schedule_update(schedule=item, changes=changes)
+    )
+    delete_item = staticmethod(lambda item: services.schedule_delete(schedule=item))

@@ -13,8 +13,8 @@ from jobs import services as job_services
 from jobs import tasks
 from jobs.models import Job, JobStatus
 from omniva import services
-from omniva.models import Clip, Project
-from tests.conftest import wait_for
+from omniva.models import Clip, Project, Scope
+from tests.conftest import KeyHandle, wait_for
 
 CAT = ("A cat sleeps on the sofa", "the little cat purrs and naps all afternoon")
 KITTEN = ("Kitten nap time", "a young kitten curls up and sleeps on a cushion")
@@ -87,13 +87,15 @@ def gpu_worker() -> Iterator[None]:
 
 @pytest.mark.django_db(transaction=True)
 def test_search_embeds_the_query_on_the_gpu_queue_and_ranks_by_meaning(
-    api: Any, gpu_worker: None
+    api: Any, gpu_worker: None, client: Any, make_key: Callable[..., KeyHandle]
 ) -> None:
     project = Project.objects.create(name="pets")
     cat, _kitten, taxes = (clip(project, text) for text in (CAT, KITTEN, TAXES))
+    elsewhere = Project.objects.create(name="elsewhere")
+    their_cat = clip(elsewhere, CAT)
 
     def embedded() -> bool:
-        return not Clip.objects.filter(project=project, embedding__isnull=True).exists()
+        return not Clip.objects.filter(embedding__isnull=True).exists()
 
     wait_for(embedded, timeout=60, what="the clips' embeddings")
     response = api.get(f"/v1/clips/search?q=a+sleepy+cat&project={project.pk}&limit=3")
@@ -103,6 +105,12 @@ def test_search_embeds_the_query_on_the_gpu_queue_and_ranks_by_meaning(
     assert found[-1]["clip"]["id"] == str(taxes.pk)
     query_jobs = Job.objects.filter(pipeline="embed_texts")
     assert [job.status for job in query_jobs] == [JobStatus.COMPLETED]
+    # A key bound to the project searches it, whatever project it names.
+    bound = make_key(Scope.CONTENT, project=project).headers
+    scoped = client.get(f"/v1/clips/search?q=a+sleepy+cat&project={elsewhere.pk}", **bound)
+    ids = [hit["clip"]["id"] for hit in scoped.json()["data"]]
+    assert str(cat.pk) in ids
+    assert str(their_cat.pk) not in ids
 
 
 @pytest.mark.django_db(transaction=True)

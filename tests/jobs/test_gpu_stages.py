@@ -16,13 +16,16 @@ from django.test import override_settings
 from PIL import Image, ImageDraw
 
 from jobs import selectors, services
-from jobs.gpu import embed_many, embed_one
+from jobs.gpu import EMBED_TEXTS, embed_many
 from jobs.inference import EMBED_DIM, models
 from jobs.models import GpuWorkerReport, Job, JobStatus
 from jobs.stages import StageContext
 from omniva.models import Activity
 
 pytestmark = pytest.mark.django_db
+
+# A batchable stage's single run is its batch of one (jobs.pipelines.Stage).
+embed_one = EMBED_TEXTS.stages[0].run
 
 
 @pytest.fixture(autouse=True)

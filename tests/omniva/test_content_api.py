@@ -134,3 +134,18 @@ def test_similar_clips_wait_for_the_embedding(api: Any, project: Project) -> Non
     clip = Clip.objects.create(project=project, title="not embedded yet")
     pending = api.get(f"/v1/clips/{clip.pk}/similar")
     assert (pending.status_code, pending.json()["error"]["code"]) == (409, "EMBEDDING_PENDING")
+
+
+def test_a_second_clip_from_the_same_source_is_a_conflict(api: Any, project: Project) -> None:
+    body = {"project": str(project.pk), "title": "one", "source_url": "https://v.test/1.mp4"}
+    assert send(api, "post", "/v1/clips", body).status_code == 201
+    again = send(api, "post", "/v1/clips", {**body, "title": "two"})
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "CONFLICT")
+    other = send(api, "post", "/v1/clips", {**body, "source_url": "https://v.test/2.mp4"})
+    moved = send(
+        api, "patch", f"/v1/clips/{other.json()['data']['id']}", {"source_url": body["source_url"]}
+    )
+    assert (moved.status_code, moved.json()["error"]["code"]) == (409, "CONFLICT")
+    assert sorted(Clip.objects.values_list("source_url", flat=True)) == [
+        "https://v.test/1.mp4", "https://v.test/2.mp4",
+    ]  # fmt: skip

@@ -8,6 +8,7 @@ refused before a request leaves, by the servers' own request counts.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import shutil
 import socket
 import ssl
@@ -31,6 +32,7 @@ from omniva.outbound import (
     allowed_networks_from_settings,
     fetch,
     media_path,
+    request,
     send,
 )
 
@@ -44,7 +46,7 @@ LOOPBACK = [ip_network("127.0.0.0/8")]
 class Seen:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: http.client.HTTPMessage  # every header line as sent, in order
     body: bytes
 
 
@@ -72,13 +74,13 @@ def _handler_for(server: LocalServer) -> type[BaseHTTPRequestHandler]:
         def _handle(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            server.requests.append(Seen(self.command, self.path, dict(self.headers), body))
+            server.requests.append(Seen(self.command, self.path, self.headers, body))
             route = server.routes.get(self.path.split("?", 1)[0], reply(b"nothing here", 404))
             # The client hangs up mid-answer where the size and time limits make it.
             with contextlib.suppress(OSError):
                 route(self)
 
-        do_GET = do_PUT = do_POST = _handle
+        do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
     return Handler
 
@@ -138,7 +140,8 @@ def reply(
         for name, value in (headers or {}).items():
             handler.send_header(name, value)
         handler.end_headers()
-        handler.wfile.write(body)
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
 
     return route
 
@@ -190,11 +193,12 @@ def test_fetch_from_an_allowed_network_returns_body_content_type_and_status(
 
     result = fetch(server.url("/image.png?size=2"), allowed_networks=ONLY_127_0_0_1)
 
-    assert result == Fetched(
-        body=b"\x89PNG...",
-        content_type="image/png",
-        final_url=server.url("/image.png?size=2"),
-        status=200,
+    assert isinstance(result, Fetched)
+    assert (result.body, result.content_type, result.final_url, result.status) == (
+        b"\x89PNG...",
+        "image/png",
+        server.url("/image.png?size=2"),
+        200,
     )
     [seen] = server.requests
     assert seen.path == "/image.png?size=2"
@@ -702,6 +706,257 @@ def test_error_messages_leave_out_the_query_string(server: LocalServer) -> None:
 
     assert "topsecret" not in error.message
     assert "/upload" in error.message
+
+
+# --- request: any method, any answer -------------------------------------------------
+
+
+def test_fetch_exposes_the_answer_headers_with_lower_cased_names(server: LocalServer) -> None:
+    server.routes["/"] = reply(b"ok", headers={"X-Request-Id": "r-1", "ETag": '"v2"'})
+
+    result = fetch(server.url(), allowed_networks=LOOPBACK)
+
+    assert result.headers["x-request-id"] == "r-1"
+    assert result.headers["etag"] == '"v2"'
+    assert result.headers["content-type"] == "text/plain"
+    assert result.headers["content-length"] == "2"
+
+
+def test_a_header_sent_more_than_once_comes_back_as_one_joined_value(
+    server: LocalServer,
+) -> None:
+    def twice(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "0")
+        handler.send_header("Link", "</a>; rel=next")
+        handler.send_header("link", "</z>; rel=last")
+        handler.end_headers()
+
+    server.routes["/"] = twice
+
+    result = request("GET", server.url(), allowed_networks=LOOPBACK)
+
+    assert result.headers["link"] == "</a>; rel=next, </z>; rel=last"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "transient"),
+    [
+        (400, "FETCH_FAILED", False),
+        (404, "FETCH_FAILED", False),
+        (408, "FETCH_UNAVAILABLE", True),
+        (429, "FETCH_UNAVAILABLE", True),
+        (500, "FETCH_UNAVAILABLE", True),
+        (503, "FETCH_UNAVAILABLE", True),
+    ],
+)
+def test_without_raise_for_status_an_error_answer_comes_back_with_headers_and_body(
+    server: LocalServer, status: int, code: str, transient: bool
+) -> None:
+    server.routes["/items/9"] = reply(
+        b'{"error": "no such item"}',
+        status,
+        content_type="application/json",
+        headers={"X-Request-Id": "r-9"},
+    )
+
+    answer = request(
+        "GET", server.url("/items/9"), allowed_networks=LOOPBACK, raise_for_status=False
+    )
+
+    assert (answer.status, answer.body) == (status, b'{"error": "no such item"}')
+    assert answer.content_type == "application/json"
+    assert answer.headers["x-request-id"] == "r-9"
+    assert answer.final_url == server.url("/items/9")
+    # What the same answer would have raised by default.
+    error = answer.status_error()
+    assert error is not None
+    assert (error.code, error.transient, error.status) == (code, transient, status)
+
+
+def test_with_raise_for_status_an_error_answer_raises_as_fetch_does(server: LocalServer) -> None:
+    server.routes["/"] = reply(b"gone", 404)
+
+    error = refused(
+        lambda: request("DELETE", server.url(), allowed_networks=LOOPBACK), "FETCH_FAILED"
+    )
+
+    assert error.status == 404
+
+
+def test_a_2xx_answer_has_no_status_error(server: LocalServer) -> None:
+    server.routes["/"] = reply(b"", 201)
+
+    answer = request("POST", server.url(), allowed_networks=LOOPBACK, raise_for_status=False)
+
+    assert answer.status == 201
+    assert answer.status_error() is None
+
+
+def test_head_returns_the_status_and_headers_without_reading_a_body(server: LocalServer) -> None:
+    # The Content-Length is the size a GET would get; it is no body to refuse.
+    server.routes["/video.mp4"] = reply(b"x" * 5000, content_type="video/mp4")
+
+    answer = request("HEAD", server.url("/video.mp4"), allowed_networks=LOOPBACK, max_bytes=10)
+
+    assert (answer.status, answer.body) == (200, b"")
+    assert answer.headers["content-length"] == "5000"
+    assert answer.content_type == "video/mp4"
+    [seen] = server.requests
+    assert seen.method == "HEAD"
+
+
+def test_head_follows_a_redirect_as_a_head(server: LocalServer, other_server: LocalServer) -> None:
+    server.routes["/old"] = redirect(other_server.url("/new"), 302)
+    other_server.routes["/new"] = reply(b"content")
+
+    answer = request("HEAD", server.url("/old"), allowed_networks=LOOPBACK)
+
+    assert answer.final_url == other_server.url("/new")
+    assert [seen.method for seen in other_server.requests] == ["HEAD"]
+
+
+def test_delete_sends_its_method_and_body_and_returns_the_answer(server: LocalServer) -> None:
+    server.routes["/items/9"] = reply(b"", 204, headers={"X-Deleted": "1"})
+
+    answer = request(
+        "DELETE",
+        server.url("/items/9"),
+        body=b'{"reason": "sold"}',
+        content_type="application/json",
+        allowed_networks=LOOPBACK,
+    )
+
+    assert (answer.status, answer.body, answer.headers["x-deleted"]) == (204, b"", "1")
+    [seen] = server.requests
+    assert (seen.method, seen.path, seen.body) == ("DELETE", "/items/9", b'{"reason": "sold"}')
+    assert seen.headers["Content-Type"] == "application/json"
+
+
+def test_a_delete_follows_307_with_its_method_and_body(
+    server: LocalServer, other_server: LocalServer
+) -> None:
+    server.routes["/items/9"] = redirect(other_server.url("/v2/items/9"), 307)
+    other_server.routes["/v2/items/9"] = reply(b"", 204)
+
+    request("DELETE", server.url("/items/9"), body=b"why", allowed_networks=LOOPBACK)
+
+    [seen] = other_server.requests
+    assert (seen.method, seen.body) == ("DELETE", b"why")
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_delete_redirected_elsewhere_than_307_or_308_is_not_followed(
+    server: LocalServer, other_server: LocalServer, status: int
+) -> None:
+    server.routes["/items/9"] = redirect(other_server.url("/items"), status)
+
+    refused(
+        lambda: request("DELETE", server.url("/items/9"), allowed_networks=LOOPBACK),
+        "FETCH_FAILED",
+    )
+    answer = request(
+        "DELETE", server.url("/items/9"), allowed_networks=LOOPBACK, raise_for_status=False
+    )
+
+    assert (answer.status, answer.headers["location"]) == (status, other_server.url("/items"))
+    assert other_server.requests == []
+
+
+def test_a_redirect_past_max_redirects_comes_back_as_the_answer_without_raise_for_status(
+    server: LocalServer,
+) -> None:
+    server.routes["/moved"] = redirect("/elsewhere", 301)
+
+    answer = request(
+        "GET",
+        server.url("/moved"),
+        allowed_networks=LOOPBACK,
+        max_redirects=0,
+        raise_for_status=False,
+    )
+
+    assert (answer.status, answer.headers["location"]) == (301, "/elsewhere")
+    assert [seen.path for seen in server.requests] == ["/moved"]
+
+
+def test_the_size_limit_applies_to_the_body_of_an_error_answer(server: LocalServer) -> None:
+    server.routes["/"] = reply(b"x" * 5000, 500)
+
+    refused(
+        lambda: request(
+            "GET", server.url(), allowed_networks=LOOPBACK, max_bytes=1000, raise_for_status=False
+        ),
+        "FETCH_TOO_LARGE",
+    )
+
+
+def test_request_refuses_loopback_without_an_allowance_before_any_request(
+    server: LocalServer,
+) -> None:
+    server.routes["/"] = reply(b"", 204)
+
+    refused(
+        lambda: request("DELETE", server.url(), allowed_networks=[], raise_for_status=False),
+        "URL_NOT_ALLOWED",
+    )
+
+    assert server.requests == []
+
+
+def test_request_checks_a_redirect_hop_before_reaching_it(
+    server: LocalServer, other_server: LocalServer
+) -> None:
+    server.routes["/"] = redirect(other_server.url("/internal"), 307)
+
+    refused(
+        lambda: request(
+            "DELETE", server.url(), allowed_networks=ONLY_127_0_0_1, raise_for_status=False
+        ),
+        "URL_NOT_ALLOWED",
+    )
+
+    assert len(server.requests) == 1
+    assert other_server.requests == []
+
+
+def test_caller_headers_replace_the_defaults_whatever_their_case(server: LocalServer) -> None:
+    server.routes["/"] = reply(b"{}")
+
+    request(
+        "GET",
+        server.url(),
+        headers={"accept": "application/json", "user-agent": "caller/1"},
+        allowed_networks=LOOPBACK,
+    )
+
+    [seen] = server.requests
+    assert seen.headers.get_all("Accept") == ["application/json"]
+    assert seen.headers.get_all("User-Agent") == ["caller/1"]
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "why"),
+    [
+        ("GET", {"body": b"x"}, "has no body"),
+        ("HEAD", {"body": b""}, "has no body"),
+        ("OPTIONS", {}, "not 'OPTIONS'"),
+        ("TRACE", {}, "not 'TRACE'"),
+        (
+            "DELETE",
+            {"content_type": "text/plain", "headers": {"Content-Type": "text/html"}},
+            "'Content-Type' is set by omniva.outbound",
+        ),
+        ("GET", {"headers": {"Host": "elsewhere"}}, "'Host' is set by omniva.outbound"),
+    ],
+)
+def test_requests_that_cannot_be_sent_as_asked_are_refused_before_connecting(
+    server: LocalServer, method: str, options: dict, why: str
+) -> None:
+    with pytest.raises(ValueError, match=why):
+        request(method, server.url(), allowed_networks=LOOPBACK, **options)
+
+    assert server.requests == []
 
 
 # --- address_allowed ---------------------------------------------------------------

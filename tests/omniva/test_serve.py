@@ -45,6 +45,8 @@ class Serve:
             "serve",
             "--port",
             str(self.port),
+            "--grpc-port",
+            str(free_port()),
             env={"OMNIVA_VAR_DIR": str(var), "OMNIVA_WORKERS": "1"},
             log=log,
         )

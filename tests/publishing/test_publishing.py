@@ -3,12 +3,8 @@ webhooks, idempotent publication, retries with backoff, directory output, scopin
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import http.server
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,77 +16,9 @@ from jobs.models import Job, JobStatus
 from omniva.models import Clip, Project, Scope
 from publishing.models import Destination, Publication, PublicationStatus
 from tests.conftest import KeyHandle
+from tests.publishing.conftest import SECRET, FakeWebhook, hook_for
 
 pytestmark = pytest.mark.django_db
-
-SECRET = "whsec-test-123"
-
-
-class FakeWebhook(http.server.ThreadingHTTPServer):
-    """A platform that keeps one item per Idempotency-Key and checks signatures.
-    `fail_next` answers 500 that many times; `hang_up_next` takes the item, then closes
-    the connection without an answer (the worker never learns it was published)."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, dict[str, Any]] = {}
-        self.requests = 0
-        self.bad_signatures = 0
-        self.fail_next = 0
-        self.hang_up_next = 0
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    server: FakeWebhook
-
-    def do_POST(self) -> None:
-        server = self.server
-        server.requests += 1
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        if self.headers.get("X-Omniva-Signature") != expected:
-            server.bad_signatures += 1
-            self._answer(401, {"error": "bad signature"})
-            return
-        if server.fail_next:
-            server.fail_next -= 1
-            self._answer(500, {"error": "down"})
-            return
-        key = self.headers["Idempotency-Key"]
-        item = server.items.setdefault(
-            key, {"id": f"ext-{len(server.items) + 1}", **json.loads(body)}
-        )
-        if server.hang_up_next:
-            server.hang_up_next -= 1
-            self.close_connection = True
-            self.connection.close()
-            return
-        self._answer(200, {"id": item["id"], "url": f"https://platform.test/{item['id']}"})
-
-    def _answer(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def webhook() -> Iterator[FakeWebhook]:
-    server = FakeWebhook()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    with override_settings(OMNIVA_ALLOW_PRIVATE_URLS=True):
-        yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
@@ -101,16 +29,6 @@ def project() -> Project:
 @pytest.fixture
 def clip(project: Project) -> Clip:
     return Clip.objects.create(project=project, title="Sunset timelapse", transcript="the sun")
-
-
-def hook_for(project: Project, webhook: FakeWebhook) -> Destination:
-    return Destination.objects.create(
-        project=project,
-        name="hook",
-        kind="webhook",
-        config={"url": webhook.url},
-        secrets={"secret": SECRET},
-    )
 
 
 def send(client: Any, method: str, path: str, body: Any = None, **headers: str) -> Any:
@@ -289,3 +207,23 @@ def test_the_admin_never_shows_a_secret(client: Any, project: Project) -> None:
     assert changed.status_code == 302
     destination.refresh_from_db()
     assert destination.secrets == {"secret": "rotated"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "missing"),
+    [
+        ("s3", {}, "`bucket`"),
+        ("printify", {"shop_id": "1"}, "`blueprint_id`"),
+        ("shopify", {"api_version": "2024-10"}, "`shop`"),
+    ],
+)
+def test_a_platform_destination_without_what_it_needs_is_refused(
+    api: Any, project: Project, kind: str, config: dict[str, Any], missing: str
+) -> None:
+    answer = send(
+        api, "post", "/v1/destinations",
+        {"project": str(project.pk), "name": kind, "kind": kind, "config": config},
+    )  # fmt: skip
+    assert answer.status_code == 400
+    assert missing in answer.json()["error"]["details"]["config"][0]
+    assert not Destination.objects.exists()

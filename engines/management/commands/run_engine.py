@@ -3,6 +3,9 @@
 The key may come from OMNIVA_ENGINE_KEY instead of --key (a key on the command line is
 visible to every user of the machine). SIGTERM or Ctrl-C drains, a second one stops at
 once; either way the engine deregisters and exits 0.
+
+`--comfyui-url` (or OMNIVA_COMFYUI_URL) makes `image_generation` events go to that
+ComfyUI server instead of the procedural generator (engines/image_generation.py).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from engines.handlers import handler_names
+from engines.handlers import handler_names, register_handler
 from engines.runner import RunnerConfig, run_engine
 
 KEY_ENV = "OMNIVA_ENGINE_KEY"
+COMFYUI_URL_ENV = "OMNIVA_COMFYUI_URL"
 
 
 def _positive_int(value: str) -> int:
@@ -51,6 +55,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--capability", action="append", dest="capabilities", default=[], metavar="C"
         )
+        parser.add_argument(
+            "--comfyui-url",
+            help=f"ComfyUI server for image_generation events (or ${COMFYUI_URL_ENV}; "
+            "default: the procedural generator).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         key = options["key"] or os.environ.get(KEY_ENV, "")
@@ -60,6 +69,9 @@ class Command(BaseCommand):
             raise CommandError("--wait-s must be between 0 and 30.")
         if options["batch_size"] > 10:
             raise CommandError("--batch-size must be 10 at most.")
+        comfyui_url = options["comfyui_url"] or os.environ.get(COMFYUI_URL_ENV, "")
+        if comfyui_url.strip():
+            self._use_comfyui(comfyui_url)
         config = RunnerConfig(
             url=options["url"],
             api_key=key,
@@ -77,3 +89,16 @@ class Command(BaseCommand):
         code = run_engine(config)
         if code:
             sys.exit(code)
+
+    def _use_comfyui(self, url: str) -> None:
+        from engines import image_generation
+
+        try:
+            comfyui = image_generation.ComfyUIConfig.from_environment(url)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+        client = image_generation.ComfyUIClient(comfyui)
+        register_handler(image_generation.EVENT_TYPE, image_generation.comfyui_handler(client))
+        self.stderr.write(
+            f"image_generation: ComfyUI at {comfyui.url} (checkpoint {comfyui.checkpoint})"
+        )

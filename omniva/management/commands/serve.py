@@ -1,9 +1,10 @@
 """`manage.py serve` (what `make run` runs): the whole platform on one machine.
 
 It starts the embedded database unless DATABASE_URL is set, migrates, creates the
-first admin, then supervises daphne and one `qcluster` per queue. Ctrl-C (SIGINT) or
-SIGTERM stops every child, then the database it started; a child that dies takes the
-rest down with it, so a half-running platform never pretends to be up.
+first admin, then supervises daphne, the gRPC server (`grpcserver`, on GRPC_PORT) and
+one `qcluster` per queue. Ctrl-C (SIGINT) or SIGTERM stops every child, then the
+database it started; a child that dies takes the rest down with it, so a half-running
+platform never pretends to be up.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ class Child:
 
 
 class Command(BaseCommand):
-    help = "Run Omniva: database, migrations, daphne and one django-q2 cluster per queue."
+    help = (
+        "Run Omniva: database, migrations, daphne, the gRPC server and one django-q2 "
+        "cluster per queue."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default=settings.HOST)
         parser.add_argument("--port", type=int, default=settings.PORT)
+        parser.add_argument(
+            "--grpc-port",
+            type=int,
+            default=settings.GRPC_PORT,
+            help="Port of the gRPC OrchestratorService (0: do not start it).",
+        )
         parser.add_argument(
             "--queues",
             default=",".join(settings.OMNIVA_QUEUES),
@@ -85,10 +95,13 @@ class Command(BaseCommand):
             children = self._children(options)
             for child in children:
                 child.start()
-            if self._wait_until_listening(options["host"], options["port"], children):
-                base = f"http://{self._display_host(options['host'])}:{options['port']}"
+            ports = [options["port"]] + ([options["grpc_port"]] if options["grpc_port"] else [])
+            if self._wait_until_listening(options["host"], ports, children):
+                host = self._display_host(options["host"])
+                base = f"http://{host}:{options['port']}"
+                grpc = f" · gRPC {host}:{options['grpc_port']}" if options["grpc_port"] else ""
                 self._say(
-                    f"Omniva is up: {base}/v1/health · admin {base}/admin/ · Ctrl-C stops it."
+                    f"Omniva is up: {base}/v1/health · admin {base}/admin/{grpc} · Ctrl-C stops it."
                 )
             exit_code = self._supervise(children)
         finally:
@@ -143,6 +156,17 @@ class Command(BaseCommand):
                 env,
             )
         ]  # fmt: skip
+        if options["grpc_port"]:
+            children.append(
+                Child(
+                    "grpc",
+                    [
+                        sys.executable, str(settings.BASE_DIR / "manage.py"), "grpcserver",
+                        "--host", options["host"], "--port", str(options["grpc_port"]),
+                    ],
+                    env,
+                )
+            )  # fmt: skip
         for queue in filter(None, (q.strip() for q in options["queues"].split(","))):
             children.append(
                 Child(
@@ -153,17 +177,21 @@ class Command(BaseCommand):
             )
         return children
 
-    def _wait_until_listening(self, host: str, port: int, children: list[Child]) -> bool:
+    def _wait_until_listening(self, host: str, ports: list[int], children: list[Child]) -> bool:
         connect_host = "127.0.0.1" if host in {"0.0.0.0", ""} else host  # noqa: S104
         if connect_host == "::":
             connect_host = "::1"
+        waiting = list(ports)
         while not self._stop_requested.is_set():
             if any(child.process and child.process.poll() is not None for child in children):
                 return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((connect_host, port), timeout=0.5),
-            ):
+            for port in list(waiting):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection((connect_host, port), timeout=0.5),
+                ):
+                    waiting.remove(port)
+            if not waiting:
                 return True
             self._stop_requested.wait(0.1)
         return False
