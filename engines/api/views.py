@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import generics
 from rest_framework import status as http
 from rest_framework.request import Request
@@ -22,6 +22,8 @@ from omniva.models import Scope
 class EnginesView:
     read_scope = Scope.ENGINES
     write_scope = Scope.ENGINES
+    # Engines serve every project and their events carry any project's data.
+    unbound_only = True
 
 
 def render_engine(engine: EngineInstance, *, status: int = http.HTTP_200_OK) -> EnvelopeResponse:
@@ -168,7 +170,10 @@ def render_claim(events: list[Event]) -> EnvelopeResponse:
 class EventClaimView(EnginesView, APIView):
     @extend_schema(
         request=serializers.ClaimSerializer,
-        responses=serializers.ClaimedEventSerializer(many=True),
+        responses={
+            200: serializers.ClaimedEventSerializer(many=True),
+            404: OpenApiResponse(description="No such engine (ENGINE_NOT_FOUND)."),
+        },
         summary="Claim a batch of events (highest priority, then oldest); long-polls wait_s",
     )
     def post(self, request: Request) -> EnvelopeResponse:

@@ -3,6 +3,10 @@
 A view sets `read_scope` and `write_scope` (safe and unsafe methods); a view that
 names neither needs `admin`; a scope of None admits any valid key. Staff users
 logged in to the admin have every scope; other logged-in users have none.
+
+A view that spans every project (engines and their events, the audit trail) sets
+`unbound_only`: a key bound to a project is refused there whatever its scopes, since
+nothing there is narrowed to one project.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class HasScope(BasePermission):
             return False
         scope = required_scope(request, view)
         if isinstance(request.auth, ApiKey):
+            if request.auth.project_id is not None and getattr(view, "unbound_only", False):
+                self.message = "A key bound to a project cannot use this endpoint."
+                return False
             if scope is None or request.auth.has_scope(scope):
                 return True
             self.message = f"This key lacks the scope {scope!s}."

@@ -267,6 +267,7 @@ def match_data(matches: list[tuple[Clip, float]]) -> list[dict[str, Any]]:
 class AuditListView(generics.ListAPIView):
     serializer_class = serializers.AuditRecordSerializer
     read_scope = Scope.ADMIN
+    unbound_only = True  # records of every project's requests
 
     def get_queryset(self) -> Any:
         filters = serializers.AuditFilterSerializer(data=self.request.query_params)
