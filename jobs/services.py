@@ -1322,8 +1322,18 @@ def job_delete(*, job_id: Any) -> None:
         )
 
 
+# A century: older than that is before any job, and further back the cutoff overflows.
+CLEANUP_MAX_AGE_S = 100 * 365 * 86400
+
+
 def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -> int:
     """Delete finished jobs (top-level, with their children) that ended over max_age_s ago."""
+    if not 0 <= max_age_s <= CLEANUP_MAX_AGE_S:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"max_age_s is between 0 and {CLEANUP_MAX_AGE_S}.",
+            details={"max_age_s": [f"between 0 and {CLEANUP_MAX_AGE_S}"]},
+        )
     wanted = list(statuses or FINISHED_STATUSES)
     unknown = sorted(set(wanted) - set(FINISHED_STATUSES))
     if unknown:

@@ -314,7 +314,7 @@ REST_FRAMEWORK = {
         "omniva.api.renderers.EnvelopeJSONRenderer",
         "omniva.api.renderers.EnvelopeBrowsableAPIRenderer",
     ],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["omniva.api.parsers.JsonBodyParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "omniva.api.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",

@@ -6,7 +6,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from jobs import selectors
+from jobs import selectors, services
 from jobs.models import PRIORITY_WORDS, Job, JobLog, JobStatus, StageRun
 
 MAX_TIMEOUT_S = 7 * 86400
@@ -73,7 +73,9 @@ class JobCancelSerializer(serializers.Serializer):
 
 
 class JobCleanupSerializer(serializers.Serializer):
-    max_age_s = serializers.IntegerField(required=False, default=86400, min_value=0)
+    max_age_s = serializers.IntegerField(
+        required=False, default=86400, min_value=0, max_value=services.CLEANUP_MAX_AGE_S
+    )
     statuses = serializers.ListField(
         child=serializers.ChoiceField(
             choices=[

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import generics
 from rest_framework import status as http
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
@@ -230,7 +230,11 @@ class ClipSearchView(APIView):
 
     @extend_schema(
         parameters=[core_serializers.ClipSearchParamsSerializer],
-        responses={200: core_serializers.ClipMatchSerializer(many=True)},
+        responses={
+            200: core_serializers.ClipMatchSerializer(many=True),
+            404: OpenApiResponse(description="No such project (PROJECT_NOT_FOUND)."),
+            503: OpenApiResponse(description="No gpu worker embedded the query in time."),
+        },
         summary="Clips closest in meaning to `q`, with their cosine similarity",
     )
     def get(self, request: Request) -> EnvelopeResponse:

@@ -41,7 +41,16 @@ COMMON_ERRORS = {
     "413": "The body is over the limit (PAYLOAD_TOO_LARGE).",
     "429": "Over the rate limit (RATE_LIMITED); see Retry-After.",
     "500": "Unexpected server error (INTERNAL_ERROR).",
+    "503": "The database is unavailable (SERVICE_UNAVAILABLE); see Retry-After.",
 }
+# Any operation with a path parameter: the thing it names may not exist.
+NOT_FOUND = "No such resource (<THING>_NOT_FOUND, or NOT_FOUND for a malformed id)."
+# Any write: a duplicate name, or a state that does not allow the change.
+CONFLICT = "Conflicts with the current state (CONFLICT, ENGINE_ALREADY_REGISTERED, JOB_…)."
+WRITE_METHODS = frozenset({"post", "put", "patch", "delete"})
+# Read-only fields some answers leave out; drf-spectacular marks every read-only field
+# required. A job has an estimate only while it waits or runs, and only alone.
+SOMETIMES_ABSENT: dict[str, tuple[str, ...]] = {"Job": ("estimated_completion_ms",)}
 
 
 def _success(data_schema: dict[str, Any] | None) -> dict[str, Any]:
@@ -93,9 +102,13 @@ def wrap_responses_in_envelope(
     schemas["Pagination"] = PAGINATION
     schemas["ErrorEnvelope"] = ERROR_ENVELOPE
     error_ref = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    for name, fields in SOMETIMES_ABSENT.items():
+        component = schemas.get(name, {})
+        if "required" in component:
+            component["required"] = [f for f in component["required"] if f not in fields]
 
     for path_item in result.get("paths", {}).values():
-        for operation in path_item.values():
+        for method, operation in path_item.items():
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             responses = operation["responses"]
@@ -114,7 +127,16 @@ def wrap_responses_in_envelope(
                     continue
                 for media in content.values():
                     media["schema"] = _success(media.get("schema"))
-            for status, description in COMMON_ERRORS.items():
+            for parameter in operation.get("parameters", []):
+                # DRF reads an empty optional query value as not given.
+                if parameter.get("in") == "query" and not parameter.get("required"):
+                    parameter["allowEmptyValue"] = True
+            errors = dict(COMMON_ERRORS)
+            if any(p.get("in") == "path" for p in operation.get("parameters", [])):
+                errors["404"] = NOT_FOUND
+            if method in WRITE_METHODS:
+                errors["409"] = CONFLICT
+            for status, description in errors.items():
                 if "security" not in operation and status in {"401", "403", "429"}:
                     continue  # a public operation
                 responses.setdefault(
