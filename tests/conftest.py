@@ -231,6 +231,80 @@ def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
     group.stop_all()
 
 
+@dataclass
+class Server:
+    """A daphne process serving the app."""
+
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def start_daphne(processes: ProcessGroup, database_url: str, port: int, log: Path) -> Server:
+    """daphne serving the app on `database_url`, as `manage.py serve` runs it; returns
+    once it answers /v1/health."""
+    process = processes.start(
+        [
+            sys.executable, "-m", "daphne",
+            "--bind", "127.0.0.1", "--port", str(port),
+            "omniva.asgi:application",
+        ],
+        env={"DATABASE_URL": database_url},
+        log=log,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def answering() -> bool:
+        assert process.poll() is None, log.read_text()
+        return try_http_get(f"{url}/v1/health", timeout=5) is not None
+
+    wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
+    return Server(url, process, log)
+
+
+def start_worker(processes: ProcessGroup, database_url: str, log: Path, **env: str) -> Any:
+    """A `qcluster` of the default cluster on `database_url` (env: OMNIVA_* overrides)."""
+    return processes.manage(
+        "qcluster",
+        env={"DATABASE_URL": database_url, "Q_CLUSTER_NAME": "default", **env},
+        log=log,
+    )
+
+
+# --- Fault counts ----------------------------------------------------------------------------
+
+# What each fault test counted, printed in the run's summary (pytest hides a passing
+# test's own output).
+FAULT_COUNTS: list[tuple[str, dict[str, int]]] = []
+
+
+@pytest.fixture
+def fault_report(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """`fault_report(jobs_lost=0, duplicated_effects=0, submitted=...)`: record what a
+    fault test counted; the summary at the end of the run lists it."""
+
+    def report(**counts: int) -> None:
+        FAULT_COUNTS.append((request.node.nodeid, counts))
+        print(format_counts(counts))
+
+    return report
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{name}={value}" for name, value in counts.items())
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not FAULT_COUNTS:
+        return
+    terminalreporter.section("what the fault tests counted")
+    for nodeid, counts in FAULT_COUNTS:
+        terminalreporter.write_line(f"{nodeid.rsplit('::', 1)[-1]}: {format_counts(counts)}")
+
+
 @pytest.fixture
 def scratch_var(tmp_path: Path) -> Iterator[Path]:
     """An OMNIVA_VAR_DIR of its own, short enough for a socket path."""

@@ -25,8 +25,7 @@ from engines.image_generation import ComfyUIClient, ComfyUIConfig, comfyui_handl
 from engines.models import Event, EventStatus
 from omniva import services as omniva_services
 from omniva.models import Scope
-from tests.conftest import ProcessGroup, free_port, wait_for
-from tests.engines.test_run_engine import start_daphne
+from tests.conftest import ProcessGroup, free_port, start_daphne, wait_for
 
 
 def no_progress(percent: float) -> None:

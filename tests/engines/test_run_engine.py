@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,19 +18,16 @@ from engines.models import EngineInstance, Event, EventStatus
 from engines.runner import EngineRunner, RunnerConfig
 from omniva import services as omniva_services
 from omniva.models import Scope
-from tests.conftest import ProcessGroup, free_port, http_get, try_http_get, wait_for
+from tests.conftest import (
+    ProcessGroup,
+    Server,
+    free_port,
+    http_get,
+    start_daphne,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
 
 
 @dataclass
@@ -44,27 +40,6 @@ class Engine:
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         self.process.send_signal(sig)
-
-
-def start_daphne(processes: ProcessGroup, database_url: str, port: int, log: Path) -> Server:
-    """daphne serving the app on the test database, as `manage.py serve` runs it."""
-    process = processes.start(
-        [
-            sys.executable, "-m", "daphne",
-            "--bind", "127.0.0.1", "--port", str(port),
-            "omniva.asgi:application",
-        ],
-        env={"DATABASE_URL": database_url},
-        log=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def answering() -> bool:
-        assert process.poll() is None, log.read_text()
-        return try_http_get(f"{url}/v1/health", timeout=5) is not None
-
-    wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
-    return Server(url, process, log)
 
 
 @pytest.fixture

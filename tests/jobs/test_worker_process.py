@@ -5,23 +5,14 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from jobs import services
 from jobs.models import Job, JobLog, JobStatus, QueueTask, StageStatus
-from tests.conftest import ProcessGroup, wait_for
+from tests.conftest import ProcessGroup, start_worker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-def start_worker(processes: ProcessGroup, database_url: str, log: Path, **env: str) -> Any:
-    return processes.manage(
-        "qcluster",
-        env={"DATABASE_URL": database_url, "Q_CLUSTER_NAME": "default", **env},
-        log=log,
-    )
 
 
 def job_status(job: Job) -> str:

@@ -31,8 +31,7 @@ from omniva.media import media_name
 from omniva.models import Project, Scope
 from publishing.models import Destination, Publication, PublicationStatus
 from publishing.pod import BACKGROUND, GARMENT_COLORS, MOCKUP_SIZE
-from tests.conftest import ProcessGroup, free_port, wait_for
-from tests.engines.test_run_engine import start_daphne
+from tests.conftest import ProcessGroup, free_port, start_daphne, wait_for
 
 pytestmark = pytest.mark.django_db
 

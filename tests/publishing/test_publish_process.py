@@ -13,8 +13,7 @@ from jobs import services as job_services
 from jobs.models import Job, JobStatus
 from omniva.models import Clip, Project
 from publishing.models import Publication, PublicationStatus
-from tests.conftest import ProcessGroup, wait_for
-from tests.jobs.test_worker_process import start_worker
+from tests.conftest import ProcessGroup, start_worker, wait_for
 from tests.publishing.conftest import FakeWebhook, hook_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

@@ -19,8 +19,7 @@ from jobs.models import Job, JobStatus
 from omniva.models import Project, Scope
 from publishing import services
 from publishing.models import Schedule
-from tests.conftest import KeyHandle, ProcessGroup, wait_for
-from tests.jobs.test_worker_process import start_worker
+from tests.conftest import KeyHandle, ProcessGroup, start_worker, wait_for
 
 pytestmark = pytest.mark.django_db
 
