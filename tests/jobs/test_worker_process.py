@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from jobs import services
 from jobs.models import Job, JobLog, JobStatus, QueueTask, StageStatus
+from omniva.errors import ErrorCode, OmnivaError
+from omniva.models import Activity
 from tests.conftest import ProcessGroup, start_worker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -56,12 +59,16 @@ def test_a_running_job_cancelled_stops_at_its_next_checkpoint(
 
 
 def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
-    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+    processes: ProcessGroup,
+    test_database_url: str,
+    tmp_path: Path,
+    fault_report: Callable[..., None],
 ) -> None:
     start_worker(processes, test_database_url, tmp_path / "qcluster.log", OMNIVA_TASK_LEASE_S="2")
     job, _ = services.job_submit(pipeline="sleep", params={"seconds": 4})
     wait_for(lambda: job_status(job) == JobStatus.RUNNING, timeout=60, what="the job to start")
-    worker_pid = int(job.stages.get().worker.rsplit(":", 1)[1])
+    killed = job.stages.get()
+    worker_pid = int(killed.worker.rsplit(":", 1)[1])
 
     os.kill(worker_pid, signal.SIGKILL)
 
@@ -76,3 +83,26 @@ def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
     assert int(stage.worker.rsplit(":", 1)[1]) != worker_pid
     assert JobLog.objects.filter(job=job, message__contains="stopped responding").exists()
     assert job.result == {"slept_s": 4}
+
+    # The killed attempt's result, arriving late (a worker that was only paused, a
+    # network partition), holds a token that no longer matches: refused, nothing changes.
+    with pytest.raises(OmnivaError) as refused:
+        services.stage_complete(
+            stage_run_id=killed.pk, token=str(killed.lease_token), output={"slept_s": -1}
+        )
+    assert refused.value.code == ErrorCode.STAGE_LEASE_LOST
+    job.refresh_from_db()
+    stage.refresh_from_db()
+    assert job.result == {"slept_s": 4}
+    assert stage.output == {"slept_s": 4}
+    completions = Activity.objects.filter(
+        job_id=job.pk, kind="job:update", data__status=JobStatus.COMPLETED
+    ).count()
+    fault_report(
+        attempts=stage.attempt,
+        late_completion_refused=1,
+        job_completions=completions,
+        jobs_lost=0 if job.status == JobStatus.COMPLETED else 1,
+        duplicated_effects=completions - 1,
+    )
+    assert completions == 1, "the job's result is written once"
