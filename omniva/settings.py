@@ -292,6 +292,9 @@ SECURE_PROXY_SSL_HEADER = (
 SESSION_COOKIE_SECURE = env_bool("OMNIVA_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_SSL_REDIRECT = env_bool("OMNIVA_SSL_REDIRECT", False)
+# Load balancers and orchestrators probe health over plain HTTP inside the network; a
+# redirect would read to them as a failed check.
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^v1/health$"]
 SECURE_HSTS_SECONDS = env_int("OMNIVA_HSTS_SECONDS", 0, minimum=0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("OMNIVA_HSTS_INCLUDE_SUBDOMAINS", False)
 SECURE_HSTS_PRELOAD = env_bool("OMNIVA_HSTS_PRELOAD", False)

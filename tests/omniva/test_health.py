@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.core.cache import cache
+from django.test import override_settings
 
 from tests.conftest import wait_for
 
@@ -27,6 +28,17 @@ def test_without_workers_the_service_is_degraded(client) -> None:
     assert report["checks"]["workers"]["status"] == "degraded"
     assert report["checks"]["queues"]["queues"]["default"]["depth"] == 0
     assert set(report) >= {"status", "version", "uptime_s", "checks", "metrics"}
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/health"])
+def test_health_probes_over_plain_http_are_not_redirected_to_https(client, path: str) -> None:
+    with override_settings(SECURE_SSL_REDIRECT=True):
+        probe = client.get(path)
+        other = client.get("/v1/pipelines")
+
+    assert probe.status_code == 200
+    assert other.status_code == 301
+    assert other["Location"].startswith("https://")
 
 
 @pytest.mark.slow
