@@ -10,7 +10,9 @@ ready again: redelivery needs no sweeper.
 
 An idle pusher waits on LISTEN `omniva_queue_<queue>`; every enqueue NOTIFYs in its own
 transaction, so the wake-up arrives when the task becomes visible to the claim. A slow
-poll (one second, or sooner when a delayed task comes due) is only a fallback.
+poll (one second, or sooner when a delayed task comes due) is only a fallback. A lost
+connection (a database restart) is opened again, LISTEN included, by the next dequeue;
+the log says when it was lost and when it came back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, close_old_connections, connection
 from django_q.brokers import Broker
 from django_q.conf import Conf
 
@@ -197,6 +199,7 @@ class PostgresBroker(Broker):
         super().__init__(list_key=list_key)
         self._conn: psycopg.Connection | None = None
         self._conn_pid: int | None = None
+        self._lost_at: float | None = None
 
     def __getstate__(self) -> Any:
         return self.list_key, self._info
@@ -207,6 +210,7 @@ class PostgresBroker(Broker):
         self.cache = self.get_cache()
         self._conn = None
         self._conn_pid = None
+        self._lost_at = None
 
     @staticmethod
     def get_connection(list_key: str | None = None) -> None:
@@ -229,6 +233,13 @@ class PostgresBroker(Broker):
         conn.execute("SET synchronous_commit = off")
         conn.execute(f'LISTEN "{channel_for(self.queue)}"')
         self._conn, self._conn_pid = conn, os.getpid()
+        if self._lost_at is not None:
+            logger.info(
+                "broker connection restored after %.1f s; listening on %s again",
+                time.monotonic() - self._lost_at,
+                channel_for(self.queue),
+            )
+            self._lost_at = None
         return conn
 
     def _reset(self, exc: Exception) -> None:
@@ -237,7 +248,21 @@ class PostgresBroker(Broker):
             with contextlib.suppress(psycopg.Error):
                 self._conn.close()
         self._conn = None
+        if self._lost_at is None:
+            self._lost_at = time.monotonic()
         time.sleep(RECONNECT_PAUSE_S)
+
+    def set_stat(self, key: str, value: str, timeout: int) -> Any:
+        # The guard saves the cluster's status (what the `workers` health check reads) on
+        # Django's connection every cycle, and django-q2 closes that connection only
+        # before it fires schedules, every 30 s: after a database restart every report
+        # failed on the dead connection until then, and the cluster looked gone. Drop a
+        # connection an error left unusable, so the next cycle connects anew.
+        try:
+            return super().set_stat(key, value, timeout)
+        except DatabaseError:
+            close_old_connections()
+            raise
 
     def info(self) -> str:
         if not self._info:

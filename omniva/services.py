@@ -13,7 +13,7 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from omniva.errors import ErrorCode, OmnivaError
@@ -259,6 +259,14 @@ def audit_record_write(**fields: Any) -> None:
     """Write one audit row. Never raises: a lost audit row must not fail a request."""
     try:
         AuditRecord.objects.create(**fields)
+    except (OperationalError, InterfaceError) as exc:
+        # The database is gone (a restart, a failover): every request says so, and a
+        # traceback each would bury the log. One line names the request and the cause.
+        logger.warning(
+            "could not write the audit record of %s: database unavailable (%s)",
+            fields.get("request_id"),
+            str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__,
+        )
     except Exception:
         logger.warning(
             "could not write the audit record of %s", fields.get("request_id"), exc_info=True

@@ -274,6 +274,25 @@ def start_worker(processes: ProcessGroup, database_url: str, log: Path, **env: s
     )
 
 
+def cut_connection(database_url: str) -> None:
+    """Terminate the server side of this process's Django connection, as a database
+    restart does, and wait until its backend is gone: the next query on it fails."""
+    import psycopg
+
+    connections["default"].ensure_connection()
+    backend_pid = connections["default"].connection.info.backend_pid
+    with psycopg.connect(database_url, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", [backend_pid])
+        wait_for(
+            lambda: (
+                not other.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", [backend_pid]
+                ).fetchone()
+            ),
+            what="the backend to exit",
+        )
+
+
 # --- Fault counts ----------------------------------------------------------------------------
 
 # What each fault test counted, printed in the run's summary (pytest hides a passing

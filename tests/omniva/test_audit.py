@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
+from django.utils import timezone
 
 from omniva import services
 from omniva.models import AuditRecord, Scope
+from tests.conftest import cut_connection
 
 pytestmark = pytest.mark.django_db
 
@@ -100,3 +105,22 @@ def test_audit_record_never_holds_the_key_secret(client, make_key) -> None:
 
     record = AuditRecord.objects.get(request_id="no-secret")
     assert handle.secret not in " ".join(str(v) for v in record.__dict__.values())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_audit_row_lost_to_a_database_outage_is_one_log_line_without_a_traceback(
+    test_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cut_connection(test_database_url)
+
+    with caplog.at_level(logging.WARNING, logger="omniva"):
+        services.audit_record_write(
+            request_id="lost-1", at=timezone.now(), method="GET", path="/v1/x", status=200,
+            duration_ms=1.0,
+        )  # fmt: skip
+    connection.close()
+
+    [record] = [r for r in caplog.records if "lost-1" in r.getMessage()]
+    assert "database unavailable" in record.getMessage()
+    assert record.exc_info is None
+    assert not AuditRecord.objects.filter(request_id="lost-1").exists()
