@@ -71,12 +71,14 @@ def worker_name() -> str:
 class _Supervisor(threading.Thread):
     """One per worker process, started with its first stage and kept: a thread per
     stage would cost more than a short stage itself. It watches one attempt at a time
-    (`watch`/`release`, called by the main thread around the stage function)."""
+    (`watch`/`release`, called by the main thread around the stage function), and keeps
+    the leases of the attempts batched with it (`riders`) alive with it."""
 
     def __init__(self) -> None:
         super().__init__(name="stage-supervisor", daemon=True)
         self.changed = threading.Condition()
         self.claim: services.StageClaim | None = None
+        self.riders: tuple[services.StageClaim, ...] = ()
         self.forced: type[StageInterrupted] | None = None
 
     @staticmethod
@@ -84,15 +86,19 @@ class _Supervisor(threading.Thread):
         lease = float(settings.OMNIVA_TASK_LEASE_S)
         return max(0.1, min(lease / 3, float(settings.OMNIVA_CANCEL_GRACE_S) / 2 or 1))
 
-    def watch(self, claim: services.StageClaim) -> None:
+    def watch(
+        self, claim: services.StageClaim, riders: tuple[services.StageClaim, ...] = ()
+    ) -> None:
         with self.changed:
             self.claim = claim
+            self.riders = riders
             self.forced = None
             self.changed.notify()
 
     def release(self) -> None:
         with self.changed:
             self.claim = None
+            self.riders = ()
             self.changed.notify()
 
     def run(self) -> None:
@@ -103,7 +109,7 @@ class _Supervisor(threading.Thread):
                 connection.close()  # a heartbeat's connection is not kept between stages
             with self.changed:
                 self.changed.wait_for(lambda: self.claim is not None)
-                claim = self.claim
+                claim, riders = self.claim, self.riders
                 # Wake up once per interval while the same attempt runs.
                 if self._released(claim, self.interval()):
                     continue
@@ -111,6 +117,7 @@ class _Supervisor(threading.Thread):
             assert claim is not None
             if forced is None:
                 self._beat(claim)
+                self._beat_riders(riders)
                 continue
             with self.changed:
                 if not self._released(claim, FORCE_EXIT_AFTER_S):
@@ -146,6 +153,20 @@ class _Supervisor(threading.Thread):
         ):
             self._interrupt(claim, StageTimedOut, signal.SIGUSR1)
 
+    def _beat_riders(self, riders: tuple[services.StageClaim, ...]) -> None:
+        """Extend the leases of the attempts in the watched one's batch: a forward pass
+        on a slow device can outlast a lease, and another worker would start them again.
+        Their cancels and deadlines wait for the batch (its outcome settles each)."""
+        for rider in riders:
+            try:
+                services.stage_heartbeat(
+                    stage_run_id=rider.stage_run_id, token=rider.token, ack_id=rider.ack_id
+                )
+            except DatabaseError as exc:
+                logger.warning("heartbeat failed: %s", exc.__class__.__name__)
+                connection.close()
+                return
+
     def _interrupt(
         self, claim: services.StageClaim, kind: type[StageInterrupted], signum: int
     ) -> None:
@@ -178,8 +199,11 @@ def _the_supervisor() -> _Supervisor:
 
 
 @contextmanager
-def supervised(claim: services.StageClaim) -> Iterator[None]:
-    """Run the body under the supervisor, with the deadline alarm and the forced-stop signal."""
+def supervised(
+    claim: services.StageClaim, riders: tuple[services.StageClaim, ...] = ()
+) -> Iterator[None]:
+    """Run the body under the supervisor, with the deadline alarm and the forced-stop
+    signal; `riders` are attempts batched with `claim`, whose leases it keeps alive."""
     in_stage = {"active": True}
     supervisor = _the_supervisor()
 
@@ -199,7 +223,7 @@ def supervised(claim: services.StageClaim) -> Iterator[None]:
         if claim.deadline is not None:
             remaining = (claim.deadline - timezone.now()).total_seconds()
             signal.setitimer(signal.ITIMER_REAL, max(0.001, remaining))
-    supervisor.watch(claim)
+    supervisor.watch(claim, riders)
     try:
         yield
     finally:
@@ -319,7 +343,7 @@ def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
     ]
     outcomes: list[Any]
     try:
-        with supervised(first):
+        with supervised(first, tuple(claims[1:])):
             outcomes = stage.batch([_context(claim) for claim in claims])
         if len(outcomes) != len(claims):
             raise RuntimeError(f"{len(outcomes)} outputs for {len(claims)} attempts")

@@ -21,6 +21,7 @@ from jobs.inference import EMBED_DIM, models
 from jobs.models import GpuWorkerReport, Job, JobStatus
 from jobs.stages import StageContext
 from omniva.models import Activity
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -160,6 +161,38 @@ def test_a_refused_completion_leaves_the_rest_of_the_batch_completed(
     statuses = [Job.objects.get(pk=job.pk).status for job in jobs]
     assert statuses == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.COMPLETED]
     assert Job.objects.get(pk=victim.pk).result is None
+
+
+@pytest.mark.django_db(transaction=True)  # the supervisor's heartbeats commit in its thread
+def test_a_forward_pass_longer_than_the_lease_keeps_every_attempt_of_the_batch_leased(
+    drain: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.models import StageRun
+
+    jobs = [submit("embed_texts", {"texts": [f"slow {i}"]}) for i in range(3)]
+    embed = models.embed
+    leases: dict[int, Any] = {}
+
+    def renewed() -> bool:
+        now = {run.pk: run.lease_expires_at for run in StageRun.objects.filter(job__in=jobs)}
+        return all(now[pk] and now[pk] > first for pk, first in leases.items())
+
+    def slow_forward_pass(texts: list[str], **kwargs: Any) -> Any:
+        # A slow device: the pass outlasts the first leases of all three attempts.
+        leases.update(StageRun.objects.filter(job__in=jobs).values_list("pk", "lease_expires_at"))
+        wait_for(renewed, timeout=30, what="every attempt's lease to be extended")
+        return embed(texts, **kwargs)
+
+    monkeypatch.setattr(models, "embed", slow_forward_pass)
+    with override_settings(
+        OMNIVA_GPU_MAX_BATCH=64, OMNIVA_GPU_MAX_WAIT_MS=0, OMNIVA_TASK_LEASE_S=1
+    ):
+        drain("gpu")
+
+    assert len(leases) == 3
+    runs = StageRun.objects.filter(job__in=jobs)
+    assert [run.attempt for run in runs] == [1, 1, 1]
+    assert all(Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED for job in jobs)
 
 
 def test_an_empty_text_list_is_refused_at_submission() -> None:
