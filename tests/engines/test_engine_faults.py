@@ -21,13 +21,7 @@ from engines.client import EngineApiError, EngineClient
 from engines.models import EngineInstance, Event, EventStatus
 from omniva.models import Activity
 from tests.conftest import wait_for
-from tests.engines.test_run_engine import (  # api, secret, server, start_engine: fixtures
-    Engine,
-    api,  # noqa: F401
-    secret,  # noqa: F401
-    server,  # noqa: F401
-    start_engine,  # noqa: F401
-)
+from tests.engines.conftest import Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -90,17 +84,19 @@ def late_report_refused(client: EngineClient, event_id: int, token: str) -> bool
 
 
 def test_events_held_by_a_killed_engine_come_back_go_to_the_dead_letter_queue_and_complete_once(
-    api: EngineClient,  # noqa: F811
-    start_engine: Callable[..., Engine],  # noqa: F811
+    engine_client: EngineClient,
+    start_engine: Callable[..., Engine],
     fault_report: Callable[..., None],
 ) -> None:
-    api.request(
+    engine_client.request(
         "POST",
         "/event-types",
         {"name": "sleep", "engine_type": "sleep", "lease_s": LEASE_S, "max_retries": MAX_RETRIES},
     )
     ids = [
-        api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": SLEEP_S}})["id"]
+        engine_client.request(
+            "POST", "/events", {"event_type": "sleep", "data": {"seconds": SLEEP_S}}
+        )["id"]
         for _ in range(EVENTS)
     ]
 
@@ -129,7 +125,8 @@ def test_events_held_by_a_killed_engine_come_back_go_to_the_dead_letter_queue_an
     )
     # While the second engine holds them, the first one's reports cannot land.
     late_refused = sum(
-        late_report_refused(api, event.pk, str(event.lease_token)) for event in held.values()
+        late_report_refused(engine_client, event.pk, str(event.lease_token))
+        for event in held.values()
     )
     kill(second)
 
@@ -139,13 +136,17 @@ def test_events_held_by_a_killed_engine_come_back_go_to_the_dead_letter_queue_an
 
     def all_dead_lettered() -> list[dict[str, Any]] | None:
         assert healthy.process.poll() is None, healthy.output()
-        dead = [event for event in api.request("GET", "/events/dead-letter") if event["id"] in ids]
+        dead = [
+            event
+            for event in engine_client.request("GET", "/events/dead-letter")
+            if event["id"] in ids
+        ]
         return dead if len(dead) == EVENTS else None
 
     dead = wait_for(all_dead_lettered, timeout=60, interval=0.2, what="the dead letter queue")
 
     # 4. Requeued, the healthy engine completes them.
-    requeued = [api.request("POST", f"/events/{event_id}/requeue") for event_id in ids]
+    requeued = [engine_client.request("POST", f"/events/{event_id}/requeue") for event_id in ids]
 
     def all_completed() -> list[Event] | None:
         assert healthy.process.poll() is None, healthy.output()

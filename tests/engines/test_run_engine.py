@@ -4,10 +4,8 @@ database, and the client (engines/client.py) and runner (engines/runner.py) agai
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ import pytest
 from engines.client import EngineApiError, EngineClient, EngineUnavailable
 from engines.models import EngineInstance, Event, EventStatus
 from engines.runner import EngineRunner, RunnerConfig
-from omniva import services as omniva_services
-from omniva.models import Scope
 from tests.conftest import (
     ProcessGroup,
     Server,
@@ -26,65 +22,9 @@ from tests.conftest import (
     start_daphne,
     wait_for,
 )
+from tests.engines.conftest import Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-@dataclass
-class Engine:
-    process: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        self.process.send_signal(sig)
-
-
-@pytest.fixture
-def server(processes: ProcessGroup, test_database_url: str, tmp_path: Path) -> Server:
-    return start_daphne(processes, test_database_url, free_port(), tmp_path / "daphne.log")
-
-
-@pytest.fixture
-def secret(db: None) -> str:
-    _, secret = omniva_services.api_key_create(
-        name="engine-key", scopes=[Scope.ENGINES, Scope.JOBS_WRITE, Scope.JOBS_READ]
-    )
-    return secret
-
-
-@pytest.fixture
-def api(server: Server, secret: str) -> EngineClient:
-    """The client, used here for plain calls to /v1 (it unwraps the envelope)."""
-    return EngineClient(server.url, secret)
-
-
-@pytest.fixture
-def start_engine(processes: ProcessGroup, server: Server, secret: str, tmp_path: Path) -> Any:
-    def start(engine_type: str, *args: str) -> Engine:
-        log = tmp_path / f"engine-{engine_type}.log"
-        process = processes.manage(
-            "run_engine",
-            "--type", engine_type,
-            "--url", server.url,
-            "--heartbeat-s", "1",
-            "--wait-s", "5",
-            *args,
-            env={"OMNIVA_ENGINE_KEY": secret},
-            log=log,
-        )  # fmt: skip
-        engine = Engine(process, log)
-
-        def registered() -> bool:
-            assert process.poll() is None, engine.output()
-            return f"registered {engine_type} engine" in engine.output()
-
-        wait_for(registered, timeout=30, interval=0.1, what="the engine to register")
-        return engine
-
-    return start
 
 
 def event_row(event_id: int) -> Event:
@@ -103,15 +43,17 @@ def wait_running(event_id: int, engine: Engine) -> Event:
 
 
 def test_an_echo_engine_completes_an_engine_echo_job_and_deregisters_on_sigterm(
-    server: Server, api: EngineClient, secret: str, start_engine: Any
+    daphne: Server, engine_client: EngineClient, engine_secret: str, start_engine: Any
 ) -> None:
     engine = start_engine("echo")
-    job = api.request("POST", "/jobs", {"pipeline": "engine_echo", "params": {"message": "hi"}})
-    headers = {"Authorization": f"Bearer {secret}"}
+    job = engine_client.request(
+        "POST", "/jobs", {"pipeline": "engine_echo", "params": {"message": "hi"}}
+    )
+    headers = {"Authorization": f"Bearer {engine_secret}"}
 
     def finished() -> dict[str, Any] | None:
         assert engine.process.poll() is None, engine.output()
-        data = http_get(f"{server.url}/v1/jobs/{job['id']}", headers=headers).json()["data"]
+        data = http_get(f"{daphne.url}/v1/jobs/{job['id']}", headers=headers).json()["data"]
         return data if data["status"] in ("completed", "failed", "cancelled") else None
 
     done = wait_for(finished, timeout=30, interval=0.1, what="the job to finish")
@@ -136,14 +78,18 @@ def test_an_echo_engine_completes_an_engine_echo_job_and_deregisters_on_sigterm(
 
 
 def test_sigterm_lets_the_running_event_finish_and_be_reported_before_deregistering(
-    api: EngineClient, start_engine: Any
+    engine_client: EngineClient, start_engine: Any
 ) -> None:
-    api.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
-    first = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 2}})
+    engine_client.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
+    first = engine_client.request(
+        "POST", "/events", {"event_type": "sleep", "data": {"seconds": 2}}
+    )
     engine = start_engine("sleep", "--concurrency", "1")
     wait_running(first["id"], engine)
     # The engine's one slot is taken: this one waits in the queue.
-    second = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 1}})
+    second = engine_client.request(
+        "POST", "/events", {"event_type": "sleep", "data": {"seconds": 1}}
+    )
 
     engine.stop()
     code = engine.process.wait(timeout=20)
@@ -160,10 +106,12 @@ def test_sigterm_lets_the_running_event_finish_and_be_reported_before_deregister
 
 
 def test_a_second_sigterm_stops_at_once_and_the_event_goes_back_to_the_queue(
-    api: EngineClient, start_engine: Any
+    engine_client: EngineClient, start_engine: Any
 ) -> None:
-    api.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
-    event = api.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 30}})
+    engine_client.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
+    event = engine_client.request(
+        "POST", "/events", {"event_type": "sleep", "data": {"seconds": 30}}
+    )
     engine = start_engine("sleep")
     wait_running(event["id"], engine)
 
@@ -180,14 +128,14 @@ def test_a_second_sigterm_stops_at_once_and_the_event_goes_back_to_the_queue(
 
 
 def test_the_client_registers_an_engine_and_a_taken_name_is_engine_already_registered(
-    server: Server, secret: str
+    daphne: Server, engine_secret: str
 ) -> None:
-    client = EngineClient(server.url, secret)
+    client = EngineClient(daphne.url, engine_secret)
 
     engine = client.register("echo", name="echo-a", capabilities=["text"])
     status = client.last_status
     with pytest.raises(EngineApiError) as refused:
-        EngineClient(server.url, secret).register("echo", name="echo-a")
+        EngineClient(daphne.url, engine_secret).register("echo", name="echo-a")
 
     assert status == 201
     assert engine["engine_type"] == "echo"
@@ -204,11 +152,11 @@ def test_the_client_registers_an_engine_and_a_taken_name_is_engine_already_regis
 
 
 def test_the_client_claims_reports_and_deregisters_through_the_envelope(
-    api: EngineClient, server: Server, secret: str
+    engine_client: EngineClient, daphne: Server, engine_secret: str
 ) -> None:
-    api.request("POST", "/event-types", {"name": "render", "engine_type": "actor"})
-    created = api.request("POST", "/events", {"event_type": "render", "data": {"n": 1}})
-    client = EngineClient(server.url, secret)
+    engine_client.request("POST", "/event-types", {"name": "render", "engine_type": "actor"})
+    created = engine_client.request("POST", "/events", {"event_type": "render", "data": {"n": 1}})
+    client = EngineClient(daphne.url, engine_secret)
     client.register("actor")
 
     beat = client.heartbeat(status="idle", current_workload=0, resource_utilization={"rss_mb": 1})
@@ -222,7 +170,7 @@ def test_the_client_claims_reports_and_deregisters_through_the_envelope(
     engine_id = client.engine_id
     gone = client.deregister()
     with pytest.raises(EngineApiError) as unknown:
-        EngineClient(server.url, secret, engine_id=engine_id).heartbeat()
+        EngineClient(daphne.url, engine_secret, engine_id=engine_id).heartbeat()
 
     assert beat["metadata"]["dynamic_state"]["resource_utilization"] == {"rss_mb": 1}
     assert [(e["id"], e["event_type"], e["data"]) for e in claimed] == [
@@ -236,21 +184,21 @@ def test_the_client_claims_reports_and_deregisters_through_the_envelope(
     assert (unknown.value.status, unknown.value.code) == (404, "ENGINE_NOT_FOUND")
 
 
-def test_the_client_raises_engine_unavailable_when_nothing_listens(secret: str) -> None:
-    client = EngineClient(f"http://127.0.0.1:{free_port()}", secret, timeout=2)
+def test_the_client_raises_engine_unavailable_when_nothing_listens(engine_secret: str) -> None:
+    client = EngineClient(f"http://127.0.0.1:{free_port()}", engine_secret, timeout=2)
 
     with pytest.raises(EngineUnavailable):
         client.register("echo")
 
 
 @pytest.fixture
-def runner_thread(server: Server, secret: str) -> Iterator[Any]:
+def runner_thread(daphne: Server, engine_secret: str) -> Iterator[Any]:
     """An EngineRunner in a thread of this process (no signals): stopped at teardown."""
     started: list[tuple[EngineRunner, threading.Thread]] = []
 
     def start(engine_type: str) -> EngineRunner:
         config = RunnerConfig(
-            url=server.url, api_key=secret, engine_type=engine_type, heartbeat_s=1, wait_s=2
+            url=daphne.url, api_key=engine_secret, engine_type=engine_type, heartbeat_s=1, wait_s=2
         )
         runner = EngineRunner(config)
         thread = threading.Thread(target=runner.run, daemon=True)
@@ -265,10 +213,10 @@ def runner_thread(server: Server, secret: str) -> Iterator[Any]:
 
 
 def test_an_event_type_without_a_handler_fails_with_unknown_event_type(
-    api: EngineClient, runner_thread: Any
+    engine_client: EngineClient, runner_thread: Any
 ) -> None:
-    api.request("POST", "/event-types", {"name": "mystery", "engine_type": "echo"})
-    event = api.request("POST", "/events", {"event_type": "mystery", "data": {}})
+    engine_client.request("POST", "/event-types", {"name": "mystery", "engine_type": "echo"})
+    event = engine_client.request("POST", "/events", {"event_type": "mystery", "data": {}})
     runner = runner_thread("echo")
 
     failed = wait_for(
@@ -284,7 +232,7 @@ def test_an_event_type_without_a_handler_fails_with_unknown_event_type(
 
 
 def test_an_engine_the_server_forgot_registers_again_under_its_name(
-    api: EngineClient, runner_thread: Any
+    engine_client: EngineClient, runner_thread: Any
 ) -> None:
     runner = runner_thread("echo")
     first = wait_for(
@@ -293,7 +241,7 @@ def test_an_engine_the_server_forgot_registers_again_under_its_name(
         what="the registration",
     )
 
-    api.request("DELETE", f"/engine-instances/{first.pk}")
+    engine_client.request("DELETE", f"/engine-instances/{first.pk}")
     again = wait_for(
         lambda: EngineInstance.objects.filter(name=first.name).exclude(pk=first.pk).first(),
         timeout=10,
@@ -308,34 +256,34 @@ def test_an_engine_the_server_forgot_registers_again_under_its_name(
 
 def test_the_engine_outlives_a_server_restart_and_takes_work_from_the_new_one(
     processes: ProcessGroup,
-    server: Server,
+    daphne: Server,
     test_database_url: str,
-    secret: str,
+    engine_secret: str,
     start_engine: Any,
     tmp_path: Path,
 ) -> None:
     engine = start_engine("echo")
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait(timeout=10)
+    daphne.process.send_signal(signal.SIGKILL)
+    daphne.process.wait(timeout=10)
     wait_for(
         lambda: "claim failed" in engine.output() or "heartbeat failed" in engine.output(),
         timeout=20,
         what="the engine to notice",
     )
 
-    port = int(server.url.rsplit(":", 1)[1])
+    port = int(daphne.url.rsplit(":", 1)[1])
     restarted = start_daphne(processes, test_database_url, port, tmp_path / "daphne-2.log")
-    job = EngineClient(restarted.url, secret).request(
+    job = EngineClient(restarted.url, engine_secret).request(
         "POST", "/jobs", {"pipeline": "engine_echo", "params": {"message": "again"}}
     )
-    headers = {"Authorization": f"Bearer {secret}"}
+    headers = {"Authorization": f"Bearer {engine_secret}"}
 
     def completed() -> dict[str, Any] | None:
         assert engine.process.poll() is None, engine.output()
         data = http_get(f"{restarted.url}/v1/jobs/{job['id']}", headers=headers).json()["data"]
         return data if data["status"] == "completed" else None
 
-    done = wait_for(completed, timeout=30, interval=0.1, what="the job on the new server")
+    done = wait_for(completed, timeout=30, interval=0.1, what="the job on the new daphne")
     engine.stop()
 
     assert done["result"] == {"echo": "again"}
