@@ -7,7 +7,8 @@ ready `embed` attempt in one forward pass and hands each job its own vectors.
 upscaled output are files under the job's media folder (removed with the job); stage
 outputs carry their paths, never the bytes. Bad input (not an image, too large, an
 unreachable or private URL, no texts) fails the job with its code and is not retried;
-only transient errors (timeouts, 5xx) are.
+only transient errors (timeouts, 5xx) are. A private `output_url` is refused by `fetch`,
+before any work.
 
 torch and Pillow are imported inside the stage functions: registering these pipelines
 costs a web process nothing.
@@ -234,8 +235,25 @@ def _decode(data: bytes) -> Any:
     return decode_image(data, max_pixels=settings.OMNIVA_IMAGE_MAX_PIXELS)
 
 
+def _check_output_url(ctx: StageContext) -> None:
+    """A refused `output_url` fails the job before the input is fetched and upscaled:
+    otherwise the work would be done, and its picture left in the job's folder, for a
+    PUT that can never be sent. `store` checks again when it sends (DNS may answer
+    otherwise by then, and a redirect is only known then); a name that does not
+    resolve now is left to it as well."""
+    output_url = ctx.params.get("output_url")
+    if not output_url:
+        return
+    try:
+        outbound.check(str(output_url))
+    except outbound.OutboundError as exc:
+        if exc.code == outbound.OutboundCode.URL_NOT_ALLOWED:
+            raise _outbound_failure(exc) from exc
+
+
 def fetch(ctx: StageContext) -> dict[str, Any]:
     """The input's bytes, checked to be an image within the limits, kept as a file."""
+    _check_output_url(ctx)
     data = read_input(str(ctx.params["input_url"]))
     image = _decode(data)
     path = _job_folder(ctx) / INPUT_FILE

@@ -17,10 +17,12 @@ such a request can be aimed at the server's own network: the cloud metadata serv
   exchange (connect, TLS, upload, headers, body) has passed.
 
 `request` is the one way a request is made; `fetch` (GET) and `send` (POST, PUT, PATCH
-with a body) are its common cases. Failures are `OutboundError`s with a stable code and
-a `transient` flag that tells a stage whether trying again later can help; with
-`raise_for_status=False` an HTTP answer of any status is a result instead. `media_path`
-is the same guard for file names under MEDIA_ROOT.
+with a body) are its common cases. `check` applies the same refusals to a URL without
+sending anything, for a URL that is used later or by another client (boto3). Failures
+are `OutboundError`s with a stable code and a `transient` flag that tells a stage
+whether trying again later can help; with `raise_for_status=False` an HTTP answer of
+any status is a result instead. `media_path` is the same guard for file names under
+MEDIA_ROOT.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "OutboundError",
     "address_allowed",
     "allowed_networks_from_settings",
+    "check",
     "fetch",
     "media_path",
     "request",
@@ -821,6 +824,26 @@ def send(
         max_redirects=max_redirects,
         ssl_context=ssl_context,
     )
+
+
+def check(url: str, *, allowed_networks: Sequence[IPNetwork | str] | None = None) -> None:
+    """Refuse `url` as `request` would, without connecting: OutboundError URL_NOT_ALLOWED
+    for a URL that is not plain http(s) or whose host is, or resolves to, an address
+    that is not allowed; FETCH_FAILED or FETCH_UNAVAILABLE (transient) for a name that
+    does not resolve.
+
+    The answer holds for this moment: DNS may answer otherwise later, and redirects are
+    only known when the request is made, so `request` checks again when it sends. It
+    lets a pipeline refuse a URL before doing the work whose result goes there, and
+    guards a URL handed to a client that connects by itself (boto3), where the name is
+    resolved again when it connects.
+    """
+    networks = (
+        allowed_networks_from_settings()
+        if allowed_networks is None
+        else _as_networks(allowed_networks)
+    )
+    _resolve(_parse(url), networks)
 
 
 # --- files -------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import mimetypes
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -90,10 +89,15 @@ _SHOPIFY_VERSION = re.compile(r"^(?:\d{4}-\d{2}|unstable)$")
 
 
 class AdapterError(Exception):
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+    """A failed send; `code` names the cause where it has a stable name (an outbound
+    code such as URL_NOT_ALLOWED for a destination URL that leads to a private address),
+    and the publication's error carries it as `reason`."""
+
+    def __init__(self, message: str, *, transient: bool = True, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.transient = transient
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def publish(destination: Destination, item: Item, key: str) -> Published:
         if cleaned == exc.message:
             raise
         # Not chained: the original, with the secret in it, must not travel on.
-        raise AdapterError(cleaned, transient=exc.transient) from None
+        raise AdapterError(cleaned, transient=exc.transient, code=exc.code) from None
 
 
 def _without_secrets(message: str, secrets: dict[str, Any]) -> str:
@@ -261,9 +265,12 @@ def _outbound_failure(platform: str, exc: outbound.OutboundError) -> AdapterErro
     # outbound counts a refused connection as lasting (right for a URL a user typed);
     # a platform's API refusing connections is an outage that passes.
     transient = exc.transient or isinstance(exc.__cause__, ConnectionError)
+    code = exc.code.value
     if exc.status in (401, 403):
-        return AdapterError(f"{platform} refused the credentials: {exc.message}", transient=False)
-    return AdapterError(f"{platform}: {exc.message}", transient=transient)
+        return AdapterError(
+            f"{platform} refused the credentials: {exc.message}", transient=False, code=code
+        )
+    return AdapterError(f"{platform}: {exc.message}", transient=transient, code=code)
 
 
 @dataclass(frozen=True)
@@ -332,7 +339,7 @@ def _webhook(destination: Destination, item: Item, key: str) -> Published:
             "POST", url, body=body, content_type="application/json", headers=headers
         )
     except outbound.OutboundError as exc:
-        raise AdapterError(exc.message, transient=exc.transient) from exc
+        raise AdapterError(exc.message, transient=exc.transient, code=exc.code.value) from exc
     try:
         reply = json.loads(answer.body or b"{}")
     except ValueError:
@@ -395,6 +402,8 @@ def _s3(destination: Destination, item: Item, key: str) -> Published:
         aws_secret_access_key=_secret(destination, "secret_access_key"),
         config=S3_CLIENT_CONFIG,
     )
+    if endpoint:
+        client.meta.events.register_first("needs-retry.s3", _no_region_redirect)
     folder = f"{prefix}/" if prefix else ""
     description_key = f"{folder}{key}.json"
     object_key = description_key
@@ -424,6 +433,20 @@ def _s3(destination: Destination, item: Item, key: str) -> Published:
     return Published(external_id=object_key, url=f"s3://{bucket}/{object_key}")
 
 
+def _no_region_redirect(request_dict: dict[str, Any], **kwargs: Any) -> None:
+    """Turn botocore's S3 region redirects off for an endpoint of the user's choosing.
+
+    On a 301, 302 or 307 without the bucket's region, botocore asks for the region with
+    a HEAD of the bucket, whose own redirect asks again: a store that redirects every
+    request made the adapter recurse until RecursionError (some 80 requests, and a
+    publication left `publishing`). Marking the request as redirected already, before
+    botocore's handler looks, makes such an answer the request's error. The regions
+    are AWS's; an S3-compatible store has none to redirect to."""
+    context = request_dict.get("context") or {}
+    if isinstance(context.get("s3_redirect"), dict):
+        context["s3_redirect"]["redirected"] = True
+
+
 def _s3_failure(exc: ClientError, bucket: str) -> AdapterError:
     error = exc.response.get("Error", {})
     code = str(error.get("Code") or "")
@@ -435,33 +458,17 @@ def _s3_failure(exc: ClientError, bucket: str) -> AdapterError:
 
 
 def _check_endpoint(url: str) -> None:
-    """An S3-compatible endpoint is a user-given URL like any other: refused when it is
-    not http(s) or any of its addresses is private, loopback or link-local (unless
-    OMNIVA_ALLOW_PRIVATE_URLS). botocore resolves the name again when it connects."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-        raise AdapterError(
-            "The s3 destination's `endpoint_url` is not a valid URL.", transient=False
-        )
+    """An S3-compatible endpoint is a user-given URL like any other: refused as outbound
+    refuses one (not plain http(s), or any of its addresses private, loopback,
+    link-local or reserved, unless OMNIVA_ALLOW_PRIVATE_URLS). botocore resolves the name
+    again when it connects, so a name whose DNS answer changes in between is not caught
+    here, unlike outbound's own requests, which connect to the address they checked."""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        addresses = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except ValueError as exc:
-        raise AdapterError(f"The s3 `endpoint_url` is not valid: {exc}", transient=False) from exc
-    except (socket.gaierror, UnicodeError) as exc:
-        transient = isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
+        outbound.check(url)
+    except outbound.OutboundError as exc:
         raise AdapterError(
-            f"The s3 endpoint {parts.hostname!r} could not be resolved.", transient=transient
+            f"The s3 `endpoint_url`: {exc.message}", transient=exc.transient, code=exc.code.value
         ) from exc
-    networks = outbound.allowed_networks_from_settings()
-    if not addresses or any(
-        not outbound.address_allowed(str(sockaddr[0]), networks) for *_, sockaddr in addresses
-    ):
-        raise AdapterError(
-            f"The s3 endpoint {parts.hostname!r} is a private, loopback or reserved address, "
-            "which is not allowed.",
-            transient=False,
-        )
 
 
 # --- printify ----------------------------------------------------------------------------

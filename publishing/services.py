@@ -6,7 +6,9 @@ because the platform call cannot be inside a transaction:
    twice); otherwise it becomes `publishing` and counts an attempt. Commit.
 2. The adapter sends the item with the publication's idempotency key.
 3. Under the lock again: `published` with the platform's id, or `failed` with
-   UPLOAD_FAILED (the caller retries with backoff, with the same key).
+   UPLOAD_FAILED (the caller retries with backoff, with the same key), and as `reason`
+   the cause's own code where it has one (URL_NOT_ALLOWED: a destination URL leads to
+   a private address).
 A worker killed between 2 and 3 leaves the row `publishing`; the retry sends the same
 key again, and the platform (or the directory's file name) recognises it.
 """
@@ -160,15 +162,16 @@ def publication_publish(*, publication_id: Any) -> Publication:
             publication.destination, _item(publication), publication.idempotency_key
         )
     except adapters.AdapterError as exc:
+        error = {
+            "code": ErrorCode.UPLOAD_FAILED.value,
+            "message": exc.message,
+            "transient": exc.transient,
+        }
+        if exc.code:
+            error["reason"] = exc.code
         with transaction.atomic():
             Publication.objects.filter(pk=publication.pk).update(
-                status=PublicationStatus.FAILED,
-                error={
-                    "code": ErrorCode.UPLOAD_FAILED.value,
-                    "message": exc.message,
-                    "transient": exc.transient,
-                },
-                updated_at=timezone.now(),
+                status=PublicationStatus.FAILED, error=error, updated_at=timezone.now()
             )
         raise PublicationFailed(
             f"Publishing to {publication.destination} failed: {exc.message}",

@@ -229,6 +229,27 @@ def test_the_default_allowance_is_read_from_settings_at_call_time(
     assert len(server.requests) == 1
 
 
+@pytest.mark.parametrize(
+    ("url", "code"),
+    [
+        ("http://localhost/", "URL_NOT_ALLOWED"),
+        ("http://[::ffff:10.0.0.1]/", "URL_NOT_ALLOWED"),
+        ("ftp://example.com/", "URL_NOT_ALLOWED"),
+    ],
+)
+def test_check_refuses_a_url_as_a_request_would(url: str, code: str) -> None:
+    refused(lambda: outbound.check(url, allowed_networks=[]), code)
+
+
+def test_check_passes_an_allowed_url_and_refuses_it_unallowed_without_connecting(
+    server: LocalServer,
+) -> None:
+    outbound.check(server.url("/upload"), allowed_networks=LOOPBACK)
+    refused(lambda: outbound.check(server.url("/upload"), allowed_networks=[]), "URL_NOT_ALLOWED")
+
+    assert server.requests == []
+
+
 def test_the_default_size_limit_is_read_from_settings(server: LocalServer, settings) -> None:
     server.routes["/"] = reply(b"x" * 20)
     settings.OMNIVA_FETCH_MAX_BYTES = 10
