@@ -1,4 +1,4 @@
-"""`manage.py bench [api|queue|events|live|gpu]`: benchmarks printing side-by-side ratios.
+"""`manage.py bench [api|queue|events|live|gpu|soak]`: benchmarks printing side-by-side ratios.
 
 With no suite named, every suite runs (`make bench`).
 
@@ -24,6 +24,13 @@ same database first, or they take some of its jobs.
 `live` measures the live stream: websocket clients of one daphne on /ws/events, and
 the time from a state change committed by a `qcluster` worker to its arrival at every
 client, p50 and p99 (see jobs/live_benchmark.py).
+
+`soak` runs the whole platform as `make run` does (daphne, grpcserver, a `qcluster` per
+queue, and an `echo` engine) under a steady load for 10 minutes (`--soak-s`): jobs of
+mixed pipelines over HTTP at a fixed rate, websocket clients, API reads. It samples the
+RSS of every process (a cluster's forked processes too) and fails when one grew over
+its bound from the end of the warm-up, exited, or when a job was lost (see
+omniva/soak_benchmark.py). It runs last.
 """
 
 from __future__ import annotations
@@ -49,8 +56,8 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
-SUITES = ["api", "queue", "events", "live", "gpu"]
-DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1}
+SUITES = ["api", "queue", "events", "live", "gpu", "soak"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1, "soak": 1}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -67,7 +74,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rounds",
             type=int,
-            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3, live: 1).",
+            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3, live: 1; gpu and "
+            "soak run once).",
         )
         parser.add_argument(
             "--requests", type=int, default=400, help="api: requests per variant per round."
@@ -85,8 +93,8 @@ class Command(BaseCommand):
             "--workers",
             type=int,
             default=settings.OMNIVA_WORKERS,
-            help="queue, live: workers of every cluster (OMNIVA_WORKERS; bulk and queue_limit "
-            "follow).",
+            help="queue, live, soak: workers of every cluster (OMNIVA_WORKERS; bulk and "
+            "queue_limit follow).",
         )
         parser.add_argument(
             "--samples", type=int, default=50, help="queue: idle latency samples per broker."
@@ -140,6 +148,33 @@ class Command(BaseCommand):
             default=128,
             help="gpu: embed_texts jobs per batch size (at least twice the batch).",
         )
+        parser.add_argument(
+            "--soak-s",
+            type=float,
+            default=600.0,
+            help="soak: seconds of load measured, after the warm-up.",
+        )
+        parser.add_argument(
+            "--soak-warmup-s",
+            type=float,
+            default=60.0,
+            help="soak: seconds of load before the memory it is measured from.",
+        )
+        parser.add_argument(
+            "--soak-sample-s", type=float, default=5.0, help="soak: seconds between samples."
+        )
+        parser.add_argument(
+            "--soak-rate", type=float, default=4.0, help="soak: jobs submitted per second."
+        )
+        parser.add_argument(
+            "--soak-ws-clients",
+            type=int,
+            default=10,
+            help="soak: websocket clients on /ws/events.",
+        )
+        parser.add_argument(
+            "--soak-reads", type=float, default=2.0, help="soak: API reads per second."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         suites = [options["suite"]] if options["suite"] else SUITES
@@ -154,6 +189,8 @@ class Command(BaseCommand):
                 "--ws-clients must be at least 1, --live-jobs at least 10, "
                 "--live-interval-s not negative"
             )
+        if "soak" in suites:
+            self._check_soak_options(options)
         # SIGTERM (a timeout, CI) unwinds like Ctrl-C: clusters and the database stop.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         database = None
@@ -174,8 +211,10 @@ class Command(BaseCommand):
                     self.bench_events(database, rounds, options)
                 elif suite == "live":
                     self.bench_live(database, rounds, options)
-                else:
+                elif suite == "gpu":
                     self.bench_gpu(options)
+                else:
+                    self.bench_soak(database, options)
         finally:
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
@@ -260,6 +299,11 @@ class Command(BaseCommand):
                 raise CommandError(f"bench {suite} failed: {exc}") from None
             for line in bench.report():
                 self.stdout.write(line)
+            # A suite that judges what it measured (the soak's bounds) fails after its
+            # table, inside the work folder, so that the process logs are kept.
+            failures = bench.failures() if hasattr(bench, "failures") else []
+            if failures:
+                raise CommandError(f"bench {suite} failed: " + "; ".join(failures))
 
     def bench_queue(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
@@ -320,6 +364,39 @@ class Command(BaseCommand):
                 jobs=options["live_jobs"],
                 interval_s=options["live_interval_s"],
                 rounds=rounds,
+                workers=options["workers"],
+                say=self._say,
+            ),
+        )
+
+    @staticmethod
+    def _check_soak_options(options: dict[str, Any]) -> None:
+        if options["soak_s"] <= 0 or options["soak_warmup_s"] < 0:
+            raise CommandError("--soak-s must be positive, --soak-warmup-s not negative")
+        if not 0 < options["soak_sample_s"] <= options["soak_s"]:
+            raise CommandError("--soak-sample-s must be positive and at most --soak-s")
+        if options["soak_rate"] <= 0 or options["soak_reads"] <= 0:
+            raise CommandError("--soak-rate and --soak-reads must be positive")
+        if options["soak_ws_clients"] < 1:
+            raise CommandError("--soak-ws-clients must be at least 1")
+
+    def bench_soak(self, database: EmbeddedServer | None, options: dict[str, Any]) -> None:
+        from omniva.soak_benchmark import SoakBench
+
+        self._run_suite(
+            "soak",
+            database,
+            "a `qcluster` or engine already serving it takes some of the soak's work, and "
+            "their memory is not measured.",
+            lambda url, folder: SoakBench(
+                database_url=url,
+                work_dir=folder,
+                soak_s=options["soak_s"],
+                warmup_s=options["soak_warmup_s"],
+                sample_s=options["soak_sample_s"],
+                rate_per_s=options["soak_rate"],
+                ws_clients=options["soak_ws_clients"],
+                reads_per_s=options["soak_reads"],
                 workers=options["workers"],
                 say=self._say,
             ),
