@@ -68,6 +68,7 @@ from jobs.services import job_files
 from omniva.media import artifact_save, media_reference
 from omniva.models import Clip
 from tests.jobs.conftest import drain, stop_job_listener  # noqa: F401 (fixtures)
+from tests.omniva.test_outbound import Route, redirect, reply
 
 pytestmark = pytest.mark.django_db
 
@@ -96,8 +97,6 @@ def png(width: int = 32, height: int = 24) -> bytes:
 
 # --- the network ---------------------------------------------------------------------------
 
-Route = Callable[[BaseHTTPRequestHandler], None]
-
 
 class CountingServer(ThreadingHTTPServer):
     """Counts every connection (TLS attempts included) and request; answers by route,
@@ -120,22 +119,6 @@ class CountingServer(ThreadingHTTPServer):
         return True
 
 
-def answer(
-    status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-) -> Route:
-    def route(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        if handler.command != "HEAD":
-            handler.wfile.write(body)
-
-    return route
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: CountingServer
     protocol_version = "HTTP/1.1"
@@ -149,7 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         route = next((r for p, r in self.server.routes.items() if path.startswith(p)), None)
         if route is None:
-            route = answer(200, b'{"id": "reached", "data": []}', "application/json")
+            route = reply(b'{"id": "reached", "data": []}', content_type="application/json")
         route(self)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
@@ -209,9 +192,7 @@ def network(monkeypatch: pytest.MonkeyPatch) -> Iterator[Network]:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(socket.socket, "connect", connect)
-    servers.public.routes["/to-metadata"] = answer(
-        307, b"", "text/plain", {"Location": METADATA_URL}
-    )
+    servers.public.routes["/to-metadata"] = redirect(METADATA_URL, status=307)
     try:
         yield servers
     finally:
@@ -429,7 +410,7 @@ def feed_media_url(user: User, url: str, network: Network) -> Outcome:
         f'<item><title>clip</title><enclosure url="{url}" type="video/mp4" length="1"/>'
         "</item></channel></rss>"
     ).encode()
-    network.public.routes["/feed.xml"] = answer(200, feed, "application/rss+xml")
+    network.public.routes["/feed.xml"] = reply(feed, content_type="application/rss+xml")
     project = user.project()
     job = user.run_job(
         "clipfarm", {"source_url": f"http://cdn.example:{network.public.port}/feed.xml"}, project
