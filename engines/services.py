@@ -12,6 +12,7 @@ no retry left is dead-lettered by the next claim of its engine type instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -372,24 +373,27 @@ SELECT claimed.*, pg_notify(%(activity_channel)s, '') AS notified FROM claimed
 """
 
 
-def _dead_letter_exhausted(engine_type: str, now: datetime) -> None:
-    """Dead-letter the events of `engine_type` whose last allowed lease ran out. One
-    transaction each, taking the job's lock before the event's (see the module doc)."""
-    candidates = list(
-        Event.objects.filter(
-            engine_type=engine_type,
-            status=EventStatus.LEASED,
-            lock_until__lt=now,
-            retry_count__gte=F("max_retries"),
-        ).values_list("id", "stage_run_id")[:50]
+def _dead_letter_exhausted(
+    now: datetime, *, engine_type: str | None = None, event_id: Any = None
+) -> int:
+    """Dead-letter the events (of `engine_type`, or the one event) whose last allowed
+    lease ran out, up to 50; how many. One transaction each, taking the job's lock
+    before the event's (see the module doc)."""
+    candidates = Event.objects.filter(
+        status=EventStatus.LEASED, lock_until__lt=now, retry_count__gte=F("max_retries")
     )
-    for event_id, stage_run_id in candidates:
+    if engine_type is not None:
+        candidates = candidates.filter(engine_type=engine_type)
+    if event_id is not None:
+        candidates = candidates.filter(pk=event_id)
+    moved = 0
+    for exhausted_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
         with transaction.atomic():
             if stage_run_id is not None and stage_callbacks is not None:
                 stage_callbacks.lock(stage_run_id)
             event = (
                 Event.objects.select_for_update(skip_locked=True)
-                .filter(pk=event_id, status=EventStatus.LEASED, lock_until__lt=now)
+                .filter(pk=exhausted_id, status=EventStatus.LEASED, lock_until__lt=now)
                 .first()
             )
             if event is None or event.retry_count < event.max_retries:
@@ -399,12 +403,24 @@ def _dead_letter_exhausted(engine_type: str, now: datetime) -> None:
                 "message": f"The lease ran out on the last of {event.max_retries} retries.",
             }
             _to_dead_letter(event, error, now, retry_count=event.retry_count + 1)
+            moved += 1
+    return moved
+
+
+def events_dead_letter_exhausted() -> int:
+    """Dead-letter every event whose last allowed lease ran out, of every engine type.
+    A claim of the type does it for its own (nothing else sweeps); this is for when no
+    engine of a type claims any more (`manage.py cleanup`)."""
+    moved = 0
+    while batch := _dead_letter_exhausted(timezone.now()):
+        moved += batch
+    return moved
 
 
 def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_size: int) -> list:
     """One claim, without waiting: the leased events, highest priority then oldest."""
     now = timezone.now()
-    _dead_letter_exhausted(engine_type, now)
+    _dead_letter_exhausted(now, engine_type=engine_type)
     limit = batch_size
     if engine is not None and engine.max_concurrent_events:
         held = Event.objects.filter(held_events_filter(now), leased_by=engine).count()
@@ -600,7 +616,10 @@ def _stage_progress(stage_run_id: int, progress: float) -> None:
 
 
 def event_requeue(*, event_id: Any) -> Event:
-    """Take a dead-lettered event back to the queue with its retries renewed."""
+    """Take a dead-lettered event back to the queue with its retries renewed. An event
+    whose last lease ran out is dead-lettered first (a claim of its type would have)."""
+    with contextlib.suppress(ValueError, TypeError):  # not an id: EVENT_NOT_FOUND below
+        _dead_letter_exhausted(timezone.now(), event_id=event_id)
     with transaction.atomic():
         event = _locked_event(event_id)
         if event.status != EventStatus.DEAD_LETTERED:

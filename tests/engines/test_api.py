@@ -343,6 +343,36 @@ def test_an_expired_last_lease_dead_letters_at_the_next_claim(
     assert event.error["code"] == "LEASE_EXPIRED"
 
 
+def test_an_event_whose_last_lease_ran_out_is_requeued_though_no_claim_came_since(
+    api: Any, event_type: EventType
+) -> None:
+    [event] = make_events(event_type, [5])
+    Event.objects.update(retry_count=3)
+    claim(api)
+    Event.objects.update(lock_until=timezone.now() - timedelta(seconds=1))
+
+    response = post(api, f"/v1/events/{event.pk}/requeue")
+
+    assert response.status_code == 200
+    assert (response.json()["data"]["status"], response.json()["data"]["retry_count"]) == (
+        "pending",
+        0,
+    )
+
+
+def test_an_event_whose_lease_ran_out_with_retries_left_is_not_requeued(
+    api: Any, event_type: EventType
+) -> None:
+    [event] = make_events(event_type, [5])
+    claim(api)
+    Event.objects.update(lock_until=timezone.now() - timedelta(seconds=1))
+
+    response = post(api, f"/v1/events/{event.pk}/requeue")
+
+    assert response.status_code == 409  # the next claim takes it: a retry is left
+    assert Event.objects.get().status == EventStatus.LEASED
+
+
 def test_requeue_returns_a_dead_lettered_event_with_its_retries_renewed(
     api: Any, event_type: EventType
 ) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db.models import F
 from django.test import override_settings
 from django.utils import timezone
 
@@ -422,12 +423,37 @@ def test_cleanup_prunes_audit_records_and_activity_past_their_retention() -> Non
         )
     with override_settings(OMNIVA_ACTIVITY_RETENTION_DAYS=7, OMNIVA_AUDIT_RETENTION_DAYS=30):
         output = run("cleanup")
-    assert output.lines[1:] == [
+    assert output.lines[1:3] == [
         "Pruned 1 audit records older than 30 days.",
         "Pruned 1 activity rows older than 7 days.",
     ]
     assert list(Activity.objects.values_list("data", flat=True)) == [{"old": False}]
     assert list(AuditRecord.objects.values_list("request_id", flat=True)) == ["new"]
+
+
+@pytest.mark.django_db
+def test_cleanup_dead_letters_events_whose_last_lease_ran_out_of_every_engine_type() -> None:
+    from engines import services as engines
+    from engines.models import Event, EventStatus
+
+    for engine_type in ("gone", "also-gone", "alive"):
+        kind = engines.event_type_create(name=f"{engine_type}-work", engine_type=engine_type)
+        engines.event_create(event_type=kind, data={})
+        engines.events_claim_now(engine_type=engine_type, engine=None, batch_size=1)
+    Event.objects.update(retry_count=F("max_retries"))
+    Event.objects.exclude(engine_type="alive").update(
+        lock_until=timezone.now() - timedelta(seconds=1)
+    )
+
+    output = run("cleanup")
+
+    assert output.lines[-1] == "Moved 2 events whose last lease ran out to the dead letter queue."
+    statuses = dict(Event.objects.values_list("engine_type", "status"))
+    assert statuses == {
+        "gone": EventStatus.DEAD_LETTERED,
+        "also-gone": EventStatus.DEAD_LETTERED,
+        "alive": EventStatus.LEASED,
+    }
 
 
 @pytest.mark.django_db

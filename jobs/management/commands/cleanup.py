@@ -1,5 +1,6 @@
 """`manage.py cleanup [--max-age-s N] [--status S …]`: delete old finished jobs, and the
-audit records and activity rows older than their retention settings."""
+audit records and activity rows older than their retention settings; move events whose
+last lease ran out to the dead letter queue (a claim of their engine type would)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from engines import services as engines
 from jobs import services
 from jobs.models import FINISHED_STATUSES
 from omniva import services as core_services
@@ -50,3 +52,5 @@ class Command(BaseCommand):
         activity_days = settings.OMNIVA_ACTIVITY_RETENTION_DAYS
         pruned = core_services.activity_prune(older_than=timedelta(days=activity_days))
         self.stdout.write(f"Pruned {pruned} activity rows older than {activity_days} days.")
+        dead = engines.events_dead_letter_exhausted()
+        self.stdout.write(f"Moved {dead} events whose last lease ran out to the dead letter queue.")
