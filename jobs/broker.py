@@ -135,15 +135,23 @@ def parse_ack_id(ack_id: str) -> tuple[int, int]:
 
 def extend_lease(*, ack_id: str, lease_s: float) -> bool:
     """Keep a delivered row invisible while its task runs; False when it was delivered anew."""
-    row_id, deliveries = parse_ack_id(ack_id)
+    return extend_leases(ack_ids=[ack_id], lease_s=lease_s) == 1
+
+
+def extend_leases(*, ack_ids: list[str], lease_s: float) -> int:
+    """`extend_lease` for several deliveries in one statement; how many still held."""
+    if not ack_ids:
+        return 0
+    rows, deliveries = zip(*(parse_ack_id(ack_id) for ack_id in ack_ids), strict=True)
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE jobs_queuetask "
+            "UPDATE jobs_queuetask q "
             "SET visible_at = statement_timestamp() + make_interval(secs => %s) "
-            "WHERE id = %s AND deliveries = %s",
-            [lease_s, row_id, deliveries],
+            "FROM unnest(%s::bigint[], %s::int[]) AS held(id, deliveries) "
+            "WHERE q.id = held.id AND q.deliveries = held.deliveries",
+            [lease_s, list(rows), list(deliveries)],
         )
-        return cursor.rowcount == 1
+        return cursor.rowcount
 
 
 def defer_delivery(*, ack_id: str, until: Any) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Avg
+from django.db.models import Avg, Q
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
@@ -812,6 +812,27 @@ def stage_heartbeat(*, stage_run_id: int, token: str, ack_id: str | None) -> Sup
             cancel_requested_at=job.cancel_requested_at,
             deadline=_deadline(job),
         )
+
+
+def stages_leases_extend(*, claims: list[StageClaim]) -> int:
+    """Extend the leases of running attempts whose tokens still hold, and their queue
+    rows', one statement each (the other attempts of a gpu batch, while its forward pass
+    runs); how many still held. Cancels and deadlines are not read: the batch's watched
+    attempt stops the batch for those."""
+    if not claims:
+        return 0
+    held_by = Q()
+    for claim in claims:
+        held_by |= Q(pk=claim.stage_run_id, lease_token=claim.token)
+    with transaction.atomic():
+        held = StageRun.objects.filter(held_by, status=StageStatus.RUNNING).update(
+            lease_expires_at=_lease_until(timezone.now())
+        )
+        broker.extend_leases(
+            ack_ids=[claim.ack_id for claim in claims if claim.ack_id],
+            lease_s=settings.OMNIVA_TASK_LEASE_S,
+        )
+    return held
 
 
 def _acknowledge(ack_id: str | None) -> None:

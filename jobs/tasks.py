@@ -157,15 +157,11 @@ class _Supervisor(threading.Thread):
         """Extend the leases of the attempts in the watched one's batch: a forward pass
         on a slow device can outlast a lease, and another worker would start them again.
         Their cancels and deadlines wait for the batch (its outcome settles each)."""
-        for rider in riders:
-            try:
-                services.stage_heartbeat(
-                    stage_run_id=rider.stage_run_id, token=rider.token, ack_id=rider.ack_id
-                )
-            except DatabaseError as exc:
-                logger.warning("heartbeat failed: %s", exc.__class__.__name__)
-                connection.close()
-                return
+        try:
+            services.stages_leases_extend(claims=list(riders))
+        except DatabaseError as exc:
+            logger.warning("heartbeat failed: %s", exc.__class__.__name__)
+            connection.close()
 
     def _interrupt(
         self, claim: services.StageClaim, kind: type[StageInterrupted], signum: int

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from jobs import selectors, services
 from jobs.gpu import EMBED_TEXTS, embed_many
 from jobs.inference import EMBED_DIM, models
-from jobs.models import GpuWorkerReport, Job, JobStatus
+from jobs.models import GpuWorkerReport, Job, JobStatus, QueueTask
 from jobs.stages import StageContext
 from omniva.models import Activity
 from tests.conftest import wait_for
@@ -172,14 +172,25 @@ def test_a_forward_pass_longer_than_the_lease_keeps_every_attempt_of_the_batch_l
     jobs = [submit("embed_texts", {"texts": [f"slow {i}"]}) for i in range(3)]
     embed = models.embed
     leases: dict[int, Any] = {}
+    hidden: dict[int, Any] = {}  # the queue rows' visible_at, per stage run
+
+    def queue_rows() -> dict[int, Any]:
+        runs = StageRun.objects.filter(job__in=jobs).values("pk")
+        rows = QueueTask.objects.filter(stage_run_id__in=runs)
+        return dict(rows.values_list("stage_run_id", "visible_at"))
 
     def renewed() -> bool:
         now = {run.pk: run.lease_expires_at for run in StageRun.objects.filter(job__in=jobs)}
-        return all(now[pk] and now[pk] > first for pk, first in leases.items())
+        rows = queue_rows()
+        return all(now[pk] and now[pk] > first for pk, first in leases.items()) and all(
+            rows[pk] > first for pk, first in hidden.items()
+        )
 
     def slow_forward_pass(texts: list[str], **kwargs: Any) -> Any:
-        # A slow device: the pass outlasts the first leases of all three attempts.
+        # A slow device: the pass outlasts the first leases of all three attempts and of
+        # their queue rows (another worker would take those again).
         leases.update(StageRun.objects.filter(job__in=jobs).values_list("pk", "lease_expires_at"))
+        hidden.update(queue_rows())
         wait_for(renewed, timeout=30, what="every attempt's lease to be extended")
         return embed(texts, **kwargs)
 
@@ -189,7 +200,7 @@ def test_a_forward_pass_longer_than_the_lease_keeps_every_attempt_of_the_batch_l
     ):
         drain("gpu")
 
-    assert len(leases) == 3
+    assert len(leases) == len(hidden) == 3
     runs = StageRun.objects.filter(job__in=jobs)
     assert [run.attempt for run in runs] == [1, 1, 1]
     assert all(Job.objects.get(pk=job.pk).status == JobStatus.COMPLETED for job in jobs)
