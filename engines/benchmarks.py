@@ -68,6 +68,8 @@ def free_port() -> int:
 class Server(SuiteProcess):
     """daphne serving the platform, as `manage.py serve` starts it, in its own group."""
 
+    title = "the server"
+
     database_url: str
     log_path: Path
     port: int = field(default_factory=free_port)
@@ -93,32 +95,20 @@ class Server(SuiteProcess):
 
     def wait_ready(self) -> None:
         """Until GET /v1/health answers 200."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            self.check_alive()
+
+        def healthy() -> bool:
             connection = http.client.HTTPConnection(HOST, self.port, timeout=5)
             try:
                 connection.request("GET", "/v1/health")
                 response = connection.getresponse()
                 response.read()
-                if response.status == 200:
-                    return
+                return response.status == 200
             except (OSError, http.client.HTTPException):
-                pass
+                return False
             finally:
                 connection.close()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"the server did not answer /v1/health within {READY_TIMEOUT_S:.0f} s:\n"
-                    + self.log_tail()
-                )
-            time.sleep(0.2)
 
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise BenchError(
-                f"the server exited with code {self.process.returncode}:\n" + self.log_tail()
-            )
+        self.wait_until(healthy, what="answer /v1/health", timeout_s=READY_TIMEOUT_S)
 
 
 # --- the clients ----------------------------------------------------------------------------

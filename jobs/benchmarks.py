@@ -257,12 +257,9 @@ class Cluster(SuiteProcess):
         }
         self.spawn(self.argv(), env)
 
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise BenchError(
-                f"qcluster for {self.queue!r} exited with code {self.process.returncode}:\n"
-                + self.log_tail()
-            )
+    @property
+    def title(self) -> str:
+        return f"qcluster for {self.queue!r}"
 
 
 # --- the measurements -------------------------------------------------------------------

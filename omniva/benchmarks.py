@@ -6,7 +6,8 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -40,6 +41,8 @@ class SuiteProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None
     _log: IO[bytes] | None
+    # How errors name it ("the server"); a class attribute, not a dataclass field.
+    title = "the process"
 
     def spawn(self, argv: list[str], env: dict[str, str]) -> None:
         from django.conf import settings
@@ -61,6 +64,26 @@ class SuiteProcess:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
+
+    def check_alive(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchError(
+                f"{self.title} exited with code {self.process.returncode}:\n" + self.log_tail()
+            )
+
+    def wait_until(self, ready: Callable[[], bool], *, what: str, timeout_s: float) -> None:
+        """Poll `ready` until it is true; BenchError if the process exits first or
+        `timeout_s` passes ("{title} did not {what} within …")."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            if ready():
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{self.title} did not {what} within {timeout_s:.0f} s:\n" + self.log_tail()
+                )
+            time.sleep(0.2)
 
     def stop(self) -> None:
         process = self.process

@@ -136,6 +136,8 @@ def _suite_env(database_url: str) -> dict[str, str]:
 class GrpcServer(SuiteProcess):
     """`manage.py grpcserver`, as `manage.py serve` starts it, in its own group."""
 
+    title = "grpcserver"
+
     database_url: str
     log_path: Path
     port: int = field(default_factory=free_port)
@@ -150,28 +152,20 @@ class GrpcServer(SuiteProcess):
         self.spawn(argv, _suite_env(self.database_url))
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            self.check_alive()
+        def listening() -> bool:
             with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 1):
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"grpcserver did not listen within {READY_TIMEOUT_S:.0f} s:\n" + self.log_tail()
-                )
-            time.sleep(0.2)
+                return True
+            return False
 
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise BenchError(
-                f"grpcserver exited with code {self.process.returncode}:\n" + self.log_tail()
-            )
+        self.wait_until(listening, what="listen", timeout_s=READY_TIMEOUT_S)
 
 
 @dataclass
 class Engine(SuiteProcess):
     """`manage.py run_engine --type echo` against the suite's server, its key in the
     environment (not on the command line)."""
+
+    title = "the engine"
 
     database_url: str
     log_path: Path
@@ -196,21 +190,11 @@ class Engine(SuiteProcess):
         """Until the engine has registered."""
         from engines.models import EngineInstance
 
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not EngineInstance.objects.filter(name=self.name).exists():
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"the engine did not register within {READY_TIMEOUT_S:.0f} s:\n"
-                    + self.log_tail()
-                )
-            time.sleep(0.2)
-
-    def check_alive(self) -> None:
-        if self.process is not None and self.process.poll() is not None:
-            raise BenchError(
-                f"the engine exited with code {self.process.returncode}:\n" + self.log_tail()
-            )
+        self.wait_until(
+            lambda: EngineInstance.objects.filter(name=self.name).exists(),
+            what="register",
+            timeout_s=READY_TIMEOUT_S,
+        )
 
 
 # --- the memory samples ---------------------------------------------------------------------
