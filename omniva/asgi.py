@@ -1,19 +1,22 @@
-"""ASGI entry point for daphne: HTTP through Django, websockets through Channels."""
+"""ASGI entry point for daphne: HTTP through Django's sync stack in a pool of threads
+(omniva/handler.py), websockets through Channels."""
 
 from __future__ import annotations
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "omniva.settings")
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import ActivityConsumer  # noqa: E402
+from omniva.handler import PooledHTTPHandler  # noqa: E402
 from omniva.live import FlowControlMiddleware  # noqa: E402
 
 websocket_urlpatterns: list = [
@@ -23,7 +26,7 @@ websocket_urlpatterns: list = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": PooledHTTPHandler(threads=settings.OMNIVA_WEB_THREADS),
         # Origins are checked by the consumers for session callers only; API-key
         # callers (engines, scripts) send none.
         "websocket": FlowControlMiddleware(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),

@@ -11,6 +11,7 @@ reset, as it would a restart.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -134,6 +135,37 @@ class EngineCollector(Collector):
         return []
 
 
+class WebCollector(Collector):
+    """The request pool of the web process that answers the scrape (omniva/handler.py)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from omniva import audit
+        from omniva.handler import pool_stats
+
+        stats = pool_stats()
+        if stats is None:
+            return
+        pid = [str(os.getpid())]
+        for name, documentation, value in (
+            ("omniva_web_threads", "Request threads of this web process", stats.threads),
+            ("omniva_web_busy", "Request threads running a request", stats.busy),
+            ("omniva_web_queued", "Requests waiting for a request thread", stats.queued),
+            (
+                "omniva_web_parked",
+                "Requests waiting without a thread (sync, long poll)",
+                stats.parked,
+            ),
+            ("omniva_web_saturation", "(busy + queued) / threads", stats.saturation),
+            ("omniva_web_audit_pending", "Audit records not yet written", audit.pending()),
+        ):
+            family = GaugeMetricFamily(name, documentation, labels=["pid"])
+            family.add_metric(pid, value)
+            yield family
+
+    def describe(self) -> list:
+        return []
+
+
 _registered = False
 
 
@@ -143,6 +175,7 @@ def register() -> None:
         REGISTRY.register(QueueCollector())
         REGISTRY.register(JobCollector())
         REGISTRY.register(EngineCollector())
+        REGISTRY.register(WebCollector())
         _registered = True
 
 

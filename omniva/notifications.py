@@ -7,15 +7,22 @@ channel on a connection of its own, and wakes the waiters of a payload. A waiter
 its condition after registering and before sleeping, so a change committed in between
 is not missed, and reads it again every few seconds in case the listener was
 reconnecting when the notification went out.
+
+Waiters are of two kinds: a thread blocked in `wait_until` (management commands, gRPC,
+the gpu worker), or a coroutine (`wait_async`): a parked HTTP request
+(omniva/handler.py) that holds neither a thread nor a database connection while it
+waits. The listener thread wakes a coroutine through its event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -38,15 +45,30 @@ def own_connection_params() -> dict[str, Any]:
     return params
 
 
+class _LoopEvent:
+    """An asyncio.Event that the listener thread can set."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.event = asyncio.Event()
+
+    def set(self) -> None:
+        self._loop.call_soon_threadsafe(self.event.set)
+
+
 class Listener:
     def __init__(self, channel: str) -> None:
         self.channel = channel
         self._lock = threading.Lock()
-        self._waiters: dict[str, set[threading.Event]] = defaultdict(set)
+        self._waiters: dict[str, set[threading.Event | _LoopEvent]] = defaultdict(set)
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
         self._params: dict[str, Any] | None = None
         self._stopping = threading.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._listening.is_set()
 
     def _ensure_started(self) -> None:
         with self._lock:
@@ -97,6 +119,42 @@ class Listener:
             for events in self._waiters.values():
                 for event in events:
                     event.set()
+
+    async def wait_async(
+        self,
+        payload: str,
+        attempt: Callable[[bool], Awaitable[T | None]],
+        timeout_s: float,
+    ) -> T:
+        """The first value `attempt(last)` returns that is not None. It is awaited once
+        the waiter is registered (so nothing committed before is missed), again on each
+        notification of `payload` (and every RECHECK_S), and a last time with
+        `last=True` when `timeout_s` ran out, when it must return a value. Nothing is
+        held between attempts but this coroutine."""
+        if not self.started:
+            # Starting blocks until the LISTEN is in place: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self._ensure_started)
+        waiter = _LoopEvent(asyncio.get_running_loop())
+        with self._lock:
+            self._waiters[payload].add(waiter)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                # Cleared before the attempt: a notification during it wakes the next.
+                waiter.event.clear()
+                remaining = deadline - time.monotonic()
+                value = await attempt(remaining <= 0)
+                if value is not None:
+                    return value
+                if remaining <= 0:
+                    raise RuntimeError("attempt(last=True) returned None")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.event.wait(), min(remaining, RECHECK_S))
+        finally:
+            with self._lock:
+                self._waiters[payload].discard(waiter)
+                if not self._waiters[payload]:
+                    del self._waiters[payload]
 
     def wait_until(
         self, payload: str, read: Callable[[], T], done: Callable[[T], bool], timeout_s: float

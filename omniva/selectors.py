@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,13 @@ from omniva.models import ApiKey, AuditRecord, Clip, Project
 STARTED_AT = timezone.now()
 
 
+# Keys found in the last OMNIVA_KEY_CACHE_S seconds, by the hash of their secret: a
+# request with a known key costs no query. A revocation reaches this process at once
+# (api_key_revoke forgets the cache) and every other process within the cache's time.
+_keys_seen: dict[str, tuple[float, ApiKey]] = {}
+KEYS_SEEN_MAX = 10_000
+
+
 def api_key_for_secret(raw: str) -> ApiKey | None:
     """The key whose secret is `raw` (revoked or not), or None."""
     from omniva.services import KEY_PREFIX, api_key_hash
@@ -25,10 +33,24 @@ def api_key_for_secret(raw: str) -> ApiKey | None:
     parts = raw.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16:
         return None
+    digest = api_key_hash(raw)
+    now = time.monotonic()
+    seen = _keys_seen.get(digest)
+    if seen is not None and seen[0] > now:
+        return seen[1]
     key = ApiKey.objects.select_related("project").filter(prefix=parts[1]).first()
-    if key is None or not hmac.compare_digest(key.key_hash, api_key_hash(raw)):
+    if key is None or not hmac.compare_digest(key.key_hash, digest):
         return None
+    if settings.OMNIVA_KEY_CACHE_S > 0:
+        if len(_keys_seen) >= KEYS_SEEN_MAX:
+            _keys_seen.clear()
+        _keys_seen[digest] = (now + settings.OMNIVA_KEY_CACHE_S, key)
     return key
+
+
+def api_keys_forget() -> None:
+    """Look every key up again on its next use (after a revocation here)."""
+    _keys_seen.clear()
 
 
 def uptime_s() -> float:

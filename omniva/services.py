@@ -16,6 +16,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from omniva import selectors
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Activity, ApiKey, AuditRecord, Clip, Creator, Project, Scope
 
@@ -78,7 +79,8 @@ def api_key_revoke(*, name: str) -> ApiKey:
         if key.revoked_at is None:
             key.revoked_at = timezone.now()
             key.save(update_fields=["revoked_at"])
-        return key
+    selectors.api_keys_forget()
+    return key
 
 
 def api_key_mark_used(*, key: ApiKey) -> None:
@@ -257,20 +259,36 @@ def clip_embedding_store(*, clip_id: Any, text: str, vector: list[float]) -> boo
 
 def audit_record_write(**fields: Any) -> None:
     """Write one audit row. Never raises: a lost audit row must not fail a request."""
+    audit_records_write(records=[fields])
+
+
+def audit_records_write(*, records: list[dict[str, Any]]) -> bool:
+    """Write audit rows in one statement (omniva/audit.py batches a web process's rows).
+    Never raises: a lost audit row must not fail a request. False when the database was
+    unavailable, so that the caller may keep the rows and try again."""
+    if not records:
+        return True
     try:
-        AuditRecord.objects.create(**fields)
+        AuditRecord.objects.bulk_create([AuditRecord(**fields) for fields in records])
+        return True
     except (OperationalError, InterfaceError) as exc:
         # The database is gone (a restart, a failover): every request says so, and a
         # traceback each would bury the log. One line names the request and the cause.
         logger.warning(
-            "could not write the audit record of %s: database unavailable (%s)",
-            fields.get("request_id"),
+            "could not write the audit record of %s%s: database unavailable (%s)",
+            records[0].get("request_id"),
+            f" and {len(records) - 1} more" if len(records) > 1 else "",
             str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__,
         )
+        return False
     except Exception:
         logger.warning(
-            "could not write the audit record of %s", fields.get("request_id"), exc_info=True
+            "could not write the audit record of %s%s",
+            records[0].get("request_id"),
+            f" and {len(records) - 1} more" if len(records) > 1 else "",
+            exc_info=True,
         )
+        return True
 
 
 def audit_records_prune(*, older_than: timedelta) -> int:

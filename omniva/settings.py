@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -133,6 +132,11 @@ ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 HOST = env_str("HOST", "127.0.0.1")
 PORT = env_int("PORT", 8000, minimum=1, maximum=65535)
+# `serve` runs this many web processes on one listening socket (one per core by default);
+# each runs its HTTP requests in a pool of OMNIVA_WEB_THREADS threads, one database
+# connection each, and parks waiting requests without a thread (omniva/handler.py).
+OMNIVA_WEB_PROCESSES = env_int("OMNIVA_WEB_PROCESSES", os.cpu_count() or 1, minimum=1, maximum=64)
+OMNIVA_WEB_THREADS = env_int("OMNIVA_WEB_THREADS", 8, minimum=1, maximum=256)
 GRPC_PORT = env_int("GRPC_PORT", 50051, minimum=1, maximum=65535)
 SITE_NAME = env_str("SITE_NAME", "Omniva")
 
@@ -197,11 +201,11 @@ TEMPLATES = [
 # `manage.py serve` / `manage.py db start` start it, settings only say where it listens.
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "").strip()
-# Persistent connections pay off in qcluster workers (django-q2 would otherwise open a
-# connection for every task). Under daphne they would not: Django runs each request's
-# sync code in a thread of its own, and a connection kept per thread is a leak.
-_IS_WORKER = len(sys.argv) > 1 and sys.argv[1] == "qcluster"
-DB_CONN_MAX_AGE = env_int("OMNIVA_DB_CONN_MAX_AGE", 600 if _IS_WORKER else 0, minimum=0)
+# Persistent connections everywhere: a qcluster worker keeps one per process, a web
+# process one per thread of its fixed request pool (omniva/handler.py), a consumer one per
+# thread of asgiref's bounded executor. So a process holds a bounded number of
+# connections, and no request pays for connecting (docs/operations.md sizes them).
+DB_CONN_MAX_AGE = env_int("OMNIVA_DB_CONN_MAX_AGE", 600, minimum=0)
 DB_CONNECT_TIMEOUT_S = env_int("OMNIVA_DB_CONNECT_TIMEOUT_S", 5, minimum=1)
 
 if DATABASE_URL:
@@ -308,6 +312,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = OMNIVA_MAX_BODY_BYTES
 OMNIVA_RATE_LIMIT = env_float("OMNIVA_RATE_LIMIT", 50.0, minimum=0.001)
 OMNIVA_RATE_BURST = env_int("OMNIVA_RATE_BURST", 100, minimum=1)
 OMNIVA_QUEUE_LIMIT = env_int("OMNIVA_QUEUE_LIMIT", 10_000, minimum=1)
+# A web process writes its requests' audit rows in one INSERT this often (omniva/audit.py).
+OMNIVA_AUDIT_FLUSH_MS = env_int("OMNIVA_AUDIT_FLUSH_MS", 50, minimum=1, maximum=10_000)
+# An API key is looked up again after this many seconds, so a revoked key is refused on
+# every node within it (omniva/selectors.py).
+OMNIVA_KEY_CACHE_S = env_int("OMNIVA_KEY_CACHE_S", 5, minimum=0, maximum=300)
 OMNIVA_AUDIT_RETENTION_DAYS = env_int("OMNIVA_AUDIT_RETENTION_DAYS", 30, minimum=1)
 # How long the activity outbox (the live stream's history, resumable with ?after=) is kept.
 OMNIVA_ACTIVITY_RETENTION_DAYS = env_int("OMNIVA_ACTIVITY_RETENTION_DAYS", 7, minimum=1)

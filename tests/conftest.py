@@ -243,16 +243,23 @@ class Server:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def start_daphne(processes: ProcessGroup, database_url: str, port: int, log: Path) -> Server:
-    """daphne serving the app on `database_url`, as `manage.py serve` runs it; returns
-    once it answers /v1/health."""
+def start_daphne(
+    processes: ProcessGroup,
+    database_url: str,
+    port: int,
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """daphne serving the app on `database_url`, as `manage.py serve` runs each web
+    process (`env`: OMNIVA_* overrides); returns once it answers /v1/health."""
     process = processes.start(
         [
             sys.executable, "-m", "daphne",
             "--bind", "127.0.0.1", "--port", str(port),
             "omniva.asgi:application",
         ],
-        env={"DATABASE_URL": database_url},
+        env={"DATABASE_URL": database_url, **(env or {})},
         log=log,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -11,14 +11,14 @@ from rest_framework.exceptions import NotFound, PermissionDenied, ValidationErro
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from jobs import pipelines, selectors, services
+from jobs import pipelines, selectors, services, waiting
 from jobs.api import serializers
 from jobs.models import Job, JobStatus
-from jobs.waiting import wait_for_job
 from omniva import selectors as core_selectors
 from omniva.api import serializers as core_serializers
 from omniva.api import views as core_views
 from omniva.api.middleware import note_entities
+from omniva.api.parking import park
 from omniva.api.permissions import bound_project
 from omniva.api.renderers import EnvelopeResponse
 from omniva.errors import ErrorCode, OmnivaError
@@ -115,11 +115,29 @@ class JobListView(JobsView, generics.ListAPIView):
         job, created = services.job_submit(**wanted)
         refuse_foreign_idempotency_match(request, job, created)
         note_entities(request, job.pk)
-        if sync and not job.is_finished:
-            job = wait_for_job(job.pk, timeout_s=sync_timeout_s)
-        if job.is_finished:
-            return render_job(job, status=http.HTTP_200_OK)
-        return render_job(job, status=http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK)
+        pending_status = http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK
+        response = render_job(job, status=http.HTTP_200_OK if job.is_finished else pending_status)
+        if not sync or job.is_finished:
+            return response
+
+        def answer(last: bool) -> tuple[int, Any] | None:
+            # 200 with the finished job; when the wait ran out, the job as it stands.
+            found = Job.objects.prefetch_related("stages").filter(pk=job.pk).first()
+            if found is None:
+                raise NotFound(f"Job {job.pk} was deleted while the request waited.")
+            if not found.is_finished and not last:
+                return None
+            data = serializers.JobSerializer(found, context={"with_estimate": True}).data
+            return (http.HTTP_200_OK if found.is_finished else pending_status), data
+
+        return park(
+            request,
+            response,
+            listener=waiting.listener,
+            payload=str(job.pk),
+            timeout_s=sync_timeout_s,
+            attempt=answer,
+        )
 
 
 class JobBatchView(JobsView, APIView):

@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
-from omniva import services
+from omniva import audit
 from omniva.api.envelope import error_response
 from omniva.errors import ErrorCode
 from omniva.models import ApiKey
@@ -148,7 +148,6 @@ class AuditMiddleware:
         started_at = timezone.now()
         started = time.perf_counter()
         response = self.get_response(request)
-        duration_ms = (time.perf_counter() - started) * 1000
 
         key = getattr(request, "auth", None)
         fields = {
@@ -159,12 +158,18 @@ class AuditMiddleware:
             "user": _authenticated_user(request),
             "method": request.method or "",
             "path": request.path[:2000],
-            "status": response.status_code,
-            "duration_ms": round(duration_ms, 3),
             "remote_addr": _ip_address(request.META.get("REMOTE_ADDR")),
             "entity_ids": _touched_entities(request, response),
         }
-        # HttpResponse.close() runs these before it sends request_finished (which
-        # closes the request's database connection), so the write reuses it.
-        response._resource_closers.append(partial(services.audit_record_write, **fields))
+        # HttpResponse.close() runs this after the response was sent (so the client
+        # never waits for it), before request_finished. A parked response
+        # (omniva.api.parking) is closed once it has its final answer, so the status
+        # and duration are read then.
+        response._resource_closers.append(partial(_record, response, started, fields))
         return response
+
+
+def _record(response: HttpResponse, started: float, fields: dict[str, Any]) -> None:
+    fields["status"] = response.status_code
+    fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    audit.record(fields)

@@ -1,15 +1,22 @@
 """`manage.py serve` (what `make run` runs): the whole platform on one machine.
 
 It starts the embedded database unless DATABASE_URL is set, migrates, creates the
-first admin, then supervises daphne, the gRPC server (`grpcserver`, on GRPC_PORT) and
-one `qcluster` per queue. Ctrl-C (SIGINT) or SIGTERM stops every child, then the
-database it started; a child that dies takes the rest down with it, so a half-running
-platform never pretends to be up.
+first admin, then supervises the web processes, the gRPC server (`grpcserver`, on
+GRPC_PORT) and one `qcluster` per queue. Ctrl-C (SIGINT) or SIGTERM stops every child,
+then the database it started.
+
+Web: `serve` binds the port itself and hands the listening socket to
+OMNIVA_WEB_PROCESSES daphne processes (`daphne --fd`); the kernel spreads connections
+over them, so HTTP and websockets scale with the cores on one address. A web process
+that dies is replaced while the others go on serving (unless it keeps dying at start).
+Any other child that dies takes the rest down with it, so a half-running platform
+never pretends to be up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client as http_client
 import os
 import signal
 import socket
@@ -22,7 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from omniva import services
@@ -33,23 +40,43 @@ STOP_GRACE_S = 15
 ADMIN_USERNAME = "admin"
 
 
+# A web process that dies this soon after its start, this many times running, is not
+# started again: something is wrong with every start, not with one process.
+QUICK_DEATH_S = 10.0
+QUICK_DEATHS_TOLERATED = 3
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
     process: subprocess.Popen | None = None
+    pass_fds: tuple[int, ...] = ()
+    restartable: bool = False
+    started_at: float = 0.0
+    quick_deaths: int = 0
 
     def start(self) -> None:
         # Its own process group, so that stopping it reaches every process it forks
         # (qcluster's workers), and so that a terminal's Ctrl-C reaches only `serve`.
+        self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             self.argv,
             env=self.env,
             cwd=settings.BASE_DIR,
             start_new_session=True,
             preexec_fn=die_with_parent,
+            pass_fds=self.pass_fds,
         )
+
+    def note_death(self) -> bool:
+        """Count a death; False when it keeps dying at start and must stay down."""
+        if time.monotonic() - self.started_at < QUICK_DEATH_S:
+            self.quick_deaths += 1
+        else:
+            self.quick_deaths = 0
+        return self.quick_deaths < QUICK_DEATHS_TOLERATED
 
     def terminate(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -59,8 +86,8 @@ class Child:
 
 class Command(BaseCommand):
     help = (
-        "Run Omniva: database, migrations, daphne, the gRPC server and one django-q2 "
-        "cluster per queue."
+        "Run Omniva: database, migrations, the web processes, the gRPC server and one "
+        "django-q2 cluster per queue."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -73,6 +100,12 @@ class Command(BaseCommand):
             help="Port of the gRPC OrchestratorService (0: do not start it).",
         )
         parser.add_argument(
+            "--web-processes",
+            type=int,
+            default=settings.OMNIVA_WEB_PROCESSES,
+            help="Web (daphne) processes sharing the port (OMNIVA_WEB_PROCESSES).",
+        )
+        parser.add_argument(
             "--queues",
             default=",".join(settings.OMNIVA_QUEUES),
             help="Queues to start a worker cluster for (comma-separated; empty for none).",
@@ -80,11 +113,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         self._stop_requested = threading.Event()
+        self._web_processes = options["web_processes"]
         signal.signal(signal.SIGINT, self._request_stop)
         signal.signal(signal.SIGTERM, self._request_stop)
 
         database = self._start_database()
         children: list[Child] = []
+        listening: socket.socket | None = None
         exit_code = 0
         try:
             self._say("Applying migrations…")
@@ -92,7 +127,8 @@ class Command(BaseCommand):
             self._announce_admin()
             connections.close_all()
 
-            children = self._children(options)
+            listening = self._listen(options["host"], options["port"])
+            children = self._children(options, listening)
             for child in children:
                 child.start()
             ports = [options["port"]] + ([options["grpc_port"]] if options["grpc_port"] else [])
@@ -106,6 +142,8 @@ class Command(BaseCommand):
             exit_code = self._supervise(children)
         finally:
             self._stop_children(children)
+            if listening is not None:
+                listening.close()
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
                 self._say("Stopping the embedded database…")
@@ -141,20 +179,40 @@ class Command(BaseCommand):
                 "(log in at /admin/, then change it)."
             )
 
-    def _children(self, options: dict[str, Any]) -> list[Child]:
+    def _listen(self, host: str, port: int) -> socket.socket:
+        """The web port, bound here and shared by every web process."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listening.bind(address)
+        except OSError as exc:
+            listening.close()
+            raise CommandError(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
+        listening.listen(socket.SOMAXCONN)
+        listening.set_inheritable(True)
+        return listening
+
+    def _children(self, options: dict[str, Any], listening: socket.socket) -> list[Child]:
         env = dict(os.environ)
         env.setdefault("DJANGO_SETTINGS_MODULE", "omniva.settings")
+        fd = listening.fileno()
         children = [
             Child(
-                "web",
+                f"web:{number}",
                 [
                     sys.executable, "-m", "daphne",
-                    "--bind", options["host"], "--port", str(options["port"]),
+                    "--fd", str(fd),
                     "--access-log", os.devnull,
                     "omniva.asgi:application",
                 ],
                 env,
+                pass_fds=(fd,),
+                restartable=True,
             )
+            for number in range(1, max(1, self._web_processes) + 1)
         ]  # fmt: skip
         if options["grpc_port"]:
             children.append(
@@ -186,24 +244,44 @@ class Command(BaseCommand):
             if any(child.process and child.process.poll() is not None for child in children):
                 return False
             for port in list(waiting):
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection((connect_host, port), timeout=0.5),
-                ):
+                if self._answers(connect_host, port, http=port == ports[0]):
                     waiting.remove(port)
             if not waiting:
                 return True
             self._stop_requested.wait(0.1)
         return False
 
+    @staticmethod
+    def _answers(host: str, port: int, *, http: bool) -> bool:
+        # The web port is bound by `serve` itself and accepts before any web process is
+        # ready; it is up when a web process answers.
+        if not http:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+                return True
+            return False
+        connection = http_client.HTTPConnection(host, port, timeout=1)
+        try:
+            connection.request("GET", "/v1/info")
+            connection.getresponse().read()
+            return True
+        except (OSError, http_client.HTTPException):
+            return False
+        finally:
+            connection.close()
+
     def _supervise(self, children: list[Child]) -> int:
         while not self._stop_requested.wait(0.2):
             for child in children:
                 assert child.process is not None
                 code = child.process.poll()
-                if code is not None:
-                    self._say(f"{child.name} exited with code {code}; stopping everything.")
-                    return 1
+                if code is None:
+                    continue
+                if child.restartable and child.note_death():
+                    self._say(f"{child.name} exited with code {code}; starting it again.")
+                    child.start()
+                    continue
+                self._say(f"{child.name} exited with code {code}; stopping everything.")
+                return 1
         return 0
 
     def _stop_children(self, children: list[Child]) -> None:
