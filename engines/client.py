@@ -54,6 +54,21 @@ class EngineApiError(EngineClientError):
         return self.status == 429 or self.status >= 500
 
 
+def _report_body(
+    status: str, lease_token: Any, result: Any, error: Any, progress: float | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"status": status}
+    if lease_token is not None:
+        body["lease_token"] = str(lease_token)
+    if result is not None:
+        body["result"] = result
+    if error is not None:
+        body["error"] = error
+    if progress is not None:
+        body["progress"] = max(0.0, min(100.0, float(progress)))
+    return body
+
+
 class EngineClient:
     """One engine's view of the API. `engine_id` is set by `register` (or by hand, to
     act for an engine registered earlier)."""
@@ -140,16 +155,30 @@ class EngineClient:
     ) -> dict[str, Any]:
         """`processing` (with progress), `completed` (with result) or `failed` (with
         error); 409 EVENT_LEASE_LOST when the lease is no longer this engine's."""
-        body: dict[str, Any] = {"status": status}
-        if lease_token is not None:
-            body["lease_token"] = str(lease_token)
-        if result is not None:
-            body["result"] = result
-        if error is not None:
-            body["error"] = error
-        if progress is not None:
-            body["progress"] = max(0.0, min(100.0, float(progress)))
+        body = _report_body(status, lease_token, result, error, progress)
         return self.request("PUT", f"/events/{event_id}/status", body)
+
+    def report_batch(self, reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Several reports in one request (`PUT /v1/events/status`), each a dict with
+        `report`'s arguments: `id`, `status`, `lease_token` (required here), and
+        `result`, `error` or `progress`. Answers one entry per report, in order:
+        `{"id", "ok": True, "event"}` or `{"id", "ok": False, "error": {"code",
+        "message"}}`; a refused report (EVENT_LEASE_LOST, EVENT_NOT_FOUND) changed nothing
+        and the others were applied. A malformed batch raises EngineApiError (400)."""
+        body = [
+            {
+                "id": report["id"],
+                **_report_body(
+                    report["status"],
+                    report.get("lease_token"),
+                    report.get("result"),
+                    report.get("error"),
+                    report.get("progress"),
+                ),
+            }
+            for report in reports
+        ]
+        return self.request("PUT", "/events/status", body)
 
     def deregister(self) -> dict[str, Any]:
         """Remove this engine; the events it still holds go back to the queue."""

@@ -1,9 +1,12 @@
 """The engine process: register, heartbeat, long-poll claims, run handlers, report.
 
 Threads: the caller's thread (`run`) waits for a stop and then drains; one heartbeat
-thread; one claim thread; one thread per running event. Events are claimed only into
-free slots (`concurrency` minus the events running), so every event this engine holds
-is running, and a drain finishes exactly those.
+thread; one claim thread; one thread per claimed batch, which confirms the batch's
+leases in one request (`processing` at 0 %), runs each event in a thread of its own, and
+reports all their outcomes in one request (`PUT /v1/events/status`) once the last has
+ended. Events are claimed only into free slots (`concurrency` minus the events held),
+and a batch's events hold their slots until the batch is reported, so every event this
+engine holds is running or being reported, and a drain finishes exactly those.
 
 Stopping (`request_stop`, wired to SIGTERM and SIGINT): the first request stops
 claiming and waits for the running events to be reported; a second one stops at
@@ -32,6 +35,10 @@ logger = logging.getLogger("omniva.engines.runner")
 LEASE_LOST = "EVENT_LEASE_LOST"
 EVENT_NOT_FOUND = "EVENT_NOT_FOUND"
 ENGINE_NOT_FOUND = "ENGINE_NOT_FOUND"
+# A batch's answer for one report that the server failed on: worth sending again.
+SERVER_FAILED_CODES = {"INTERNAL_ERROR", "SERVICE_UNAVAILABLE"}
+# Answers that refuse a batch's body itself (a malformed item, too large).
+BODY_REFUSED_STATUSES = {400, 413}
 # Answers that no retry will change: the key is wrong, revoked or lacks the scope.
 FATAL_CODES = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
 PROGRESS_MIN_INTERVAL_S = 0.5
@@ -342,63 +349,117 @@ class EngineRunner:
                             len(events),
                         )
                     return
+                if not events:
+                    continue
+                thread = threading.Thread(
+                    target=self._run_batch,
+                    args=(events,),
+                    name=f"batch-{events[0]['id']}",
+                    daemon=True,
+                )
                 for event in events:
-                    thread = threading.Thread(
-                        target=self._run_event,
-                        args=(event,),
-                        name=f"event-{event['id']}",
-                        daemon=True,
-                    )
                     self._running[event["id"]] = thread
-                    thread.start()
+                thread.start()
 
     # --- events ----------------------------------------------------------------------
 
-    def _run_event(self, event: dict[str, Any]) -> None:
-        event_id = event["id"]
-        event_type = event.get("event_type") or ""
+    def _run_batch(self, events: list[dict[str, Any]]) -> None:
+        """One claimed batch: confirm its leases, run its events side by side, report
+        their outcomes in one request; only then do its events free their slots."""
         try:
-            logger.info("event %s (%s): started", event_id, event_type)
-            try:
-                self._report_progress(event, 0.0)
-            except LeaseLost as error:
-                logger.warning("event %s: %s; not run", event_id, error)
-                return
-            handler = get_handler(event_type)
-            if handler is None:
-                self._finish(
-                    event,
-                    "failed",
-                    error={
-                        "code": "UNKNOWN_EVENT_TYPE",
-                        "message": f"This engine has no handler for {event_type!r} events.",
-                    },
+            started = self._start_batch(events)
+            outcomes: dict[int, dict[str, Any] | None] = {}
+            threads = [
+                threading.Thread(
+                    target=self._run_event,
+                    args=(event, outcomes),
+                    name=f"event-{event['id']}",
+                    daemon=True,
                 )
-                return
-            try:
-                result = handler(event.get("data") or {}, self._progress_fn(event))
-            except LeaseLost as error:
-                logger.warning("event %s: %s; its work is dropped", event_id, error)
-                return
-            except HandlerError as error:
-                self._finish(event, "failed", error={"code": error.code, "message": error.message})
-                return
-            except Exception as error:
-                logger.exception("event %s: the handler raised", event_id)
-                message = f"{type(error).__name__}: {error}"
-                self._finish(event, "failed", error={"code": "HANDLER_ERROR", "message": message})
-                return
-            try:
-                json.dumps(result, allow_nan=False)
-            except (TypeError, ValueError) as error:
-                message = f"The handler's result is not JSON: {error}"
-                self._finish(event, "failed", error={"code": "INVALID_RESULT", "message": message})
-                return
-            self._finish(event, "completed", result=result)
+                for event in started
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            reports = [
+                report for event in started if (report := outcomes.get(event["id"])) is not None
+            ]
+            if reports:
+                self._report_batch(reports)
         finally:
             with self._lock:
-                self._running.pop(event_id, None)
+                for event in events:
+                    self._running.pop(event["id"], None)
             self._slot_freed.set()
+
+    def _start_batch(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A `processing` report at 0 % for each event, in one request: the server checks
+        and extends each lease. The events it refuses (lease lost: the job was cancelled
+        meanwhile) are not run; if the request fails, every event runs (its final report
+        is fenced anyway)."""
+        for event in events:
+            logger.info("event %s (%s): started", event["id"], event.get("event_type") or "")
+        reports = [
+            {
+                "id": event["id"],
+                "status": "processing",
+                "lease_token": event.get("lease_token"),
+                "progress": 0.0,
+            }
+            for event in events
+        ]
+        try:
+            answers = self.client.report_batch(reports)
+        except EngineUnavailable as error:
+            logger.debug("batch of %d: start not reported (%s)", len(events), error)
+            return events
+        except EngineApiError as error:
+            logger.warning("batch of %d: start not reported (%s)", len(events), error)
+            return events
+        lost: dict[Any, str] = {}
+        for answer in answers if isinstance(answers, list) else []:
+            error = answer.get("error") or {}
+            if not answer.get("ok") and error.get("code") in (LEASE_LOST, EVENT_NOT_FOUND):
+                lost[answer.get("id")] = str(error.get("message") or error.get("code"))
+        for event_id, message in lost.items():
+            logger.warning("event %s: %s; not run", event_id, message)
+        return [event for event in events if event["id"] not in lost]
+
+    def _run_event(self, event: dict[str, Any], outcomes: dict[int, dict[str, Any] | None]) -> None:
+        outcomes[event["id"]] = self._outcome(event)
+
+    def _outcome(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """Run the event's handler: the report to send, or None when the lease was lost."""
+        event_id = event["id"]
+        event_type = event.get("event_type") or ""
+        handler = get_handler(event_type)
+        if handler is None:
+            return _report(
+                event,
+                "failed",
+                error={
+                    "code": "UNKNOWN_EVENT_TYPE",
+                    "message": f"This engine has no handler for {event_type!r} events.",
+                },
+            )
+        try:
+            result = handler(event.get("data") or {}, self._progress_fn(event))
+        except LeaseLost as error:
+            logger.warning("event %s: %s; its work is dropped", event_id, error)
+            return None
+        except HandlerError as error:
+            return _report(event, "failed", error={"code": error.code, "message": error.message})
+        except Exception as error:
+            logger.exception("event %s: the handler raised", event_id)
+            message = f"{type(error).__name__}: {error}"
+            return _report(event, "failed", error={"code": "HANDLER_ERROR", "message": message})
+        try:
+            json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            message = f"The handler's result is not JSON: {error}"
+            return _report(event, "failed", error={"code": "INVALID_RESULT", "message": message})
+        return _report(event, "completed", result=result)
 
     def _progress_fn(self, event: dict[str, Any]) -> Any:
         last = [0.0]
@@ -425,62 +486,104 @@ class EngineRunner:
                 raise LeaseLost(error.message) from error
             logger.warning("event %s: progress not reported (%s)", event["id"], error)
 
-    def _finish(
-        self, event: dict[str, Any], status: str, *, result: Any = None, error: Any = None
-    ) -> None:
-        """Report the outcome, retrying while the server is unreachable (until a forced
-        stop): the lease outlives a short outage, and heartbeats extend it."""
-        event_id = event["id"]
+    def _report_batch(self, reports: list[dict[str, Any]]) -> None:
+        """A batch's outcomes in one request. Retried while the server is unreachable or
+        answers 429/5xx (until a forced stop or REPORT_GIVE_UP_S): the leases outlive a
+        short outage, and heartbeats extend them; so are the reports the server failed
+        on. A body refused as a whole (400, 413) is split in halves down to the report
+        it refuses; a completed report refused alone is sent as failed (RESULT_REJECTED)."""
         backoff = Backoff(self.config.backoff_initial_s, self.config.backoff_max_s)
         give_up_at = time.monotonic() + REPORT_GIVE_UP_S
-        while True:
+        pending = [reports]
+        while pending:
+            chunk = pending.pop()
             try:
-                self.client.report(
-                    event_id, status, event.get("lease_token"), result=result, error=error
-                )
+                answers = self.client.report_batch(chunk)
             except EngineUnavailable as failure:
-                if self._force.is_set() or time.monotonic() > give_up_at:
-                    logger.error("event %s: %s not reported (%s)", event_id, status, failure)
-                    return
-                delay = backoff.next_delay()
-                logger.warning(
-                    "event %s: report failed (%s); retrying in %.1f s", event_id, failure, delay
-                )
-                self._force.wait(delay)
-                continue
+                reason, delay = str(failure), backoff.next_delay()
             except EngineApiError as failure:
-                if failure.code in (LEASE_LOST, EVENT_NOT_FOUND):
-                    logger.warning(
-                        "event %s: lease lost (%s); the %s result is dropped",
-                        event_id,
-                        failure.message,
-                        status,
-                    )
-                    return
-                if failure.transient and not self._force.is_set() and time.monotonic() < give_up_at:
-                    delay = backoff.next_delay(failure.retry_after_s)
-                    logger.warning(
-                        "event %s: report failed (%s); retrying in %.1f s", event_id, failure, delay
-                    )
-                    self._force.wait(delay)
-                    continue
                 if failure.code in FATAL_CODES:
-                    logger.error("event %s: %s not reported: %s", event_id, status, failure)
+                    logger.error("%d report(s) not sent: %s", len(chunk), failure)
                     self._fatal()
                     return
-                if status == "completed" and 400 <= failure.status < 500:
-                    # The server refused the result itself (too large, not valid).
-                    logger.error("event %s: result refused: %s", event_id, failure)
-                    status, result = "failed", None
-                    error = {"code": "RESULT_REJECTED", "message": str(failure)}
+                if not failure.transient:
+                    pending.extend(self._refused(chunk, failure))
                     continue
-                logger.error("event %s: %s not reported: %s", event_id, status, failure)
-                return
-            if status == "completed":
-                logger.info("event %s: completed", event_id)
+                reason, delay = str(failure), backoff.next_delay(failure.retry_after_s)
             else:
-                logger.warning("event %s: failed: %s", event_id, _error_text(error))
-            return
+                if not isinstance(answers, list) or len(answers) != len(chunk):
+                    logger.error("%d report(s): the answer is not one per report", len(chunk))
+                    continue
+                chunk = [r for r, a in zip(chunk, answers, strict=True) if not _answered(r, a)]
+                if not chunk:
+                    continue
+                reason, delay = "the server failed on them", backoff.next_delay()
+            if self._force.is_set() or time.monotonic() > give_up_at:
+                for report in chunk:
+                    logger.error(
+                        "event %s: %s not reported (%s)", report["id"], report["status"], reason
+                    )
+                continue
+            logger.warning(
+                "%d report(s) not sent (%s); retrying in %.1f s", len(chunk), reason, delay
+            )
+            self._force.wait(delay)
+            pending.append(chunk)
+
+    def _refused(
+        self, chunk: list[dict[str, Any]], failure: EngineApiError
+    ) -> list[list[dict[str, Any]]]:
+        """What to send instead of a batch the server refused as a whole: its halves, or a
+        completed report as failed; nothing when no change would help."""
+        if failure.status in BODY_REFUSED_STATUSES:
+            if len(chunk) > 1:
+                half = len(chunk) // 2
+                return [chunk[half:], chunk[:half]]  # the first half goes first (a stack)
+            [report] = chunk
+            if report["status"] == "completed":
+                # The server refused the result itself (too large, not valid).
+                logger.error("event %s: result refused: %s", report["id"], failure)
+                error = {"code": "RESULT_REJECTED", "message": str(failure)}
+                return [[{**report, "status": "failed", "result": None, "error": error}]]
+        for report in chunk:
+            logger.error("event %s: %s not reported: %s", report["id"], report["status"], failure)
+        return []
+
+
+def _report(
+    event: dict[str, Any], status: str, *, result: Any = None, error: Any = None
+) -> dict[str, Any]:
+    return {
+        "id": event["id"],
+        "status": status,
+        "lease_token": event.get("lease_token"),
+        "result": result,
+        "error": error,
+    }
+
+
+def _answered(report: dict[str, Any], answer: dict[str, Any]) -> bool:
+    """Log the server's answer to one report of a batch; False when the server failed on
+    it (worth sending again)."""
+    event_id, status = report["id"], report["status"]
+    if answer.get("ok"):
+        if status == "completed":
+            logger.info("event %s: completed", event_id)
+        else:
+            logger.warning("event %s: failed: %s", event_id, _error_text(report.get("error")))
+        return True
+    error = answer.get("error") or {}
+    code = error.get("code")
+    if code in (LEASE_LOST, EVENT_NOT_FOUND):
+        message = error.get("message")
+        logger.warning(
+            "event %s: lease lost (%s); the %s result is dropped", event_id, message, status
+        )
+        return True
+    if code in SERVER_FAILED_CODES:
+        return False
+    logger.error("event %s: %s not reported: %s", event_id, status, _error_text(error))
+    return True
 
 
 def _error_text(error: Any) -> str:

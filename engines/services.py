@@ -22,7 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -49,6 +49,8 @@ MAX_WAIT_S = 30.0
 EVENTS_CHANNEL = "omniva_events"
 # What an engine reports on an event it holds (PUT /v1/events/{id}/status).
 REPORT_STATUSES = ("processing", "completed", "failed")
+# Reports in one batch (PUT /v1/events/status): ten full claims' worth.
+MAX_REPORT_BATCH = 100
 
 listener = Listener(EVENTS_CHANNEL)
 
@@ -605,6 +607,46 @@ def event_update_status(
             run_id = event.stage_run_id
             transaction.on_commit(lambda: _stage_progress(run_id, progress))
         return event
+
+
+def events_report(*, reports: list[dict[str, Any]]) -> list[Event | OmnivaError]:
+    """An engine's reports on several events (`{"id", "status", "lease_token", "result"?,
+    "error"?, "progress"?}` each), applied in order, each by `event_update_status` in a
+    transaction of its own: a refused report (stale token, event not leased or unknown)
+    changes nothing and the others still apply. One answer per report, in order: the
+    event, or the OmnivaError that refused it. A database that is down fails the whole
+    call (the reports before it stay applied)."""
+    # One transaction per report, not one for the batch: a batch would hold the locks of
+    # several jobs and events at once, taken in the batch's order, and two engines whose
+    # batches touch the same jobs in opposite orders would deadlock.
+    if len(reports) > MAX_REPORT_BATCH:
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            f"Send at most {MAX_REPORT_BATCH} reports in one request.",
+            details={"non_field_errors": [f"more than {MAX_REPORT_BATCH} reports"]},
+        )
+    answers: list[Event | OmnivaError] = []
+    for report in reports:
+        try:
+            answers.append(
+                event_update_status(
+                    event_id=report["id"],
+                    status=report["status"],
+                    lease_token=report.get("lease_token"),
+                    result=report.get("result"),
+                    error=report.get("error"),
+                    progress=report.get("progress"),
+                )
+            )
+        except OmnivaError as refused:
+            answers.append(refused)
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception:
+            # Its transaction rolled back; the other reports are not held hostage.
+            logger.exception("the report on event %s failed", report.get("id"))
+            answers.append(OmnivaError(ErrorCode.INTERNAL_ERROR, "Internal server error."))
+    return answers
 
 
 def _stage_progress(stage_run_id: int, progress: float) -> None:

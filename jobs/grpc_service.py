@@ -29,7 +29,6 @@ from datetime import datetime
 from typing import Any
 
 import grpc
-from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import close_old_connections
 from django.utils import timezone
@@ -40,6 +39,7 @@ from jobs.grpc_codegen import generate_code
 from jobs.models import FINISHED_STATUSES, Job, JobStatus, StageRun, StageStatus
 from omniva import selectors as core_selectors
 from omniva import services as core_services
+from omniva.api.throttling import rate_limit_spend
 from omniva.errors import ErrorCode, OmnivaError, http_status_for
 from omniva.models import Activity, ApiKey, Scope
 from omniva.notifications import Listener
@@ -152,11 +152,7 @@ def caller_key(context: grpc.ServicerContext, scope: str) -> ApiKey:
     if not key.has_scope(scope):
         raise OmnivaError(ErrorCode.PERMISSION_DENIED, f"This key lacks the scope {scope}.")
     # REST's bucket of the key (omniva.api.throttling): one allowance over both APIs.
-    wait = core_services.rate_limit_take(
-        bucket=f"key:{key.pk}",
-        rate_per_s=settings.OMNIVA_RATE_LIMIT,
-        burst=settings.OMNIVA_RATE_BURST,
-    )
+    wait = rate_limit_spend(f"key:{key.pk}")
     if wait is not None:
         raise OmnivaError(
             ErrorCode.RATE_LIMITED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -42,8 +43,15 @@ def job_list(*, project: Project | None = None, filters: dict[str, Any] | None =
     return jobs
 
 
-def job_for_caller(*, job_id: Any, project: Project | None) -> Job | None:
-    jobs = Job.objects.select_related("project")
+def job_for_caller(
+    *, job_id: Any, project: Project | None, with_stages: bool = False
+) -> Job | None:
+    # A read for the API renders the project as its id: no join for it.
+    jobs = (
+        Job.objects.prefetch_related("stages")
+        if with_stages
+        else Job.objects.select_related("project")
+    )
     if project is not None:
         jobs = jobs.filter(project=project)
     try:
@@ -114,7 +122,23 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat().replace("+00:00", "Z") if moment else None
 
 
+# A pipeline's recent median run time changes slowly; every unfinished job's read asks
+# for it, so a process keeps it for a few seconds.
+MEDIAN_RUN_KEPT_S = 5.0
+_median_runs: dict[str, tuple[float, float | None]] = {}
+
+
 def recent_median_run_ms(pipeline: str, *, sample: int = 50) -> float | None:
+    now = time.monotonic()
+    kept = _median_runs.get(pipeline)
+    if kept is not None and kept[0] > now:
+        return kept[1]
+    median = _median_run_ms(pipeline, sample=sample)
+    _median_runs[pipeline] = (now + MEDIAN_RUN_KEPT_S, median)
+    return median
+
+
+def _median_run_ms(pipeline: str, *, sample: int) -> float | None:
     durations = [
         (finished - started).total_seconds() * 1000
         for started, finished in Job.objects.filter(

@@ -75,10 +75,18 @@ class PooledHTTPHandler(ASGIHandler):
         self._running = 0
         self._parked = 0
         self._served = 0
-        audit.start_writer(flush_interval_s=settings.OMNIVA_AUDIT_FLUSH_MS / 1000)
+        self._started = False
+
+    def _start_serving(self) -> None:
+        # On the first request, not at import: a process that only imports the ASGI
+        # application (tests, commands) keeps writing its audit rows as it goes.
         global _serving
+        if self._started:
+            return
+        self._started = True
+        audit.start_writer(flush_interval_s=settings.OMNIVA_AUDIT_FLUSH_MS / 1000)
         _serving = self
-        health.register_check("web", check_web)
+        health.register_check("web", check_web, cached=False)
 
     # --- the pool -----------------------------------------------------------------------
 
@@ -117,6 +125,7 @@ class PooledHTTPHandler(ASGIHandler):
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             raise ValueError(f"PooledHTTPHandler serves http, not {scope['type']}.")
+        self._start_serving()
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:

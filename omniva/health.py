@@ -8,10 +8,12 @@ the issues that build them). A failed *critical* check makes the service `unheal
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 
 import omniva
@@ -27,13 +29,23 @@ class HealthCheck:
     name: str
     run: Callable[[], CheckResult]
     critical: bool = False
+    # Kept with the report for OMNIVA_HEALTH_CACHE_MS; False: run for every report (a
+    # check that reads no database, such as the web process's own pool).
+    cached: bool = True
 
 
 _CHECKS: dict[str, HealthCheck] = {}
 
+# The last report's checks, and until when they stand (monotonic seconds). The checks
+# read several aggregates; a load balancer or a dashboard polling many times a second
+# gets the same answer from one run a second per process.
+_kept: tuple[float, dict[str, Any]] | None = None
 
-def register_check(name: str, run: Callable[[], CheckResult], *, critical: bool = False) -> None:
-    _CHECKS[name] = HealthCheck(name, run, critical)
+
+def register_check(
+    name: str, run: Callable[[], CheckResult], *, critical: bool = False, cached: bool = True
+) -> None:
+    _CHECKS[name] = HealthCheck(name, run, critical, cached)
 
 
 def check_database() -> CheckResult:
@@ -52,11 +64,34 @@ register_check("workers", check_workers)
 
 
 def health_report() -> dict[str, Any]:
-    checks: dict[str, CheckResult] = {}
+    """The report; its database checks are at most OMNIVA_HEALTH_CACHE_MS old."""
+    global _kept
+    now = time.monotonic()
+    ttl_s = settings.OMNIVA_HEALTH_CACHE_MS / 1000
+    if ttl_s > 0 and _kept is not None and _kept[0] > now:
+        checks = dict(_kept[1])
+    else:
+        checks = _run_checks(cached=True)
+        _kept = (now + ttl_s, checks) if ttl_s > 0 else None
+        checks = dict(checks)
+    database_down = checks.get("database", {}).get("status") == "failed"
+    checks.update(_run_checks(cached=False, database_down=database_down))
     overall = "healthy"
-    database_down = False
+    for name, result in checks.items():
+        critical = name in _CHECKS and _CHECKS[name].critical
+        if result["status"] == "failed" and critical:
+            overall = "unhealthy"
+        elif result["status"] != "ok" and overall == "healthy":
+            overall = "degraded"
+    return _report(overall, checks)
+
+
+def _run_checks(*, cached: bool, database_down: bool = False) -> dict[str, CheckResult]:
+    checks: dict[str, CheckResult] = {}
     for check in _CHECKS.values():
-        if database_down and check.name != "database":
+        if check.cached != cached:
+            continue
+        if database_down and check.cached and check.name != "database":
             checks[check.name] = {"status": "unknown", "detail": "the database is unreachable"}
             continue
         try:
@@ -68,10 +103,10 @@ def health_report() -> dict[str, Any]:
             result = {"status": "failed", "detail": exc.__class__.__name__}
             database_down = database_down or check.name == "database"
         checks[check.name] = result
-        if result["status"] == "failed" and check.critical:
-            overall = "unhealthy"
-        elif result["status"] != "ok" and overall == "healthy":
-            overall = "degraded"
+    return checks
+
+
+def _report(overall: str, checks: dict[str, CheckResult]) -> dict[str, Any]:
     return {
         "status": overall,
         # Not service_info(): /v1/info's contributions read the database.

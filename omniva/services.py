@@ -339,12 +339,16 @@ def activity_prune(*, older_than: timedelta) -> int:
 # `tolerance` in the future; going ahead pushes tat one interval further. Checking and
 # spending is one statement, so concurrent requests of one caller on any number of
 # nodes cannot both spend the last token: the row lock of ON CONFLICT serializes them.
+# GCRA over one row per bucket: `tat` is the theoretical arrival time of the next
+# request. Taking `count` requests at once is allowed when the last of them would be.
 _TAKE_SQL = """
 INSERT INTO omniva_ratelimitbucket AS b (bucket, tat)
-VALUES (%(bucket)s, clock_timestamp() + make_interval(secs => %(interval)s))
+VALUES (%(bucket)s, clock_timestamp() + make_interval(secs => %(interval)s * %(count)s))
 ON CONFLICT (bucket) DO UPDATE
-   SET tat = GREATEST(b.tat, clock_timestamp()) + make_interval(secs => %(interval)s)
- WHERE b.tat - clock_timestamp() <= make_interval(secs => %(tolerance)s)
+   SET tat = GREATEST(b.tat, clock_timestamp()) + make_interval(secs => %(interval)s * %(count)s)
+ WHERE GREATEST(b.tat, clock_timestamp()) - clock_timestamp()
+       + make_interval(secs => %(interval)s * (%(count)s - 1))
+       <= make_interval(secs => %(tolerance)s)
 RETURNING 1
 """
 _WAIT_SQL = """
@@ -353,10 +357,16 @@ SELECT EXTRACT(EPOCH FROM (tat - clock_timestamp())) - %(tolerance)s
 """
 
 
-def rate_limit_take(*, bucket: str, rate_per_s: float, burst: int) -> float | None:
-    """Spend one request of `bucket`. None when allowed, else seconds to wait."""
+def rate_limit_take(*, bucket: str, rate_per_s: float, burst: int, count: int = 1) -> float | None:
+    """Spend `count` requests of `bucket` (all or none). None when allowed, else the
+    seconds to wait for one."""
     interval = 1.0 / rate_per_s
-    params = {"bucket": bucket, "interval": interval, "tolerance": interval * (burst - 1)}
+    params = {
+        "bucket": bucket,
+        "interval": interval,
+        "tolerance": interval * (burst - 1),
+        "count": max(1, min(count, burst)),
+    }
     with connection.cursor() as cursor:
         cursor.execute(_TAKE_SQL, params)
         if cursor.fetchone() is not None:

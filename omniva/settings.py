@@ -317,6 +317,8 @@ OMNIVA_AUDIT_FLUSH_MS = env_int("OMNIVA_AUDIT_FLUSH_MS", 50, minimum=1, maximum=
 # An API key is looked up again after this many seconds, so a revoked key is refused on
 # every node within it (omniva/selectors.py).
 OMNIVA_KEY_CACHE_S = env_int("OMNIVA_KEY_CACHE_S", 5, minimum=0, maximum=300)
+# /v1/health runs its database checks at most this often per process (0: every time).
+OMNIVA_HEALTH_CACHE_MS = env_int("OMNIVA_HEALTH_CACHE_MS", 1000, minimum=0, maximum=60_000)
 OMNIVA_AUDIT_RETENTION_DAYS = env_int("OMNIVA_AUDIT_RETENTION_DAYS", 30, minimum=1)
 # How long the activity outbox (the live stream's history, resumable with ?after=) is kept.
 OMNIVA_ACTIVITY_RETENTION_DAYS = env_int("OMNIVA_ACTIVITY_RETENTION_DAYS", 7, minimum=1)

@@ -85,6 +85,10 @@ def django_db_modify_db_settings(embedded_test_server: EmbeddedServer) -> None:
     db = connections["default"].settings_dict
     db.update(embedded_test_server.django_settings(database="omniva"))
     db["TEST"]["NAME"] = "test_omniva"
+    # Tests make requests from threads of their own, which end without closing a kept
+    # connection: in this process each request's connection closes with it (the
+    # processes the tests start keep theirs, as in production).
+    db["CONN_MAX_AGE"] = 0
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +309,13 @@ def cut_connection(database_url: str) -> None:
 # What each fault test counted, printed in the run's summary (pytest hides a passing
 # test's own output).
 FAULT_COUNTS: list[tuple[str, dict[str, int]]] = []
+
+
+@pytest.fixture(autouse=True)
+def health_checks_every_time(settings: Any) -> None:
+    """In-process tests read /v1/health right after changing what it reports: no
+    report kept from before (tests/omniva/test_health.py tests the keeping)."""
+    settings.OMNIVA_HEALTH_CACHE_MS = 0
 
 
 @pytest.fixture

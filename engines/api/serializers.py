@@ -13,7 +13,8 @@ from engines.models import (
     EventType,
 )
 from engines.selectors import held_events_filter
-from engines.services import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_WAIT_S
+from engines.services import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_REPORT_BATCH, MAX_WAIT_S
+from omniva.api.serializers import FieldsBuiltOnce
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 
@@ -121,7 +122,7 @@ class EventCreateSerializer(serializers.Serializer):
         return event_type
 
 
-class EventSerializer(serializers.ModelSerializer):
+class EventSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     event_type = serializers.CharField(source="event_type.name", read_only=True)
     engine_id = serializers.UUIDField(source="leased_by_id", read_only=True, allow_null=True)
     lease_expired = serializers.SerializerMethodField()
@@ -155,7 +156,7 @@ class EventSerializer(serializers.ModelSerializer):
         return event.lease_expired()
 
 
-class ClaimedEventSerializer(serializers.ModelSerializer):
+class ClaimedEventSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     """Seed 000's shape of a claimed event, plus the lease token that fences it."""
 
     event_type = serializers.SerializerMethodField()
@@ -208,6 +209,67 @@ class EventStatusSerializer(serializers.Serializer):
         if value is not None and not isinstance(value, str | dict):
             raise serializers.ValidationError("Give a message or an object {code, message}.")
         return value
+
+
+class EventReportListSerializer(serializers.ListSerializer):
+    """A batch of reports: a list of 1 to MAX_REPORT_BATCH items. Item errors come keyed
+    by the item's position (`{"2": {"status": [...]}}`), not as a list of empty objects."""
+
+    default_error_messages = {
+        "not_a_list": "Send a JSON list of reports, not {input_type}.",
+        "empty": "Send at least one report.",
+        "max_length": "Send at most {max_length} reports in one request.",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_empty", False)
+        kwargs.setdefault("max_length", MAX_REPORT_BATCH)
+        super().__init__(*args, **kwargs)
+
+    def run_validation(self, data: Any = serializers.empty) -> Any:
+        try:
+            return super().run_validation(data)
+        except serializers.ValidationError as invalid:
+            if not isinstance(invalid.detail, list):
+                raise
+            errors = {str(i): item for i, item in enumerate(invalid.detail) if item}
+            raise serializers.ValidationError(errors) from None
+
+
+class EventReportSerializer(EventStatusSerializer):
+    """One report of a batch: the single report's fields, the event's id, and its lease
+    token, which a batch item must carry (each is fenced on its own)."""
+
+    id = serializers.IntegerField(min_value=1, max_value=2**63 - 1)
+    # The single report's choices, described (which also names their schema enum apart).
+    status = serializers.ChoiceField(
+        choices=[
+            ("processing", "still working: extends the lease, records progress"),
+            (EventStatus.COMPLETED, "done: stores the result"),
+            ("failed", "retried after the backoff, or dead-lettered after the last retry"),
+        ]
+    )
+    lease_token = serializers.UUIDField()
+
+    class Meta:
+        list_serializer_class = EventReportListSerializer
+
+
+class EventReportErrorSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="The single report's code, e.g. EVENT_LEASE_LOST.")
+    message = serializers.CharField()
+    details = serializers.DictField(required=False)
+
+
+class EventReportAnswerSerializer(serializers.Serializer):
+    """The answer to one report of a batch: the event, or why it was refused."""
+
+    id = serializers.IntegerField(help_text="The event the report named.")
+    ok = serializers.BooleanField(help_text="Whether the report was applied.")
+    event = EventSerializer(required=False, help_text="The event after the report (ok).")
+    error = EventReportErrorSerializer(
+        required=False, help_text="Why the report was refused; nothing changed (not ok)."
+    )
 
 
 class EventFilterSerializer(serializers.Serializer):

@@ -19,6 +19,8 @@ urlpatterns = [
     path("event-types", views.EventTypeListView.as_view(), name="event-type-list"),
     path("events", views.EventListView.as_view(), name="event-list"),
     path("events/claim", views.EventClaimView.as_view(), name="event-claim"),
+    # Before events/<event_id>: "status" is not an event id.
+    path("events/status", views.EventReportBatchView.as_view(), name="event-status-batch"),
     path("events/dead-letter", views.DeadLetterListView.as_view(), name="event-dead-letter"),
     path("events/queue/<str:engine_type>", views.EventQueueView.as_view(), name="event-queue"),
     path("events/<str:event_id>", views.EventDetailView.as_view(), name="event-detail"),

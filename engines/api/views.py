@@ -14,6 +14,7 @@ from engines import selectors, services
 from engines.api import serializers
 from engines.models import EngineInstance, Event, EventStatus
 from omniva.api.middleware import note_entities
+from omniva.api.parking import park
 from omniva.api.renderers import EnvelopeResponse
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Scope
@@ -167,6 +168,30 @@ def render_claim(events: list[Event]) -> EnvelopeResponse:
     return EnvelopeResponse(serializers.ClaimedEventSerializer(events, many=True).data)
 
 
+def claim_or_park(request: Request, *, wait_s: float = 0, **claim: Any) -> EnvelopeResponse:
+    """A claim; with `wait_s` and nothing to claim yet, the request is parked until an
+    event of its type is queued (woken by NOTIFY), holding no thread or connection."""
+    events = services.events_claim(**claim)
+    response = render_claim(events)
+    if events or wait_s <= 0:
+        return response
+
+    def answer(last: bool) -> tuple[int, Any] | None:
+        claimed = services.events_claim(**claim)
+        if not claimed and not last:
+            return None
+        return http.HTTP_200_OK, serializers.ClaimedEventSerializer(claimed, many=True).data
+
+    return park(
+        request,
+        response,
+        listener=services.listener,
+        payload=claim["engine_type"],
+        timeout_s=wait_s,
+        attempt=answer,
+    )
+
+
 class EventClaimView(EnginesView, APIView):
     @extend_schema(
         request=serializers.ClaimSerializer,
@@ -179,7 +204,7 @@ class EventClaimView(EnginesView, APIView):
     def post(self, request: Request) -> EnvelopeResponse:
         body = serializers.ClaimSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        return render_claim(services.events_claim(**body.validated_data))
+        return claim_or_park(request, **body.validated_data)
 
 
 class EventQueueView(EnginesView, APIView):
@@ -194,7 +219,7 @@ class EventQueueView(EnginesView, APIView):
         query.is_valid(raise_exception=True)
         body = serializers.ClaimSerializer(data={"engine_type": engine_type})
         body.is_valid(raise_exception=True)
-        return render_claim(services.events_claim(engine_type=engine_type, **query.validated_data))
+        return claim_or_park(request, engine_type=engine_type, **query.validated_data)
 
 
 class EventDetailView(EnginesView, APIView):
@@ -215,6 +240,42 @@ class EventStatusView(EnginesView, APIView):
         body.is_valid(raise_exception=True)
         event = services.event_update_status(event_id=event.pk, **body.validated_data)
         return render_event(event)
+
+
+def render_report_answer(event_id: int, answer: Event | OmnivaError) -> dict[str, Any]:
+    if isinstance(answer, Event):
+        return {"id": event_id, "ok": True, "event": serializers.EventSerializer(answer).data}
+    error: dict[str, Any] = {"code": str(answer.code), "message": answer.message}
+    if answer.details is not None:
+        error["details"] = answer.details
+    return {"id": event_id, "ok": False, "error": error}
+
+
+class EventReportBatchView(EnginesView, APIView):
+    @extend_schema(
+        request=serializers.EventReportSerializer(many=True),
+        responses=serializers.EventReportAnswerSerializer(many=True),
+        operation_id="events_status_batch_update",
+        summary="Report on several leased events in one request; answered item by item, "
+        "each fenced like the single report",
+        description=(
+            "A JSON list of 1 to 100 reports, each the single report's fields plus the "
+            "event's `id` and its `lease_token` (required). Any malformed item refuses the "
+            "whole request (400 VALIDATION_ERROR, `details` keyed by the item's position) and "
+            "nothing is applied. Otherwise the answer is 200 with one entry per report, in "
+            "order, each applied in its own transaction: `{id, ok: true, event}` or "
+            "`{id, ok: false, error: {code, message}}` with the single report's codes "
+            "(EVENT_LEASE_LOST, EVENT_NOT_FOUND, ...); a refused report changes nothing."
+        ),
+    )
+    def put(self, request: Request) -> EnvelopeResponse:
+        body = serializers.EventReportSerializer(data=request.data, many=True)
+        body.is_valid(raise_exception=True)
+        reports = body.validated_data
+        answers = services.events_report(reports=reports)
+        return EnvelopeResponse(
+            [render_report_answer(r["id"], a) for r, a in zip(reports, answers, strict=True)]
+        )
 
 
 class EventRequeueView(EnginesView, APIView):

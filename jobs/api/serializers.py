@@ -8,6 +8,7 @@ from rest_framework import serializers
 
 from jobs import selectors, services
 from jobs.models import PRIORITY_WORDS, Job, JobLog, JobStatus, StageRun
+from omniva.api.serializers import FieldsBuiltOnce
 
 MAX_TIMEOUT_S = 7 * 86400
 
@@ -100,7 +101,7 @@ class JobFilterSerializer(serializers.Serializer):
     created_before = serializers.DateTimeField(required=False)
 
 
-class StageRunSerializer(serializers.ModelSerializer):
+class StageRunSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     queue = serializers.SerializerMethodField()
     engine_type = serializers.SerializerMethodField()
 
@@ -118,7 +119,7 @@ class StageRunSerializer(serializers.ModelSerializer):
         return run.engine_type or None
 
 
-class JobSerializer(serializers.ModelSerializer):
+class JobSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     stages = StageRunSerializer(many=True, read_only=True)
     progress = serializers.SerializerMethodField()
     estimated_completion_ms = serializers.SerializerMethodField()
@@ -151,7 +152,7 @@ class JobSerializer(serializers.ModelSerializer):
         return data
 
 
-class JobLogSerializer(serializers.ModelSerializer):
+class JobLogSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
     class Meta:
         model = JobLog
         fields = ["at", "level", "stage", "message"]

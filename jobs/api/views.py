@@ -70,14 +70,21 @@ def refuse_foreign_idempotency_match(request: Request, job: Job, created: bool) 
         )
 
 
-def render_job(job: Job, *, status: int = http.HTTP_200_OK) -> EnvelopeResponse:
-    job = Job.objects.prefetch_related("stages").get(pk=job.pk)
+def render_job(
+    job: Job, *, status: int = http.HTTP_200_OK, reload: bool = True
+) -> EnvelopeResponse:
+    """The job as it stands (read again unless `reload=False`: it was just read with
+    its stages)."""
+    if reload:
+        job = Job.objects.prefetch_related("stages").get(pk=job.pk)
     data = serializers.JobSerializer(job, context={"with_estimate": True}).data
     return EnvelopeResponse(data, status=status)
 
 
-def job_or_404(request: Request, job_id: str) -> Job:
-    job = selectors.job_for_caller(job_id=job_id, project=bound_project(request))
+def job_or_404(request: Request, job_id: str, *, with_stages: bool = False) -> Job:
+    job = selectors.job_for_caller(
+        job_id=job_id, project=bound_project(request), with_stages=with_stages
+    )
     if job is None:
         raise NotFound(f"No job {job_id}.")
     note_entities(request, job.pk)
@@ -165,11 +172,12 @@ class JobBatchView(JobsView, APIView):
 class JobDetailView(JobsView, APIView):
     @extend_schema(responses=serializers.JobSerializer, summary="One job with its stages")
     def get(self, request: Request, job_id: str) -> EnvelopeResponse:
-        job = job_or_404(request, job_id)
+        job = job_or_404(request, job_id, with_stages=True)
         if job.status == JobStatus.PENDING and job.queue_timeout_s:
             # Derived at read time: a queue with no worker still reports the timeout.
             job = services.job_expire_if_due(job_id=job.pk)
-        return render_job(job)
+            return render_job(job)
+        return render_job(job, reload=False)
 
     @extend_schema(responses={200: None}, summary="Delete a finished job, its stages, logs, files")
     def delete(self, request: Request, job_id: str) -> EnvelopeResponse:

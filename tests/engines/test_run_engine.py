@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engines import services
 from engines.client import EngineApiError, EngineClient, EngineUnavailable
 from engines.models import EngineInstance, Event, EventStatus
 from engines.runner import EngineRunner, RunnerConfig
+from omniva.models import AuditRecord
 from tests.conftest import (
     ProcessGroup,
     Server,
@@ -289,3 +292,112 @@ def test_the_engine_outlives_a_server_restart_and_takes_work_from_the_new_one(
     assert done["result"] == {"echo": "again"}
     assert engine.process.wait(timeout=20) == 0, engine.output()
     assert not EngineInstance.objects.filter(engine_type="echo").exists()
+
+
+# --- batched reports (PUT /v1/events/status) ---------------------------------------------------
+
+BATCH_PATH = "/v1/events/status"
+
+
+def status_requests() -> tuple[int, int]:
+    """How many batched reports and how many per-event reports the server audited."""
+    batched = AuditRecord.objects.filter(method="PUT", path=BATCH_PATH).count()
+    single = AuditRecord.objects.filter(
+        method="PUT", path__regex=r"^/v1/events/[0-9]+/status$"
+    ).count()
+    return batched, single
+
+
+def test_the_client_reports_a_batch_in_one_request_and_a_stale_item_is_refused_alone(
+    engine_client: EngineClient, daphne: Server, engine_secret: str
+) -> None:
+    engine_client.request("POST", "/event-types", {"name": "render", "engine_type": "actor"})
+    for n in range(3):
+        engine_client.request("POST", "/events", {"event_type": "render", "data": {"n": n}})
+    client = EngineClient(daphne.url, engine_secret)
+    client.register("actor")
+    first, stale, third = client.claim(batch_size=3, wait_s=0)
+
+    answers = client.report_batch(
+        [
+            {"id": first["id"], "status": "completed", "lease_token": first["lease_token"],
+             "result": {"n": 0}},
+            {"id": stale["id"], "status": "completed", "lease_token": str(uuid.uuid4()),
+             "result": {"late": True}},
+            {"id": third["id"], "status": "failed", "lease_token": third["lease_token"],
+             "error": {"code": "NO_GPU", "message": "none left"}},
+        ]
+    )  # fmt: skip
+    with pytest.raises(EngineApiError) as malformed:
+        client.report_batch([{"id": first["id"], "status": "done", "lease_token": None}])
+
+    assert [(a["id"], a["ok"]) for a in answers] == [
+        (first["id"], True),
+        (stale["id"], False),
+        (third["id"], True),
+    ]
+    assert (answers[0]["event"]["status"], answers[0]["event"]["result"]) == (
+        "completed",
+        {"n": 0},
+    )
+    assert answers[1]["error"]["code"] == "EVENT_LEASE_LOST"
+    assert (answers[2]["event"]["status"], answers[2]["event"]["retry_count"]) == ("pending", 1)
+    assert event_row(stale["id"]).status == EventStatus.LEASED
+    assert (malformed.value.status, malformed.value.code) == (400, "VALIDATION_ERROR")
+    assert event_row(first["id"]).result == {"n": 0}
+    # The audit rows are written by the server a moment after each answer.
+    assert wait_for(lambda: status_requests() == (2, 0), timeout=10, what="the audit rows")
+
+
+def test_run_engine_reports_a_claimed_batch_in_one_request(
+    engine_client: EngineClient, start_engine: Any
+) -> None:
+    engine_client.request("POST", "/event-types", {"name": "echo", "engine_type": "echo"})
+    ids = [
+        engine_client.request("POST", "/events", {"event_type": "echo", "data": {"n": n}})["id"]
+        for n in range(3)
+    ]
+    engine = start_engine("echo", "--batch-size", "3", "--concurrency", "3")
+
+    def all_completed() -> bool:
+        assert engine.process.poll() is None, engine.output()
+        return Event.objects.filter(pk__in=ids, status=EventStatus.COMPLETED).count() == 3
+
+    wait_for(all_completed, timeout=30, interval=0.1, what="the three events to complete")
+    engine.stop()
+    assert engine.process.wait(timeout=20) == 0, engine.output()
+
+    # One batch request confirmed the three leases (processing at 0 %), one reported
+    # the three results; no per-event report was sent.
+    assert wait_for(lambda: status_requests() == (2, 0), timeout=10, what="the audit rows")
+    assert [event_row(i).result for i in ids] == [{"echo": {"n": n}} for n in range(3)]
+    output = engine.output()
+    assert all(f"event {i}: completed" in output for i in ids), output
+
+
+def test_a_batch_reports_its_other_events_when_one_lease_is_lost_mid_run(
+    engine_client: EngineClient, start_engine: Any
+) -> None:
+    engine_client.request("POST", "/event-types", {"name": "sleep", "engine_type": "sleep"})
+    quick = engine_client.request("POST", "/events", {"event_type": "sleep", "data": {}})
+    slow = engine_client.request("POST", "/events", {"event_type": "sleep", "data": {"seconds": 3}})
+    engine = start_engine("sleep", "--batch-size", "2", "--concurrency", "2")
+    wait_running(slow["id"], engine)
+
+    # An operator moves the slow one to the dead letter queue while the engine runs it:
+    # its next progress report is refused and its work dropped.
+    services.event_dead_letter(event_id=slow["id"], reason="operator")
+
+    def quick_completed() -> bool:
+        assert engine.process.poll() is None, engine.output()
+        return event_row(quick["id"]).status == EventStatus.COMPLETED
+
+    wait_for(quick_completed, timeout=30, interval=0.1, what="the quick event's report")
+    engine.stop()
+    assert engine.process.wait(timeout=20) == 0, engine.output()
+
+    dropped = event_row(slow["id"])
+    assert (dropped.status, dropped.error["code"]) == (EventStatus.DEAD_LETTERED, "DEAD_LETTERED")
+    assert f"event {slow['id']}" in engine.output()
+    assert "its work is dropped" in engine.output()
+    assert wait_for(lambda: status_requests()[0] == 2, timeout=10, what="the audit rows")

@@ -6,6 +6,7 @@ import pytest
 from django.core.cache import cache
 from django.test import override_settings
 
+from omniva import health
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -64,3 +65,36 @@ def test_root_health_is_the_same_report(client) -> None:
 
     assert response.status_code == 200
     assert response.json()["data"]["checks"]["database"]["status"] == "ok"
+
+
+def test_the_database_checks_are_run_once_per_interval_and_the_web_check_every_time(
+    client, settings, monkeypatch
+) -> None:
+    settings.OMNIVA_HEALTH_CACHE_MS = 60_000
+    monkeypatch.setattr(health, "_kept", None)
+    runs = {"database_backed": 0, "live": 0}
+
+    def database_backed() -> dict:
+        runs["database_backed"] += 1
+        return {"status": "ok"}
+
+    def live() -> dict:
+        runs["live"] += 1
+        return {"status": "ok", "runs": runs["live"]}
+
+    monkeypatch.setattr(
+        health,
+        "_CHECKS",
+        {
+            **health._CHECKS,
+            "counted": health.HealthCheck("counted", database_backed),
+            "live": health.HealthCheck("live", live, cached=False),
+        },
+    )
+    reports = [client.get("/v1/health").json()["data"] for _ in range(3)]
+
+    assert runs == {"database_backed": 1, "live": 3}
+    assert [r["checks"]["live"]["runs"] for r in reports] == [1, 2, 3]
+    settings.OMNIVA_HEALTH_CACHE_MS = 0
+    client.get("/v1/health")
+    assert runs["database_backed"] == 2

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from omniva import services
+from omniva.api.throttling import Allowances
 from omniva.models import Scope
 from tests.conftest import wait_for
 
@@ -62,3 +65,21 @@ def test_refused_requests_do_not_spend_the_allowance() -> None:
     assert first_wait is not None
     assert second_wait is not None
     assert second_wait <= first_wait  # refusals did not push the next slot further out
+
+
+def test_a_process_charges_the_shared_bucket_in_chunks_and_two_never_pass_the_rate_together(
+    django_assert_max_num_queries,
+) -> None:
+    # Two processes' allowances on one bucket: 2000/s, burst 100, so chunks of 50.
+    first, second = Allowances(), Allowances()
+    started = time.monotonic()
+    with django_assert_max_num_queries(4):
+        allowed = sum(first.take("chunked", rate_per_s=2000, burst=100) is None for _ in range(100))
+    for _ in range(300):
+        for allowance in (first, second):
+            allowed += allowance.take("chunked", rate_per_s=2000, burst=100) is None
+    elapsed = time.monotonic() - started
+
+    assert allowed >= 100
+    # Everything let through was charged to the shared bucket first.
+    assert allowed <= 100 + 2000 * elapsed + 1

@@ -1,4 +1,4 @@
-"""`manage.py bench [api|queue|events|live|gpu|soak]`: benchmarks printing side-by-side ratios.
+"""`manage.py bench [api|queue|events|live|gpu|web|soak]`: benchmarks printing side-by-side ratios.
 
 With no suite named, every suite runs (`make bench`).
 
@@ -24,6 +24,18 @@ same database first, or they take some of its jobs.
 `live` measures the live stream: websocket clients of one daphne on /ws/events, and
 the time from a state change committed by a `qcluster` worker to its arrival at every
 client, p50 and p99 (see jobs/live_benchmark.py).
+
+`web` measures Omniva's web tier against the setup a Django user would pick, in one
+run and under one load generator (wrk, 2 threads, 32 connections, `--duration` seconds
+per path): a bare DRF view running one query under gunicorn (2 x cores sync workers,
+persistent connections, the suite's database), then Omniva as `manage.py serve` runs
+it: `GET /v1/jobs/{id}`, `GET /v1/health`, `POST /v1/jobs` (noop); engine events
+claimed and completed per second by `--clients` engine threads with per-event and
+with batched reports (`--events` queued); and `--waiters` concurrent sync submissions
+of `engine_echo` jobs, parked because no `echo` engine runs until the suite starts
+one: their answers by status code, the database's connections while they wait, and
+a probe's p50/p99. It prints req/s with the ratio to the reference and issue 18's
+targets as met / not met (see omniva/bench/web.py). It needs `wrk` on the PATH.
 
 `soak` runs the whole platform as `make run` does (daphne, grpcserver, a `qcluster` per
 queue, and an `echo` engine) under a steady load for 10 minutes (`--soak-s`): jobs of
@@ -56,8 +68,8 @@ from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, AuditRecord, Scope
 
 AUDIT = "omniva.api.middleware.AuditMiddleware"
-SUITES = ["api", "queue", "events", "live", "gpu", "soak"]
-DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1, "soak": 1}
+SUITES = ["api", "queue", "events", "live", "gpu", "web", "soak"]
+DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1, "web": 1, "soak": 1}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -74,8 +86,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rounds",
             type=int,
-            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3, live: 1; gpu and "
-            "soak run once).",
+            help="Interleaved rounds per variant (api: 5, queue: 2, events: 3, live: 1; gpu, "
+            "web and soak run once).",
         )
         parser.add_argument(
             "--requests", type=int, default=400, help="api: requests per variant per round."
@@ -116,13 +128,14 @@ class Command(BaseCommand):
             "--events",
             type=int,
             default=2000,
-            help="events: events queued, then claimed and completed, per round.",
+            help="events: events queued, then claimed and completed, per round; web: events "
+            "queued per report mode (claimed and completed for at most --duration).",
         )
         parser.add_argument(
             "--clients",
             type=int,
             default=4,
-            help="events: concurrent engine clients (threads, one connection each).",
+            help="events, web: concurrent engine clients (threads, one connection each).",
         )
         parser.add_argument(
             "--ws-clients",
@@ -147,6 +160,24 @@ class Command(BaseCommand):
             type=int,
             default=128,
             help="gpu: embed_texts jobs per batch size (at least twice the batch).",
+        )
+        parser.add_argument(
+            "--duration",
+            type=float,
+            default=8.0,
+            help="web: seconds of wrk load per path, and at most per engine-events mode.",
+        )
+        parser.add_argument(
+            "--waiters",
+            type=int,
+            default=1000,
+            help="web: concurrent sync submissions (asyncio clients, one connection each).",
+        )
+        parser.add_argument(
+            "--sync-timeout-s",
+            type=float,
+            default=20.0,
+            help="web: the waiters' sync_timeout_s (at most 300).",
         )
         parser.add_argument(
             "--soak-s",
@@ -189,6 +220,17 @@ class Command(BaseCommand):
                 "--ws-clients must be at least 1, --live-jobs at least 10, "
                 "--live-interval-s not negative"
             )
+        if "web" in suites and (
+            options["duration"] < 1
+            or options["waiters"] < 1
+            or options["events"] < 1
+            or options["clients"] < 1
+            or not 1 <= options["sync_timeout_s"] <= 300
+        ):
+            raise CommandError(
+                "--duration must be at least 1, --waiters, --events and --clients at least 1, "
+                "--sync-timeout-s between 1 and 300"
+            )
         if "soak" in suites:
             self._check_soak_options(options)
         # SIGTERM (a timeout, CI) unwinds like Ctrl-C: clusters and the database stop.
@@ -213,6 +255,8 @@ class Command(BaseCommand):
                     self.bench_live(database, rounds, options)
                 elif suite == "gpu":
                     self.bench_gpu(options)
+                elif suite == "web":
+                    self.bench_web(database, options)
                 else:
                     self.bench_soak(database, options)
         finally:
@@ -365,6 +409,26 @@ class Command(BaseCommand):
                 interval_s=options["live_interval_s"],
                 rounds=rounds,
                 workers=options["workers"],
+                say=self._say,
+            ),
+        )
+
+    def bench_web(self, database: EmbeddedServer | None, options: dict[str, Any]) -> None:
+        from omniva.bench.web import WebBench
+
+        self._run_suite(
+            "web",
+            database,
+            "its figures share the machine and the database with whatever else runs there, "
+            "and an `echo` engine already serving it releases the waiters early.",
+            lambda url, folder: WebBench(
+                database_url=url,
+                work_dir=folder,
+                duration_s=options["duration"],
+                clients=options["clients"],
+                events=options["events"],
+                waiters=options["waiters"],
+                sync_timeout_s=options["sync_timeout_s"],
                 say=self._say,
             ),
         )

@@ -100,6 +100,11 @@ class Command(BaseCommand):
             help="Port of the gRPC OrchestratorService (0: do not start it).",
         )
         parser.add_argument(
+            "--no-migrate",
+            action="store_true",
+            help="Do not apply migrations (a web node of a cluster: migrate once per release).",
+        )
+        parser.add_argument(
             "--web-processes",
             type=int,
             default=settings.OMNIVA_WEB_PROCESSES,
@@ -122,8 +127,9 @@ class Command(BaseCommand):
         listening: socket.socket | None = None
         exit_code = 0
         try:
-            self._say("Applying migrations…")
-            call_command("migrate", interactive=False, verbosity=0)
+            if not options["no_migrate"]:
+                self._say("Applying migrations…")
+                call_command("migrate", interactive=False, verbosity=0)
             self._announce_admin()
             connections.close_all()
 
