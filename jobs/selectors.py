@@ -150,6 +150,24 @@ def _median_run_ms(pipeline: str, *, sample: int) -> float | None:
     return statistics.median(durations) if durations else None
 
 
+# Counting a deep backlog for every read of a pending job would add to the load it
+# estimates: a process counts each (queues, priority) at most once a second.
+WORK_AHEAD_KEPT_S = 1.0
+_work_ahead_counts: dict[tuple[frozenset[str], int], tuple[float, int]] = {}
+
+
+def _work_ahead(queues: frozenset[str], priority: int) -> int:
+    now = time.monotonic()
+    kept = _work_ahead_counts.get((queues, priority))
+    if kept is not None and kept[0] > now:
+        return kept[1]
+    ahead = QueueTask.objects.filter(
+        queue__in=queues, priority__gte=priority, visible_at__lte=timezone.now()
+    ).count()
+    _work_ahead_counts[(queues, priority)] = (now + WORK_AHEAD_KEPT_S, ahead)
+    return ahead
+
+
 def estimated_completion_ms(job: Job) -> int | None:
     """Seed 004's estimate: the pipeline's recent median run time, plus, for a job not yet
     started, the queued work of at least its priority spread over the queue's workers."""
@@ -162,9 +180,7 @@ def estimated_completion_ms(job: Job) -> int | None:
         elapsed = (timezone.now() - job.started_at).total_seconds() * 1000
         return max(0, round(median - elapsed))
     queues = {run.queue for run in job.stages.all() if run.queue} or {"default"}
-    ahead = QueueTask.objects.filter(
-        queue__in=queues, priority__gte=job.priority, visible_at__lte=timezone.now()
-    ).count()
+    ahead = _work_ahead(frozenset(queues), job.priority)
     workers = settings.OMNIVA_GPU_WORKERS if queues == {"gpu"} else settings.OMNIVA_WORKERS
     return round(median * (1 + ahead / max(1, workers)))
 

@@ -352,3 +352,47 @@ def _completed_in(var: Path, port: int, key: str, accepted: dict[str, str]) -> b
         return [body["data"]["status"] for _, body in answers]
 
     return all(status == "completed" for status in asyncio.run(statuses()))
+
+
+def test_a_web_process_stopped_with_sigterm_writes_every_audit_record_it_batched(
+    processes, test_database_url, tmp_path
+) -> None:
+    key = api_key_create(name="audited", scopes=[Scope.JOBS_READ])[1]
+    port = free_port()
+    # A long flush interval: the rows are still in the batch when SIGTERM arrives.
+    server = start_daphne(
+        processes,
+        test_database_url,
+        port,
+        tmp_path / "daphne.log",
+        env={"OMNIVA_AUDIT_FLUSH_MS": "10000", "OMNIVA_RATE_LIMIT": "100000"},
+    )
+    request_ids = [f"sigterm-{uuid.uuid4().hex[:8]}-{n}" for n in range(60)]
+
+    async def requests() -> list[int]:
+        answers = await asyncio.gather(
+            *(
+                _request(port, "GET", "/v1/jobs?limit=1", key=key, headers={"X-Request-ID": rid})
+                for rid in request_ids
+            )
+        )
+        return [status for status, _ in answers]
+
+    statuses = asyncio.run(requests())
+    with psycopg.connect(test_database_url, autocommit=True) as connection:
+        before = _audited(connection, request_ids)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+        after = _audited(connection, request_ids)
+
+    assert statuses == [200] * len(request_ids)
+    assert before < len(request_ids)  # they were batched, not written one by one
+    assert after == len(request_ids), server.output()
+
+
+def _audited(connection: psycopg.Connection, request_ids: list[str]) -> int:
+    row = connection.execute(
+        "SELECT count(*) FROM omniva_auditrecord WHERE request_id = ANY(%s)", (request_ids,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
