@@ -109,7 +109,8 @@ def _project(project_id: str) -> Project | None:
 
 @database_sync_to_async
 def _events_snapshot(project: Project | None) -> dict[str, Any]:
-    jobs = selectors.job_list(project=project).prefetch_related("stages")[:SNAPSHOT_JOBS]
+    jobs = selectors.job_list(project=project).prefetch_related(selectors.STAGES_IN_ORDER)
+    jobs = jobs[:SNAPSHOT_JOBS]
     return {"jobs": JobSerializer(jobs, many=True).data}
 
 
@@ -118,7 +119,7 @@ def _job_snapshot(job_id: str, caller: Caller) -> dict[str, Any] | None:
     job = selectors.job_for_caller(job_id=job_id, project=caller.project)
     if job is None:
         return None
-    job = Job.objects.prefetch_related("stages").get(pk=job.pk)
+    job = Job.objects.prefetch_related(selectors.STAGES_IN_ORDER).get(pk=job.pk)
     logs = list(job.logs.order_by("-id")[:SNAPSHOT_LOGS])[::-1]
     return {
         "job": JobSerializer(job, context={"with_estimate": True}).data,

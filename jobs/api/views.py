@@ -76,7 +76,7 @@ def render_job(
     """The job as it stands (read again unless `reload=False`: it was just read with
     its stages)."""
     if reload:
-        job = Job.objects.prefetch_related("stages").get(pk=job.pk)
+        job = Job.objects.prefetch_related(selectors.STAGES_IN_ORDER).get(pk=job.pk)
     data = serializers.JobSerializer(job, context={"with_estimate": True}).data
     return EnvelopeResponse(data, status=status)
 
@@ -100,7 +100,7 @@ class JobListView(JobsView, generics.ListAPIView):
         wanted = dict(filters.validated_data)
         return selectors.job_list(
             project=bound_project(self.request), filters=wanted
-        ).prefetch_related("stages")
+        ).prefetch_related(selectors.STAGES_IN_ORDER)
 
     @extend_schema(parameters=[serializers.JobFilterSerializer], summary="Jobs, newest first")
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Any:
@@ -129,7 +129,7 @@ class JobListView(JobsView, generics.ListAPIView):
 
         def answer(last: bool) -> tuple[int, Any] | None:
             # 200 with the finished job; when the wait ran out, the job as it stands.
-            found = Job.objects.prefetch_related("stages").filter(pk=job.pk).first()
+            found = selectors.job_for_caller(job_id=job.pk, project=None, with_stages=True)
             if found is None:
                 raise NotFound(f"Job {job.pk} was deleted while the request waited.")
             if not found.is_finished and not last:
