@@ -128,9 +128,14 @@ class Tally:
             if len(self.samples) < ERROR_SAMPLES:
                 self.samples.append(what)
 
+    def reset(self) -> None:
+        with self.lock:
+            self.count = 0
+            self.samples = []
 
-class Client:
-    """One engine: a keep-alive HTTP connection and the API key."""
+
+class ApiClient:
+    """A keep-alive HTTP connection to the server with an API key (the bench suites')."""
 
     def __init__(self, port: int, secret: str, errors: Tally) -> None:
         self.port = port
@@ -141,7 +146,6 @@ class Client:
         }
         self.errors = errors
         self.connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_S)
-        self.engine_id: str | None = None
 
     def connect(self) -> None:
         if self.connection.sock is None:
@@ -150,7 +154,7 @@ class Client:
     def close(self) -> None:
         self.connection.close()
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: object = None) -> Any:
         """The envelope's `data`; None (and counted) for an answer outside 2xx."""
         payload = json.dumps(body).encode() if body is not None else None
         try:
@@ -169,6 +173,14 @@ class Client:
         except (ValueError, KeyError, TypeError):
             self.errors.add(f"{method} {path}: {response.status}, not an envelope: {raw[:300]!r}")
             return None
+
+
+class Client(ApiClient):
+    """One engine: an ApiClient that registers, claims and completes."""
+
+    def __init__(self, port: int, secret: str, errors: Tally) -> None:
+        super().__init__(port, secret, errors)
+        self.engine_id: str | None = None
 
     def register(self, name: str) -> None:
         engine = self.call(

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from engines.benchmarks import ApiClient, Tally
 from omniva.benchmarks import BenchError, SuiteProcess, table_lines
 from omniva.processes import die_with_parent
 
@@ -325,62 +326,6 @@ def wrk(url: str, script: Path, duration_s: float, *, label: str) -> WrkResult:
 
 
 # --- engine clients (threads, one keep-alive connection each) ----------------------------------
-
-
-@dataclass
-class Tally:
-    """Answers outside 2xx and failed requests, from every thread."""
-
-    count: int = 0
-    samples: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, what: str) -> None:
-        with self.lock:
-            self.count += 1
-            if len(self.samples) < ERROR_SAMPLES:
-                self.samples.append(what)
-
-    def reset(self) -> None:
-        with self.lock:
-            self.count = 0
-            self.samples = []
-
-
-class ApiClient:
-    """One keep-alive connection to the server, with the suite's API key."""
-
-    def __init__(self, port: int, secret: str, errors: Tally) -> None:
-        self.headers = {
-            "Authorization": f"Bearer {secret}",
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
-        self.errors = errors
-        self.connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_S)
-
-    def close(self) -> None:
-        self.connection.close()
-
-    def call(self, method: str, path: str, body: object = None) -> Any:
-        """The envelope's `data`; None (and counted) for an answer outside 2xx."""
-        payload = json.dumps(body).encode() if body is not None else None
-        try:
-            self.connection.request(method, path, body=payload, headers=self.headers)
-            response = self.connection.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.connection.close()  # the next request reconnects
-            self.errors.add(f"{method} {path}: {exc.__class__.__name__}: {exc}")
-            return None
-        if not 200 <= response.status < 300:
-            self.errors.add(f"{method} {path}: {response.status} {raw[:300]!r}")
-            return None
-        try:
-            return json.loads(raw)["data"]
-        except (ValueError, KeyError, TypeError):
-            self.errors.add(f"{method} {path}: {response.status}, not an envelope: {raw[:300]!r}")
-            return None
 
 
 class EngineClient(ApiClient):
