@@ -38,7 +38,6 @@ from django.utils import timezone
 
 from jobs import selectors
 from jobs.api.serializers import JobLogSerializer, JobSerializer
-from jobs.models import Job
 from omniva import live
 from omniva.models import Activity, Project, Scope
 from omniva.selectors import api_key_for_secret
@@ -116,10 +115,9 @@ def _events_snapshot(project: Project | None) -> dict[str, Any]:
 
 @database_sync_to_async
 def _job_snapshot(job_id: str, caller: Caller) -> dict[str, Any] | None:
-    job = selectors.job_for_caller(job_id=job_id, project=caller.project)
+    job = selectors.job_for_caller(job_id=job_id, project=caller.project, with_stages=True)
     if job is None:
         return None
-    job = Job.objects.prefetch_related(selectors.STAGES_IN_ORDER).get(pk=job.pk)
     logs = list(job.logs.order_by("-id")[:SNAPSHOT_LOGS])[::-1]
     return {
         "job": JobSerializer(job, context={"with_estimate": True}).data,

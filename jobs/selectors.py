@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError, connection
 from django.db.models import Avg, Count, F, Max, Prefetch, QuerySet
 from django.utils import timezone
@@ -51,20 +51,34 @@ STAGES_IN_ORDER = Prefetch("stages", queryset=StageRun.objects.order_by("positio
 def job_for_caller(
     *, job_id: Any, project: Project | None, with_stages: bool = False
 ) -> Job | None:
-    # A read for the API renders the project as its id: no join for it.
-    jobs = (
-        Job.objects.prefetch_related(STAGES_IN_ORDER)
-        if with_stages
-        else Job.objects.select_related("project")
-    )
+    """The job (of `project`, when the caller is bound to one), or None. With
+    `with_stages`, its stages are read too, into `job.stage_list` in pipeline order:
+    the API's most frequent read, so both statements are fixed SQL (compiling the ORM's
+    two queries was half of its CPU)."""
+    try:
+        job_id = uuid.UUID(str(job_id))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if with_stages:
+        sql, params = _JOB_SQL, [job_id]
+        if project is not None:
+            sql, params = _JOB_SQL + " AND project_id = %s", [job_id, project.pk]
+        found = list(Job.objects.raw(sql, params))
+        if not found:
+            return None
+        job = found[0]
+        job.stage_list = list(StageRun.objects.raw(_STAGES_SQL, [job.pk]))
+        return job
+    jobs = Job.objects.select_related("project")
     if project is not None:
         jobs = jobs.filter(project=project)
-    try:
-        # get() orders nothing (first() would order by the model's ordering, and
-        # compiling that is a good part of a job read's cost).
-        return jobs.get(pk=job_id)
-    except (Job.DoesNotExist, ValueError, TypeError, DjangoValidationError):
-        return None
+    # Unordered: first() would order by the model's ordering, for one row.
+    found = list(jobs.filter(pk=job_id).order_by()[:1])
+    return found[0] if found else None
+
+
+_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s"  # noqa: S608 (constants)
+_STAGES_SQL = f"SELECT * FROM {StageRun._meta.db_table} WHERE job_id = %s ORDER BY position, id"  # noqa: S608
 
 
 def batch_progress(job: Job) -> float:

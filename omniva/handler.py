@@ -132,38 +132,44 @@ class PooledHTTPHandler(ASGIHandler):
             return
         scope = {**scope, PARKING_SCOPE_KEY: True}
         response: HttpResponse | None = None
+        closed = False
         try:
-            response = await self._in_pool(self._respond, scope, body_file)
+            response, closed = await self._in_pool(self._respond, scope, body_file)
             parked: Parked | None = getattr(response, "parked", None)
             if parked is not None and not await self._settle(response, parked, receive):
                 return  # the client went away while it waited
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self.send_response(response, send)
         finally:
-            await self._in_pool(self._finish, response, body_file)
+            if not closed:
+                await self._in_pool(self._finish, response)
+            body_file.close()
+            with self._lock:
+                self._served += 1
 
-    def _respond(self, scope: Scope, body_file: IO[bytes]) -> HttpResponse:
+    def _respond(self, scope: Scope, body_file: IO[bytes]) -> tuple[HttpResponse, bool]:
+        """The response, and whether it is closed already: a response whose body is all
+        there (neither streamed nor parked) is closed in this same hand-off, before it
+        is sent, instead of in a second one after."""
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
         request, error_response = self.create_request(scope, body_file)
         if request is None:
-            return error_response
+            return error_response, False
         response = self.get_response(request)
         response._handler_class = self.__class__
-        return response
+        if response.streaming or getattr(response, "parked", None) is not None:
+            return response, False
+        self._finish(response)
+        return response, True
 
-    def _finish(self, response: HttpResponse | None, body_file: IO[bytes]) -> None:
+    def _finish(self, response: HttpResponse | None) -> None:
         # close() runs the response's closers (the audit row) and sends
         # request_finished, which keeps this thread's connection or drops a broken one.
-        try:
-            if response is not None:
-                response.close()
-            else:
-                signals.request_finished.send(sender=self.__class__)
-        finally:
-            body_file.close()
-            with self._lock:
-                self._served += 1
+        if response is not None:
+            response.close()
+        else:
+            signals.request_finished.send(sender=self.__class__)
 
     async def _settle(self, response: HttpResponse, parked: Parked, receive: Any) -> bool:
         """Wait until the parked response has its answer; False if the client left."""

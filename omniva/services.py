@@ -257,6 +257,30 @@ def clip_embedding_store(*, clip_id: Any, text: str, vector: list[float]) -> boo
 # --- Audit ---------------------------------------------------------------------------------
 
 
+_AUDIT_COLUMNS = (
+    "request_id", "at", "api_key_id", "key_name", "user_id", "method", "path", "status",
+    "duration_ms", "remote_addr", "entity_ids",
+)  # fmt: skip
+_AUDIT_COPY_SQL = f"COPY {AuditRecord._meta.db_table} ({', '.join(_AUDIT_COLUMNS)}) FROM STDIN"
+
+
+def _audit_row(fields: dict[str, Any]) -> tuple:
+    key, user = fields.get("api_key"), fields.get("user")
+    return (
+        fields.get("request_id", ""),
+        fields["at"],
+        key.pk if key is not None else None,
+        fields.get("key_name", ""),
+        user.pk if user is not None else None,
+        fields.get("method", ""),
+        fields.get("path", ""),
+        fields["status"],
+        fields["duration_ms"],
+        fields.get("remote_addr"),
+        list(fields.get("entity_ids") or []),
+    )
+
+
 def audit_record_write(**fields: Any) -> None:
     """Write one audit row. Never raises: a lost audit row must not fail a request."""
     audit_records_write(records=[fields])
@@ -269,7 +293,15 @@ def audit_records_write(*, records: list[dict[str, Any]]) -> bool:
     if not records:
         return True
     try:
-        AuditRecord.objects.bulk_create([AuditRecord(**fields) for fields in records])
+        # COPY, not an INSERT of many rows: no SQL to build or parse per row (the ORM's
+        # bulk insert was a fifth of a web process's CPU under load).
+        with (
+            connection.cursor() as cursor,
+            connection.wrap_database_errors,  # psycopg's errors as Django's, as for execute
+            cursor.cursor.copy(_AUDIT_COPY_SQL) as copy,
+        ):
+            for fields in records:
+                copy.write_row(_audit_row(fields))
         return True
     except (OperationalError, InterfaceError) as exc:
         # The database is gone (a restart, a failover): every request says so, and a

@@ -192,7 +192,11 @@ class JobSerializer(FieldsBuiltOnce, serializers.ModelSerializer):
         }
         if not job.is_finished and self.context.get("with_estimate"):
             data["estimated_completion_ms"] = selectors.estimated_completion_ms(job)
-        data["stages"] = [_STAGE.to_representation(run) for run in job.stages.all()]
+        # `stage_list`: the stages a selector read with the job (job_for_caller).
+        runs = getattr(job, "stage_list", None)
+        if runs is None:
+            runs = job.stages.all()
+        data["stages"] = [_STAGE.to_representation(run) for run in runs]
         return data
 
 

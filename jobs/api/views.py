@@ -76,7 +76,10 @@ def render_job(
     """The job as it stands (read again unless `reload=False`: it was just read with
     its stages)."""
     if reload:
-        job = Job.objects.prefetch_related(selectors.STAGES_IN_ORDER).get(pk=job.pk)
+        found = selectors.job_for_caller(job_id=job.pk, project=None, with_stages=True)
+        if found is None:
+            raise NotFound(f"No job {job.pk}.")
+        job = found
     data = serializers.JobSerializer(job, context={"with_estimate": True}).data
     return EnvelopeResponse(data, status=status)
 

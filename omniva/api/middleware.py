@@ -12,6 +12,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.messages.middleware import MessageMiddleware
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
@@ -135,8 +136,8 @@ def _ip_address(value: str | None) -> str | None:
 class AuditMiddleware:
     """Writes one AuditRecord per /v1 request.
 
-    The row is written when the response is closed. Under ASGI, Django closes the
-    response after its last byte was sent, so the client never waits for the write.
+    The row is recorded when the response is closed: in a web process it joins the
+    process's batch (omniva/audit.py), so the client never waits for a write.
     """
 
     def __init__(self, get_response: GetResponse) -> None:
@@ -161,10 +162,10 @@ class AuditMiddleware:
             "remote_addr": _ip_address(request.META.get("REMOTE_ADDR")),
             "entity_ids": _touched_entities(request, response),
         }
-        # HttpResponse.close() runs this after the response was sent (so the client
-        # never waits for it), before request_finished. A parked response
-        # (omniva.api.parking) is closed once it has its final answer, so the status
-        # and duration are read then.
+        # HttpResponse.close() runs this, before request_finished: in a web process
+        # when the response is ready (the row joins the process's batch, omniva/audit.py),
+        # elsewhere after it was sent. A parked response (omniva.api.parking) is closed
+        # once it has its final answer, so the status and duration are read then.
         response._resource_closers.append(partial(_record, response, started, fields))
         return response
 
@@ -173,3 +174,13 @@ def _record(response: HttpResponse, started: float, fields: dict[str, Any]) -> N
     fields["status"] = response.status_code
     fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 3)
     audit.record(fields)
+
+
+class AdminMessagesMiddleware(MessageMiddleware):
+    """Django's messages, for the admin and the dashboard only: an API request never
+    shows a message, and setting up message storage (a signer per request) was 5% of a
+    web process's CPU on a cheap endpoint."""
+
+    def process_request(self, request: HttpRequest) -> None:
+        if not is_api_path(request.path):
+            super().process_request(request)

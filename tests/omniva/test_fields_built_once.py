@@ -14,6 +14,7 @@ from rest_framework.renderers import JSONRenderer
 
 from engines.api.serializers import EventSerializer
 from engines.services import event_create, event_type_create
+from jobs import selectors
 from jobs import services as job_services
 from jobs.api.serializers import JobSerializer, StageRunSerializer
 from jobs.models import Job
@@ -110,3 +111,15 @@ def test_serializers_of_one_class_in_many_threads_keep_their_own_fields() -> Non
         thread.join()
 
     assert seen == [True] * 200
+
+
+def test_a_job_read_with_its_stages_by_the_selector_renders_as_the_prefetched_one() -> None:
+    job, _ = job_services.job_submit(pipeline="fan_out_fan_in", params={"width": 4})
+    prefetched = Job.objects.prefetch_related("stages").get(pk=job.pk)
+    read = selectors.job_for_caller(job_id=str(job.pk), project=None, with_stages=True)
+
+    assert read is not None
+    assert _rendered(JobSerializer(read).data) == _rendered(JobSerializer(prefetched).data)
+    assert selectors.job_for_caller(job_id="not-a-uuid", project=None, with_stages=True) is None
+    other = Project.objects.create(name="elsewhere")
+    assert selectors.job_for_caller(job_id=job.pk, project=other, with_stages=True) is None
