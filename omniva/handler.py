@@ -70,6 +70,13 @@ class PooledHTTPHandler(ASGIHandler):
         self.load_middleware(is_async=False)
         self.threads = threads
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="http")
+        # Parked requests answer in threads of their own: when a burst of them wakes
+        # (a thousand sync waits whose jobs finish together), new requests do not queue
+        # behind their reads.
+        self.settle_threads = max(1, threads // 2)
+        self._settle_executor = ThreadPoolExecutor(
+            max_workers=self.settle_threads, thread_name_prefix="http-parked"
+        )
         self._lock = threading.Lock()
         self._submitted = 0  # handed to the pool and not finished
         self._running = 0
@@ -93,19 +100,22 @@ class PooledHTTPHandler(ASGIHandler):
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
-                threads=self.threads,
+                threads=self.threads + self.settle_threads,
                 busy=self._running,
                 queued=self._submitted - self._running,
                 parked=self._parked,
                 served=self._served,
             )
 
-    async def _in_pool(self, function: Any, *args: Any) -> Any:
+    async def _in_pool(self, function: Any, *args: Any, parked: bool = False) -> Any:
         with self._lock:
             self._submitted += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._counted, function, *args
+                self._settle_executor if parked else self._executor,
+                self._counted,
+                function,
+                *args,
             )
         finally:
             with self._lock:
@@ -142,7 +152,9 @@ class PooledHTTPHandler(ASGIHandler):
                 await self.send_response(response, send)
         finally:
             if not closed:
-                await self._in_pool(self._finish, response)
+                await self._in_pool(
+                    self._finish, response, parked=getattr(response, "parked", None) is not None
+                )
             body_file.close()
             with self._lock:
                 self._served += 1
@@ -175,7 +187,9 @@ class PooledHTTPHandler(ASGIHandler):
         """Wait until the parked response has its answer; False if the client left."""
 
         async def attempt(last: bool) -> bool | None:
-            answered = await self._in_pool(partial(parked.attempt_rendered, response, last=last))
+            answered = await self._in_pool(
+                partial(parked.attempt_rendered, response, last=last), parked=True
+            )
             return True if answered else None
 
         with self._lock:

@@ -161,8 +161,10 @@ def test_two_hundred_sync_waits_hold_no_database_connection_and_finish_with_thei
     assert timed_out_status == 202
     assert timed_out_body["data"]["status"] == "pending"
     assert outcome["report"]["parked"] >= waiters
-    # 200 waits, and one connection more: the job listener's, opened by the first wait.
-    assert outcome["during"] <= outcome["before"] + 1, outcome
+    # 200 waits, and a few connections more, whatever the number of waits: the job
+    # listener's and those of the threads that answer parked requests (half the pool),
+    # opened by the first wait.
+    assert outcome["during"] <= outcome["before"] + 1 + WEB_THREADS // 2, outcome
     assert outcome["probe"][0] == 200
     assert statuses == {200: waiters}
     assert job_statuses == {"completed": waiters}
