@@ -1,9 +1,9 @@
-"""The audit trail's writer in a web process: rows batched, one INSERT per flush.
+"""The audit trail's writer in a web process: rows batched, one COPY per flush.
 
 Every /v1 request leaves one AuditRecord (omniva.api.middleware.AuditMiddleware). A row
 written and committed by each request costs a commit, and the commit's WAL flush, per
 request. In a web process (omniva/handler.py starts the writer) the rows go to a buffer
-instead, and a thread writes what gathered every OMNIVA_AUDIT_FLUSH_MS in one INSERT.
+instead, and a thread writes what gathered every OMNIVA_AUDIT_FLUSH_MS in one COPY.
 
 What can be lost: on SIGTERM nothing (the process flushes at exit, after its requests
 finished); on SIGKILL of a web process, or a crash of the machine, the rows of the

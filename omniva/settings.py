@@ -312,7 +312,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = OMNIVA_MAX_BODY_BYTES
 OMNIVA_RATE_LIMIT = env_float("OMNIVA_RATE_LIMIT", 50.0, minimum=0.001)
 OMNIVA_RATE_BURST = env_int("OMNIVA_RATE_BURST", 100, minimum=1)
 OMNIVA_QUEUE_LIMIT = env_int("OMNIVA_QUEUE_LIMIT", 10_000, minimum=1)
-# A web process writes its requests' audit rows in one INSERT this often (omniva/audit.py).
+# A web process writes its requests' audit rows in one COPY this often (omniva/audit.py).
 OMNIVA_AUDIT_FLUSH_MS = env_int("OMNIVA_AUDIT_FLUSH_MS", 50, minimum=1, maximum=10_000)
 # An API key is looked up again after this many seconds, so a revoked key is refused on
 # every node within it (omniva/selectors.py).
