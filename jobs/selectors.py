@@ -16,6 +16,7 @@ from django.utils import timezone
 from jobs import pipelines
 from jobs.models import ACTIVE_STATUSES, GpuWorkerReport, Job, JobStatus, QueueTask, StageRun
 from omniva.models import Project
+from omniva.rows import ModelRows
 
 # Histogram buckets (seconds) of job and stage durations in /metrics.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -60,14 +61,14 @@ def job_for_caller(
     except (ValueError, TypeError, AttributeError):
         return None
     if with_stages:
-        sql, params = _JOB_SQL, [job_id]
-        if project is not None:
-            sql, params = _JOB_SQL + " AND project_id = %s", [job_id, project.pk]
-        found = list(Job.objects.raw(sql, params))
+        if project is None:
+            found = _JOB_ROWS.fetch(_JOB_SQL, [job_id])
+        else:
+            found = _JOB_ROWS.fetch(_JOB_OF_PROJECT_SQL, [job_id, project.pk])
         if not found:
             return None
         job = found[0]
-        job.stage_list = list(StageRun.objects.raw(_STAGES_SQL, [job.pk]))
+        job.stage_list = _STAGE_ROWS.fetch(_STAGES_SQL, [job.pk])
         return job
     jobs = Job.objects.select_related("project")
     if project is not None:
@@ -77,8 +78,11 @@ def job_for_caller(
     return found[0] if found else None
 
 
-_JOB_SQL = f"SELECT * FROM {Job._meta.db_table} WHERE id = %s"  # noqa: S608 (constants)
-_STAGES_SQL = f"SELECT * FROM {StageRun._meta.db_table} WHERE job_id = %s ORDER BY position, id"  # noqa: S608
+_JOB_ROWS = ModelRows(Job)
+_STAGE_ROWS = ModelRows(StageRun)
+_JOB_SQL = _JOB_ROWS.select("id = %s")
+_JOB_OF_PROJECT_SQL = _JOB_ROWS.select("id = %s AND project_id = %s")
+_STAGES_SQL = _STAGE_ROWS.select("job_id = %s", order_by="position, id")
 
 
 def batch_progress(job: Job) -> float:
@@ -200,7 +204,10 @@ def estimated_completion_ms(job: Job) -> int | None:
     if job.started_at is not None:
         elapsed = (timezone.now() - job.started_at).total_seconds() * 1000
         return max(0, round(median - elapsed))
-    queues = {run.queue for run in job.stages.all() if run.queue} or {"default"}
+    stages = getattr(job, "stage_list", None)  # read with the job (job_for_caller)
+    if stages is None:
+        stages = job.stages.all()
+    queues = {run.queue for run in stages if run.queue} or {"default"}
     ahead = _work_ahead(frozenset(queues), job.priority)
     workers = settings.OMNIVA_GPU_WORKERS if queues == {"gpu"} else settings.OMNIVA_WORKERS
     return round(median * (1 + ahead / max(1, workers)))

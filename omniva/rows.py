@@ -1,0 +1,63 @@
+"""Model instances from fixed SQL, for the hottest reads.
+
+An ORM query compiles its SQL on every call, and a raw query (`Model.objects.raw`)
+maps its result's columns onto the model's fields on every call too; for the API's
+most frequent read (a job with its stages) those two were most of the request's CPU
+(docs/benchmarks.md). `ModelRows` does that work once per model: it selects the
+model's concrete columns in a fixed order and builds instances from the rows as the
+ORM does (`Model.from_db`, with each field's `from_db_value`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import Model
+
+M = TypeVar("M", bound=Model)
+
+
+class ModelRows(Generic[M]):
+    """Reads of `model` by fixed SQL: `select(where)` is the statement, `fetch` runs it."""
+
+    def __init__(self, model: type[M], *, using: str = DEFAULT_DB_ALIAS) -> None:
+        fields = model._meta.concrete_fields
+        quote = connections[using].ops.quote_name
+        self.model = model
+        self.using = using
+        self.table = quote(model._meta.db_table)
+        self.columns = ", ".join(quote(field.column) for field in fields)
+        self.attnames = [field.attname for field in fields]
+        # JSONField (and any field with from_db_value) turns the column's value into
+        # the attribute's, as the ORM's converters do.
+        self.converters: list[tuple[int, Callable[..., Any], Any]] = [
+            (index, field.from_db_value, field.cached_col)  # type: ignore[attr-defined]
+            for index, field in enumerate(fields)
+            if hasattr(field, "from_db_value")
+        ]
+
+    def select(self, where: str, *, order_by: str = "") -> str:
+        """`SELECT <the model's columns> FROM <its table> WHERE <where> [ORDER BY ...]`."""
+        sql = f"SELECT {self.columns} FROM {self.table} WHERE {where}"  # noqa: S608 (constants)
+        return f"{sql} ORDER BY {order_by}" if order_by else sql
+
+    def fetch(self, sql: str, params: Sequence[Any]) -> list[M]:
+        """Run one of this reader's statements; the instances of its rows."""
+        connection = connections[self.using]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return self.load(cursor.fetchall())
+
+    def load(self, rows: Iterable[Sequence[Any]]) -> list[M]:
+        connection = connections[self.using]
+        instances = []
+        for row in rows:
+            if self.converters:
+                values = list(row)
+                for index, convert, column in self.converters:
+                    values[index] = convert(values[index], column, connection)
+                row = values
+            instances.append(self.model.from_db(self.using, self.attnames, row))
+        return instances
