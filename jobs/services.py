@@ -146,8 +146,12 @@ def _stage_summary(run: StageRun) -> dict[str, Any]:
     }
 
 
+def _activity_row(kind: str, job: Job, data: dict[str, Any]) -> core_services.ActivityRow:
+    return core_services.ActivityRow(kind=kind, data=data, job_id=job.pk, project_id=job.project_id)
+
+
 def _activity(kind: str, job: Job, data: dict[str, Any]) -> None:
-    core_services.activity_record(kind=kind, data=data, job_id=job.pk, project_id=job.project_id)
+    core_services.activity_records([_activity_row(kind, job, data)])
 
 
 def _job_changed(job: Job, kind: str = "job:update") -> None:
@@ -205,14 +209,15 @@ def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
 def _enqueue_stage(
     job: Job, run: StageRun, stage: pipelines.Stage, *, delay_s: float = 0, saved: bool = False
 ) -> None:
-    """Queue one attempt of a stage; `saved` when the caller already stored the run queued."""
+    """Queue one attempt of a stage; `saved` when the caller already stored the run queued
+    and wrote its activity row."""
     if not saved:
         run.status = StageStatus.QUEUED
         run.queued_at = timezone.now()
         run.lease_token = None
         run.lease_expires_at = None
         run.save(update_fields=["status", "queued_at", "lease_token", "lease_expires_at"])
-    _stage_changed(job, run)
+        _stage_changed(job, run)
     if stage.engine_type:
         engines.event_create(
             event_type=engines.event_type_for_engine(stage.engine_type),
@@ -469,10 +474,19 @@ def job_submit(
                     for position, stage in enumerate(dag.stages)
                 ]
             )
-            _job_changed(job)
-            for run in runs:
-                if run.name in roots:
-                    _enqueue_stage(job, run, dag.stage(run.name), saved=True)
+            queued = [run for run in runs if run.name in roots]
+            # The job's row and its queued stages' rows in one statement.
+            core_services.activity_records(
+                [
+                    _activity_row("job:update", job, _job_summary(job)),
+                    *(_activity_row("stage:update", job, _stage_summary(run)) for run in queued),
+                ]
+            )
+            for run in queued:
+                _enqueue_stage(job, run, dag.stage(run.name), saved=True)
+        # The response renders the job as created, with its stages, without reading it
+        # back (`stage_list`, as job_for_caller reads it).
+        job.stage_list = runs
     except IntegrityError:
         if idempotency_key:
             existing = Job.objects.filter(idempotency_key=idempotency_key).first()

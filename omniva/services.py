@@ -7,6 +7,7 @@ import json
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -332,32 +333,51 @@ def audit_records_prune(*, older_than: timedelta) -> int:
 
 ACTIVITY_CHANNEL = "omniva_activity"
 
+# The rows and their NOTIFY in one round trip (PostgreSQL delivers it at commit and
+# folds the notifications of one transaction into one).
 _ACTIVITY_SQL = """
-WITH row AS (
-    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
-    VALUES (%(at)s, %(kind)s, %(project_id)s, %(job_id)s, %(data)s::jsonb)
+WITH rows AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data) VALUES {values}
 )
-SELECT pg_notify(%(channel)s, '')
+SELECT pg_notify(%s, '')
 """
+_ACTIVITY_VALUES = "(%s, %s, %s, %s, %s::jsonb)"
+
+
+@dataclass(frozen=True)
+class ActivityRow:
+    kind: str
+    data: dict[str, Any]
+    job_id: Any = None
+    project_id: Any = None
 
 
 def activity_record(
     *, kind: str, data: dict[str, Any], job_id: Any = None, project_id: Any = None
 ) -> None:
-    """Write one activity row in the caller's transaction (one statement with its
-    NOTIFY, which PostgreSQL delivers at commit and folds into one per transaction)."""
+    """Write one activity row in the caller's transaction."""
+    activity_records([ActivityRow(kind=kind, data=data, job_id=job_id, project_id=project_id)])
+
+
+def activity_records(rows: list[ActivityRow]) -> None:
+    """Write activity rows, in this order, in the caller's transaction: one statement
+    with its NOTIFY however many rows."""
+    if not rows:
+        return
+    at = timezone.now()
+    params: list[Any] = []
+    for row in rows:
+        params += [
+            at,
+            row.kind,
+            row.project_id,
+            row.job_id,
+            json.dumps(row.data, cls=DjangoJSONEncoder),
+        ]
+    params.append(ACTIVITY_CHANNEL)
+    values = ", ".join([_ACTIVITY_VALUES] * len(rows))
     with connection.cursor() as cursor:
-        cursor.execute(
-            _ACTIVITY_SQL,
-            {
-                "at": timezone.now(),
-                "kind": kind,
-                "project_id": project_id,
-                "job_id": job_id,
-                "data": json.dumps(data, cls=DjangoJSONEncoder),
-                "channel": ACTIVITY_CHANNEL,
-            },
-        )
+        cursor.execute(_ACTIVITY_SQL.format(values=values), params)
 
 
 def activity_prune(*, older_than: timedelta) -> int:

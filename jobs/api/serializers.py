@@ -43,7 +43,7 @@ class ParamsField(serializers.JSONField):
         return value
 
 
-class JobSubmitSerializer(serializers.Serializer):
+class JobSubmitSerializer(FieldsBuiltOnce, serializers.Serializer):
     pipeline = serializers.CharField(max_length=100)
     params = ParamsField(required=False, default=dict)
     priority = PriorityField(required=False, default=5)

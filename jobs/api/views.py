@@ -126,7 +126,11 @@ class JobListView(JobsView, generics.ListAPIView):
         refuse_foreign_idempotency_match(request, job, created)
         note_entities(request, job.pk)
         pending_status = http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK
-        response = render_job(job, status=http.HTTP_200_OK if job.is_finished else pending_status)
+        response = render_job(
+            job,
+            status=http.HTTP_200_OK if job.is_finished else pending_status,
+            reload=not created,  # a job just created renders as job_submit made it
+        )
         if not sync or job.is_finished:
             return response
 

@@ -39,6 +39,20 @@ def test_submit_answers_202_with_the_job_and_its_stages(api: Any) -> None:
     assert "estimated_completion_ms" in job
 
 
+def test_a_submission_answers_the_job_as_a_read_right_after_shows_it(api: Any) -> None:
+    # The answer is rendered from what the submission created, not read back: it must
+    # be what a read of the stored job shows.
+    for body in (
+        {"pipeline": "fan_out_fan_in", "params": {"width": 3}, "priority": "high"},
+        {"pipeline": "noop", "max_retries": 0, "timeout_s": 60, "queue_timeout_s": 30},
+    ):
+        answered = post(api, "/v1/jobs", body).json()["data"]
+        stored = api.get(f"/v1/jobs/{answered['id']}").json()["data"]
+        answered.pop("estimated_completion_ms")
+        stored.pop("estimated_completion_ms")
+        assert answered == stored
+
+
 def test_priority_words_map_to_numbers(api: Any) -> None:
     for word, number in {"low": 2, "normal": 5, "high": 8, "urgent": 10}.items():
         response = post(api, "/v1/jobs", {"pipeline": "noop", "priority": word})
