@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -231,6 +232,50 @@ def test_websocket_clients_of_two_web_processes_get_every_change_in_order_and_re
             if message.get("type") == "job:update":
                 replayed.append((message["id"], message["data"]["status"]))
     assert replayed == first
+
+
+def test_serve_spreads_new_connections_over_its_web_processes_and_refuses_a_taken_port(
+    processes, scratch_var, tmp_path
+) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {"OMNIVA_VAR_DIR": str(scratch_var), "OMNIVA_WEB_PROCESSES": "2"}
+    serve = processes.manage(
+        "serve", "--port", str(port), "--grpc-port", "0", "--queues", "", env=env, log=log
+    )
+    wait_for(lambda: "Omniva is up" in log.read_text(), timeout=90, what="serve to be up")
+
+    # 32 connections opened at once, as a client's pool (or wrk) opens them, before any
+    # request: then each asks which web process accepted it (the `web` check of
+    # /v1/health names its pid).
+    connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(32)]
+    pids: Counter[int] = Counter()
+    for connection in connections:
+        with connection:
+            connection.sendall(
+                b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )
+            raw = b"".join(iter(lambda c=connection: c.recv(65536), b""))
+            head, _, content = raw.partition(b"\r\n\r\n")
+            if b"transfer-encoding: chunked" in head.lower():
+                content = _unchunk(content)
+            pids[json.loads(content)["data"]["checks"]["web"]["pid"]] += 1
+    web = {
+        child.pid
+        for child in psutil.Process(serve.pid).children()
+        if "daphne" in " ".join(child.cmdline())
+    }
+    assert set(pids) == web
+    # The kernel hashes each connection to a process: an even share, give or take.
+    assert min(pids.values()) >= 6, pids
+
+    second = processes.manage(
+        "serve", "--port", str(port), "--no-migrate", "--queues", "", env=env,
+        log=tmp_path / "second.log",
+    )  # fmt: skip
+    assert second.wait(timeout=60) != 0
+    assert "Cannot listen" in (tmp_path / "second.log").read_text()
+    assert serve.poll() is None
 
 
 def test_a_killed_web_process_is_replaced_while_the_others_serve_and_nothing_accepted_is_lost(

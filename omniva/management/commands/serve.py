@@ -5,10 +5,15 @@ first admin, then supervises the web processes, the gRPC server (`grpcserver`, o
 GRPC_PORT) and one `qcluster` per queue. Ctrl-C (SIGINT) or SIGTERM stops every child,
 then the database it started.
 
-Web: `serve` binds the port itself and hands the listening socket to
-OMNIVA_WEB_PROCESSES daphne processes (`daphne --fd`); the kernel spreads connections
-over them, so HTTP and websockets scale with the cores on one address. A web process
-that dies is replaced while the others go on serving (unless it keeps dying at start).
+Web: `serve` binds the port itself, once for each of OMNIVA_WEB_PROCESSES daphne
+processes (`daphne --fd`, a socket of its own each, all with SO_REUSEPORT), and the
+kernel spreads new connections evenly over them, so HTTP and websockets scale with the
+cores on one address. (One socket shared by every process was not even: the process
+that woke first accepted a whole burst, and kept-alive connections stayed there; 32 of
+wrk's 32 connections landed on one of two processes, run after run.) A web process
+that dies is replaced while the others go on serving (unless it keeps dying at start):
+its socket is closed at once, so that new connections go to the others until the
+replacement listens on a new one.
 Any other child that dies takes the rest down with it, so a half-running platform
 never pretends to be up.
 """
@@ -24,7 +29,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -46,29 +53,50 @@ QUICK_DEATH_S = 10.0
 QUICK_DEATHS_TOLERATED = 3
 
 
+# Where a web child's argv names its listening socket's file descriptor.
+FD_PLACEHOLDER = "{fd}"
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
     process: subprocess.Popen | None = None
-    pass_fds: tuple[int, ...] = ()
+    # A web process: a listening socket of its own, made anew for each start.
+    listen: Callable[[], socket.socket] | None = None
+    listening: socket.socket | None = None
     restartable: bool = False
     started_at: float = 0.0
     quick_deaths: int = 0
 
     def start(self) -> None:
+        argv, pass_fds = self.argv, ()
+        if self.listen is not None:
+            # A dead process's socket would keep its share of new connections waiting
+            # in its backlog until a replacement accepts them: it goes (what waits in
+            # it is reset, never half-served) and the replacement gets a new one.
+            self.close_socket()
+            self.listening = self.listen()
+            fd = self.listening.fileno()
+            argv = [str(fd) if arg == FD_PLACEHOLDER else arg for arg in argv]
+            pass_fds = (fd,)
         # Its own process group, so that stopping it reaches every process it forks
         # (qcluster's workers), and so that a terminal's Ctrl-C reaches only `serve`.
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
-            self.argv,
+            argv,
             env=self.env,
             cwd=settings.BASE_DIR,
             start_new_session=True,
             preexec_fn=die_with_parent,
-            pass_fds=self.pass_fds,
+            pass_fds=pass_fds,
         )
+
+    def close_socket(self) -> None:
+        if self.listening is not None:
+            self.listening.close()
+            self.listening = None
 
     def note_death(self) -> bool:
         """Count a death; False when it keeps dying at start and must stay down."""
@@ -124,7 +152,6 @@ class Command(BaseCommand):
 
         database = self._start_database()
         children: list[Child] = []
-        listening: socket.socket | None = None
         exit_code = 0
         try:
             if not options["no_migrate"]:
@@ -133,8 +160,8 @@ class Command(BaseCommand):
             self._announce_admin()
             connections.close_all()
 
-            listening = self._listen(options["host"], options["port"])
-            children = self._children(options, listening)
+            self._check_port_free(options["host"], options["port"])
+            children = self._children(options)
             for child in children:
                 child.start()
             ports = [options["port"]] + ([options["grpc_port"]] if options["grpc_port"] else [])
@@ -148,8 +175,8 @@ class Command(BaseCommand):
             exit_code = self._supervise(children)
         finally:
             self._stop_children(children)
-            if listening is not None:
-                listening.close()
+            for child in children:
+                child.close_socket()
             connections.close_all()
             if database is not None and database.owned_by(os.getpid()):
                 self._say("Stopping the embedded database…")
@@ -185,13 +212,32 @@ class Command(BaseCommand):
                 "(log in at /admin/, then change it)."
             )
 
-    def _listen(self, host: str, port: int) -> socket.socket:
-        """The web port, bound here and shared by every web process."""
+    @staticmethod
+    def _address(host: str, port: int) -> tuple[int, int, int, Any]:
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
+        return family, kind, proto, address
+
+    def _check_port_free(self, host: str, port: int) -> None:
+        """Bound once without SO_REUSEPORT first: the web sockets would share the port
+        with anyone else's SO_REUSEPORT socket on it (a second `serve` of the same
+        user), and must not."""
+        family, kind, proto, address = self._address(host, port)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise CommandError(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
+
+    def _listen(self, host: str, port: int) -> socket.socket:
+        """A listening socket on the web port, for one web process (SO_REUSEPORT: the
+        kernel spreads new connections over every such socket on the port)."""
+        family, kind, proto, address = self._address(host, port)
         listening = socket.socket(family, kind, proto)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             listening.bind(address)
         except OSError as exc:
@@ -201,21 +247,20 @@ class Command(BaseCommand):
         listening.set_inheritable(True)
         return listening
 
-    def _children(self, options: dict[str, Any], listening: socket.socket) -> list[Child]:
+    def _children(self, options: dict[str, Any]) -> list[Child]:
         env = dict(os.environ)
         env.setdefault("DJANGO_SETTINGS_MODULE", "omniva.settings")
-        fd = listening.fileno()
         children = [
             Child(
                 f"web:{number}",
                 [
                     sys.executable, "-m", "daphne",
-                    "--fd", str(fd),
+                    "--fd", FD_PLACEHOLDER,
                     "--access-log", os.devnull,
                     "omniva.asgi:application",
                 ],
                 env,
-                pass_fds=(fd,),
+                listen=partial(self._listen, options["host"], options["port"]),
                 restartable=True,
             )
             for number in range(1, max(1, self._web_processes) + 1)
@@ -282,6 +327,7 @@ class Command(BaseCommand):
                 code = child.process.poll()
                 if code is None:
                     continue
+                child.close_socket()
                 if child.restartable and child.note_death():
                     self._say(f"{child.name} exited with code {code}; starting it again.")
                     child.start()
