@@ -54,21 +54,25 @@ def job_for_caller(
 ) -> Job | None:
     """The job (of `project`, when the caller is bound to one), or None. With
     `with_stages`, its stages are read too, into `job.stage_list` in pipeline order:
-    the API's most frequent read, so both statements are fixed SQL (compiling the ORM's
-    two queries was half of its CPU)."""
+    the API's most frequent read, so it is one fixed statement, a join (compiling the
+    ORM's two queries was half of its CPU, and each statement is a round trip)."""
     try:
         job_id = uuid.UUID(str(job_id))
     except (ValueError, TypeError, AttributeError):
         return None
     if with_stages:
-        if project is None:
-            found = _JOB_ROWS.fetch(_JOB_SQL, [job_id])
-        else:
-            found = _JOB_ROWS.fetch(_JOB_OF_PROJECT_SQL, [job_id, project.pk])
-        if not found:
+        sql, params = _JOB_WITH_STAGES_SQL, [job_id]
+        if project is not None:
+            sql, params = _JOB_OF_PROJECT_WITH_STAGES_SQL, [job_id, project.pk]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        if not rows:
             return None
-        job = found[0]
-        job.stage_list = _STAGE_ROWS.fetch(_STAGES_SQL, [job.pk])
+        (job,) = _JOB_ROWS.load(rows[:1])
+        # A job has at least one stage; the LEFT JOIN keeps it readable if not.
+        width = _JOB_ROWS.width
+        job.stage_list = _STAGE_ROWS.load([r for r in rows if r[width] is not None], start=width)
         return job
     jobs = Job.objects.select_related("project")
     if project is not None:
@@ -80,9 +84,15 @@ def job_for_caller(
 
 _JOB_ROWS = ModelRows(Job)
 _STAGE_ROWS = ModelRows(StageRun)
-_JOB_SQL = _JOB_ROWS.select("id = %s")
-_JOB_OF_PROJECT_SQL = _JOB_ROWS.select("id = %s AND project_id = %s")
-_STAGES_SQL = _STAGE_ROWS.select("job_id = %s", order_by="position, id")
+# The job and its stages in one statement: the job's columns, then a stage's, on each
+# row (one row per stage).
+_JOB_WITH_STAGES_SQL = (
+    f"SELECT {_JOB_ROWS.columns_of('j')}, {_STAGE_ROWS.columns_of('s')} "  # noqa: S608
+    f"FROM {_JOB_ROWS.table} j LEFT JOIN {_STAGE_ROWS.table} s ON s.job_id = j.id "
+    "WHERE j.id = %s{project} ORDER BY s.position, s.id"
+)
+_JOB_OF_PROJECT_WITH_STAGES_SQL = _JOB_WITH_STAGES_SQL.format(project=" AND j.project_id = %s")
+_JOB_WITH_STAGES_SQL = _JOB_WITH_STAGES_SQL.format(project="")
 
 
 def batch_progress(job: Job) -> float:

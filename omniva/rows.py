@@ -38,6 +38,14 @@ class ModelRows(Generic[M]):
             if hasattr(field, "from_db_value")
         ]
 
+    def columns_of(self, alias: str) -> str:
+        """The model's columns qualified by a table alias (for a join)."""
+        return ", ".join(f"{alias}.{column}" for column in self.columns.split(", "))
+
+    @property
+    def width(self) -> int:
+        return len(self.attnames)
+
     def select(self, where: str, *, order_by: str = "") -> str:
         """`SELECT <the model's columns> FROM <its table> WHERE <where> [ORDER BY ...]`."""
         sql = f"SELECT {self.columns} FROM {self.table} WHERE {where}"  # noqa: S608 (constants)
@@ -50,10 +58,14 @@ class ModelRows(Generic[M]):
             cursor.execute(sql, params)
             return self.load(cursor.fetchall())
 
-    def load(self, rows: Iterable[Sequence[Any]]) -> list[M]:
+    def load(self, rows: Iterable[Sequence[Any]], *, start: int = 0) -> list[M]:
+        """Instances of the rows; with `start`, of each row's `width` columns from there
+        (a join's rows carry several models' columns side by side)."""
         connection = connections[self.using]
         instances = []
         for row in rows:
+            if start or len(row) != self.width:
+                row = row[start : start + self.width]
             if self.converters:
                 values = list(row)
                 for index, convert, column in self.converters:

@@ -1,5 +1,5 @@
 """ModelRows builds from fixed SQL the same instances the ORM does, and a pending job read
-with its stages, its estimate included, costs two statements."""
+with its stages, its estimate included, costs one statement."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_model_rows_loads_what_the_orm_loads_json_columns_included() -> None:
     ]
 
 
-def test_a_pending_job_with_its_estimate_is_read_in_two_statements() -> None:
+def test_a_pending_job_with_its_stages_and_estimate_is_read_in_one_statement() -> None:
     done, _ = job_services.job_submit(pipeline="noop")
     now = timezone.now()
     Job.objects.filter(pk=done.pk).update(
@@ -58,4 +58,4 @@ def test_a_pending_job_with_its_estimate_is_read_in_two_statements() -> None:
         body = JobSerializer(read, context={"with_estimate": True}).data
 
     assert body["estimated_completion_ms"] is not None
-    assert len(reads.captured_queries) == 2, [q["sql"] for q in reads.captured_queries]
+    assert len(reads.captured_queries) == 1, [q["sql"] for q in reads.captured_queries]
