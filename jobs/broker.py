@@ -56,18 +56,20 @@ WHERE q.id = picked.id
 RETURNING q.id, q.deliveries, q.priority, q.payload
 """
 
+# One task row of an INSERT (enqueue_values); a statement may carry several.
+ENQUEUE_VALUES = (
+    "(%s, %s, %s, statement_timestamp() + make_interval(secs => %s), 0, %s, statement_timestamp())"
+)
+ENQUEUE_COLUMNS = "queue, priority, payload, visible_at, deliveries, stage_run_id, created_at"
+
 # The INSERT and its NOTIFY in one round trip; the notification is delivered at commit.
-ENQUEUE_SQL = """
+ENQUEUE_SQL = f"""
 WITH task AS (
-    INSERT INTO jobs_queuetask (queue, priority, payload, visible_at, deliveries,
-                                stage_run_id, created_at)
-    VALUES (%(queue)s, %(priority)s, %(payload)s,
-            statement_timestamp() + make_interval(secs => %(delay)s), 0, %(stage_run_id)s,
-            statement_timestamp())
+    INSERT INTO jobs_queuetask ({ENQUEUE_COLUMNS}) VALUES {ENQUEUE_VALUES}
     RETURNING id
 )
-SELECT id, pg_notify(%(channel)s, '') FROM task
-"""
+SELECT id, pg_notify(%s, '') FROM task
+"""  # noqa: S608 (constants)
 
 
 # The gpu worker's micro-batches (jobs/inference.py): ready rows of `queue` whose stage
@@ -100,6 +102,18 @@ def task_lease_s() -> float:
     return float(settings.OMNIVA_TASK_LEASE_S)
 
 
+def enqueue_values(
+    *,
+    queue: str,
+    payload: str,
+    priority: int = 5,
+    delay_s: float = 0.0,
+    stage_run_id: int | None = None,
+) -> list[Any]:
+    """The parameters of one ENQUEUE_VALUES row."""
+    return [queue, priority, payload, delay_s, stage_run_id]
+
+
 def enqueue_payload(
     *,
     queue: str,
@@ -109,18 +123,12 @@ def enqueue_payload(
     stage_run_id: int | None = None,
 ) -> int:
     """Insert a task row in the caller's transaction; its NOTIFY is delivered at commit."""
+    values = enqueue_values(
+        queue=queue, payload=payload, priority=priority, delay_s=delay_s,
+        stage_run_id=stage_run_id,
+    )  # fmt: skip
     with connection.cursor() as cursor:
-        cursor.execute(
-            ENQUEUE_SQL,
-            {
-                "queue": queue,
-                "priority": priority,
-                "payload": payload,
-                "delay": delay_s,
-                "stage_run_id": stage_run_id,
-                "channel": channel_for(queue),
-            },
-        )
+        cursor.execute(ENQUEUE_SQL, [*values, channel_for(queue)])
         return cursor.fetchone()[0]
 
 

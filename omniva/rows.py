@@ -29,7 +29,9 @@ class ModelRows(Generic[M]):
         self.using = using
         self.table = quote(model._meta.db_table)
         self.columns = ", ".join(quote(field.column) for field in fields)
+        self.fields = list(fields)
         self.attnames = [field.attname for field in fields]
+        self.row_placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
         # JSONField (and any field with from_db_value) turns the column's value into
         # the attribute's, as the ORM's converters do.
         self.converters: list[tuple[int, Callable[..., Any], Any]] = [
@@ -50,6 +52,22 @@ class ModelRows(Generic[M]):
         """`SELECT <the model's columns> FROM <its table> WHERE <where> [ORDER BY ...]`."""
         sql = f"SELECT {self.columns} FROM {self.table} WHERE {where}"  # noqa: S608 (constants)
         return f"{sql} ORDER BY {order_by}" if order_by else sql
+
+    def insert_values(self, instances: Sequence[M]) -> tuple[str, list[Any]]:
+        """The VALUES list and parameters of an INSERT of `instances` into this model's
+        columns (`columns`, primary key included: set it first), holding what the ORM
+        would write (each field's pre_save, then get_db_prep_save), for a statement
+        that carries other writes too. The instances count as saved afterwards."""
+        connection = connections[self.using]
+        params: list[Any] = []
+        for instance in instances:
+            params += [
+                field.get_db_prep_save(field.pre_save(instance, True), connection)
+                for field in self.fields
+            ]
+            instance._state.adding = False
+            instance._state.db = self.using
+        return ", ".join([self.row_placeholder] * len(instances)), params
 
     def fetch(self, sql: str, params: Sequence[Any]) -> list[M]:
         """Run one of this reader's statements; the instances of its rows."""

@@ -335,12 +335,11 @@ ACTIVITY_CHANNEL = "omniva_activity"
 
 # The rows and their NOTIFY in one round trip (PostgreSQL delivers it at commit and
 # folds the notifications of one transaction into one).
-_ACTIVITY_SQL = """
-WITH rows AS (
-    INSERT INTO omniva_activity (at, kind, project_id, job_id, data) VALUES {values}
+ACTIVITY_COLUMNS = "at, kind, project_id, job_id, data"
+_ACTIVITY_SQL = (
+    "WITH rows AS (INSERT INTO omniva_activity (at, kind, project_id, job_id, data)"
+    " VALUES {values}) SELECT pg_notify(%s, '')"
 )
-SELECT pg_notify(%s, '')
-"""
 _ACTIVITY_VALUES = "(%s, %s, %s, %s, %s::jsonb)"
 
 
@@ -364,20 +363,20 @@ def activity_records(rows: list[ActivityRow]) -> None:
     with its NOTIFY however many rows."""
     if not rows:
         return
+    values, params = activity_values(rows)
+    with connection.cursor() as cursor:
+        cursor.execute(_ACTIVITY_SQL.format(values=values), [*params, ACTIVITY_CHANNEL])
+
+
+def activity_values(rows: list[ActivityRow]) -> tuple[str, list[Any]]:
+    """The VALUES list and parameters of an INSERT of `rows` into omniva_activity
+    (columns ACTIVITY_COLUMNS), for a statement that carries other writes too."""
     at = timezone.now()
     params: list[Any] = []
     for row in rows:
-        params += [
-            at,
-            row.kind,
-            row.project_id,
-            row.job_id,
-            json.dumps(row.data, cls=DjangoJSONEncoder),
-        ]
-    params.append(ACTIVITY_CHANNEL)
-    values = ", ".join([_ACTIVITY_VALUES] * len(rows))
-    with connection.cursor() as cursor:
-        cursor.execute(_ACTIVITY_SQL.format(values=values), params)
+        data = json.dumps(row.data, cls=DjangoJSONEncoder)
+        params += [at, row.kind, row.project_id, row.job_id, data]
+    return ", ".join([_ACTIVITY_VALUES] * len(rows)), params
 
 
 def activity_prune(*, older_than: timedelta) -> int:
