@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +43,7 @@ from omniva.api.throttling import rate_limit_spend
 from omniva.errors import ErrorCode, OmnivaError, http_status_for
 from omniva.models import Activity, ApiKey, Scope
 from omniva.notifications import Listener
+from omniva.null_character import refuse_null_character
 
 logger = logging.getLogger("omniva.grpc")
 
@@ -192,6 +193,7 @@ def rpc(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 close_old_connections()
                 try:
                     key = caller_key(context, scope)
+                    refuse_null_character_in(request)
                     yield from method(self, request, context, key)
                 except OmnivaError as error:
                     failure = error
@@ -210,6 +212,7 @@ def rpc(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             close_old_connections()
             try:
                 key = caller_key(context, scope)
+                refuse_null_character_in(request)
                 return method(self, request, context, key)
             except OmnivaError as error:
                 failure = error
@@ -227,6 +230,27 @@ def rpc(scope: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 # --- tasks ---------------------------------------------------------------------------------
+
+
+def refuse_null_character_in(message: Any) -> None:
+    """INVALID_ARGUMENT naming the field where a request holds U+0000 in a string (of
+    any field, nested message, repeated field or map), before anything is written."""
+    pending: list[tuple[str, Any]] = [("", message)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            refuse_null_character(item, root=path)
+        elif isinstance(item, bytes):
+            continue
+        elif hasattr(item, "ListFields"):
+            for field, value in item.ListFields():
+                pending.append((f"{path}.{field.name}" if path else field.name, value))
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                refuse_null_character(str(key), root=path)
+                pending.append((f"{path}.{key}", value))
+        elif isinstance(item, Iterable):
+            pending.extend((f"{path}.{index}", value) for index, value in enumerate(item))
 
 
 def _validation_error(field: str, message: str) -> OmnivaError:
@@ -557,6 +581,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     @rpc(Scope.JOBS_WRITE)
     def SubmitTask(self, request: Any, context: grpc.ServicerContext, key: ApiKey) -> Any:
         submission = submission_of(request)
+        refuse_null_character(submission.params, root="params")  # from a json input
         priority = request.priority if request.HasField("priority") else DEFAULT_PRIORITY
         task_id = request.task_id.strip()
         if len(task_id) > TASK_ID_MAX_CHARS:

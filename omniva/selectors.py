@@ -31,8 +31,8 @@ def api_key_for_secret(raw: str) -> ApiKey | None:
     from omniva.services import KEY_PREFIX, api_key_hash
 
     parts = raw.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16:
-        return None
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16 or "\x00" in raw:
+        return None  # (U+0000: no key has it, and PostgreSQL could not even look it up)
     digest = api_key_hash(raw)
     now = time.monotonic()
     seen = _keys_seen.get(digest)

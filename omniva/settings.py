@@ -166,6 +166,7 @@ MIDDLEWARE = [
     "omniva.api.middleware.RequestIdMiddleware",
     "omniva.api.middleware.AuditMiddleware",
     "omniva.api.middleware.BodySizeLimitMiddleware",
+    "omniva.api.middleware.QueryNullCharacterMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

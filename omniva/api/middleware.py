@@ -20,6 +20,8 @@ from omniva import audit
 from omniva.api.envelope import error_response
 from omniva.errors import ErrorCode
 from omniva.models import ApiKey
+from omniva.null_character import MESSAGE as NULL_CHARACTER_MESSAGE
+from omniva.null_character import NULL, null_character_path
 
 GetResponse = Callable[[HttpRequest], HttpResponse]
 
@@ -95,6 +97,28 @@ class BodySizeLimitMiddleware:
         # The body was not read; the connection cannot be reused for another request.
         response["Connection"] = "close"
         return response
+
+
+class QueryNullCharacterMiddleware:
+    """400 VALIDATION_ERROR, naming the parameter, for a /v1 query string holding U+0000
+    (PostgreSQL takes it in no text; a body's text is checked where it is parsed,
+    omniva/api/parsers.py)."""
+
+    def __init__(self, get_response: GetResponse) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        # A query string carries U+0000 only percent-encoded: most requests stop here.
+        if "%00" in request.META.get("QUERY_STRING", "") and is_api_path(request.path):
+            for name, values in request.GET.lists():
+                if null_character_path([name, *values]) is not None:
+                    return error_response(
+                        request,
+                        ErrorCode.VALIDATION_ERROR,
+                        NULL_CHARACTER_MESSAGE,
+                        details={name.replace(NULL, "") or "query": [NULL_CHARACTER_MESSAGE]},
+                    )
+        return self.get_response(request)
 
 
 def _touched_entities(request: HttpRequest, response: HttpResponse) -> list[str]:

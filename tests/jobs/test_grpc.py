@@ -231,6 +231,13 @@ def test_a_fixed_shape_pipeline_ignores_execution_mode_and_metadata_and_says_so(
         ({"task_type": "noop", "priority": 11}, "priority"),
         ({"task_type": "noop", "timeout_ms": -5}, "timeout_ms"),
         ({"task_type": "noop", "task_id": "x" * 201}, "task_id"),
+        # PostgreSQL stores U+0000 nowhere: refused in any string of the request.
+        ({"task_type": "noop", "task_id": "a\x00"}, "task_id"),
+        ({"task_type": "engine_echo",
+          "inputs": [pb.Input(input_id="message", type="text", data="hi\x00")]},
+         "inputs.0.data"),
+        ({"task_type": "engine_echo", "inputs": [json_input({"message": "hi\x00"})]},
+         "params.message"),
     ],
 )  # fmt: skip
 def test_a_bad_submission_is_invalid_argument_naming_the_field_and_creates_nothing(

@@ -30,7 +30,7 @@ def test_missing_key_is_unauthenticated(client) -> None:
 
 @pytest.mark.parametrize(
     "secret",
-    ["omv_000000000000_wrong", "not-even-a-key", "omv_x_y", "omv__", ""],
+    ["omv_000000000000_wrong", "not-even-a-key", "omv_x_y", "omv__", "", "omv_ab\x00c_d"],
 )
 def test_wrong_key_is_unauthenticated(client, make_key, secret: str) -> None:
     make_key(Scope.CONTENT)

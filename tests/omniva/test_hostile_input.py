@@ -182,3 +182,61 @@ def test_a_creator_source_url_at_a_private_address_is_refused_by_clipfarm(
     assert job.status == JobStatus.FAILED
     assert job.error["code"] == "URL_NOT_ALLOWED"
     assert loopback_server.hits == 0  # type: ignore[attr-defined]
+
+
+def test_text_with_the_null_character_is_refused_naming_where_and_writes_nothing(
+    api: Any,
+) -> None:
+    # PostgreSQL stores U+0000 in neither text nor jsonb: refused where the body is parsed.
+    from engines.models import EngineInstance, Event, EventType
+
+    engine = EngineInstance.objects.create(engine_type="actor", name="nul")
+    EventType.objects.create(name="speak", engine_type="actor")
+    before = (Job.objects.count(), Event.objects.count(), Project.objects.count())
+    refused = [
+        (
+            api.post,
+            "/v1/jobs",
+            {"pipeline": "engine_echo", "params": {"message": "a\u0000b"}},
+            "params.message",
+        ),
+        (api.post, "/v1/jobs", {"pipeline": "noop", "params": {"k\u0000": 1}}, "params"),
+        (api.post, "/v1/jobs/batch", {"items": [{"pipeline": "noop\u0000"}]}, "items.0.pipeline"),
+        (
+            api.post,
+            "/v1/events",
+            {"event_type": "speak", "data": {"l": ["x", "\u0000"]}},
+            "data.l.1",
+        ),
+        (api.post, "/v1/projects", {"name": "\u0000"}, "name"),
+        (
+            api.put,
+            f"/v1/engine-instances/{engine.pk}/heartbeat",
+            {"status": "idle", "resource_utilization": {"gpu\u0000": 1}},
+            "resource_utilization",
+        ),
+    ]
+    for call, path, body, where in refused:
+        response = call(path, body, content_type="application/json")
+        assert response.status_code == 400, (path, response.content)
+        error = response.json()["error"]
+        assert error["code"] == "VALIDATION_ERROR"
+        assert where in error["details"], (path, error)
+
+    assert (Job.objects.count(), Event.objects.count(), Project.objects.count()) == before
+    assert EngineInstance.objects.get(pk=engine.pk).last_heartbeat == engine.last_heartbeat
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/projects?search=%00", "/v1/jobs?idempotency_key=a%00b", "/v1/jobs?pipe%00line=noop"],
+)
+def test_a_query_string_with_the_null_character_is_refused_naming_the_parameter(
+    api: Any, path: str
+) -> None:
+    response = api.get(path)
+
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert set(error["details"]) <= {"search", "idempotency_key", "pipeline"}
