@@ -10,9 +10,15 @@ ready again: redelivery needs no sweeper.
 
 An idle pusher waits on LISTEN `omniva_queue_<queue>`; every enqueue NOTIFYs in its own
 transaction, so the wake-up arrives when the task becomes visible to the claim. A slow
-poll (one second, or sooner when a delayed task comes due) is only a fallback. A lost
-connection (a database restart) is opened again, LISTEN included, by the next dequeue;
-the log says when it was lost and when it came back.
+poll (one second, or sooner when a delayed task comes due) is only a fallback. The
+connection listens only while the pusher waits: it LISTENs, claims once more (a task
+enqueued before the LISTEN took effect), waits, then UNLISTENs and reads what else
+came. A session that listens and does not read holds up PostgreSQL's one notification
+queue for every session: once that queue is full (8 GB), every commit that notifies
+fails; so neither the pusher while it is busy nor any other connection of the broker
+(the sentinel's ping, the monitor's acknowledgements) listens. A lost connection (a
+database restart) is opened again by the next dequeue; the log says when it was lost
+and when it came back.
 """
 
 from __future__ import annotations
@@ -237,7 +243,7 @@ class PostgresBroker(Broker):
         return self.list_key or Conf.CLUSTER_NAME
 
     # A connection of our own, not Django's: django-q2 closes Django's connections between
-    # tasks, and LISTEN must stay registered on one session for the pusher's life.
+    # tasks, and the pusher's LISTEN must be on the session it waits on.
     def _db(self) -> psycopg.Connection:
         if self._conn is not None and self._conn_pid == os.getpid() and not self._conn.closed:
             return self._conn
@@ -247,13 +253,12 @@ class PostgresBroker(Broker):
         # and the stage's fencing makes that delivery a no-op. Enqueues and transitions
         # run on Django's connection and stay durable.
         conn.execute("SET synchronous_commit = off")
-        conn.execute(f'LISTEN "{channel_for(self.queue)}"')
         self._conn, self._conn_pid = conn, os.getpid()
         if self._lost_at is not None:
             logger.info(
-                "broker connection restored after %.1f s; listening on %s again",
+                "broker connection to %s restored after %.1f s",
+                self.queue,
                 time.monotonic() - self._lost_at,
-                channel_for(self.queue),
             )
             self._lost_at = None
         return conn
@@ -323,19 +328,33 @@ class PostgresBroker(Broker):
     def dequeue(self) -> list[tuple[str, str]] | None:
         limit = max(1, int(Conf.BULK))
         try:
-            tasks = self.claim(limit)
+            return self.claim(limit) or self._wait_and_claim(limit)
+        except psycopg.OperationalError as exc:
+            self._reset(exc)
+            return None
+
+    def _wait_and_claim(self, limit: int) -> list[tuple[str, str]] | None:
+        """Listen, claim once more, wait for an enqueue (or the fallback poll), claim;
+        then stop listening and read what else came, so that nothing waits unread on
+        this session while the pusher is busy."""
+        conn = self._db()
+        channel = channel_for(self.queue)
+        conn.execute(f'LISTEN "{channel}"')
+        try:
+            tasks = self.claim(limit)  # enqueued before the LISTEN took effect
             if tasks:
                 return tasks
             wait_s = FALLBACK_POLL_S
             due = self._seconds_until_next_due()
             if due is not None:
                 wait_s = min(wait_s, due + 0.001)
-            for _ in self._db().notifies(timeout=wait_s, stop_after=1):
+            for _ in conn.notifies(timeout=wait_s, stop_after=1):
                 pass
             return self.claim(limit) or None
-        except psycopg.OperationalError as exc:
-            self._reset(exc)
-            return None
+        finally:
+            conn.execute(f'UNLISTEN "{channel}"')
+            for _ in conn.notifies(timeout=0):  # wake-ups that came meanwhile: read, dropped
+                pass
 
     def acknowledge(self, task_id: str) -> None:
         row_id, deliveries = parse_ack_id(task_id)

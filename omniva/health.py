@@ -59,8 +59,25 @@ def check_workers() -> CheckResult:
     return {"status": "ok", "clusters": clusters}
 
 
+# Above this share of PostgreSQL's NOTIFY queue, some session listens and does not
+# read: degraded long before the queue is full and notifying commits fail.
+NOTIFICATION_QUEUE_DEGRADED_AT = 0.1
+
+
+def check_notifications() -> CheckResult:
+    usage = selectors.notification_queue_usage()
+    if usage >= NOTIFICATION_QUEUE_DEGRADED_AT:
+        return {
+            "status": "degraded",
+            "queue_usage": usage,
+            "detail": "PostgreSQL's NOTIFY queue is filling: a session listens and does not read",
+        }
+    return {"status": "ok", "queue_usage": usage}
+
+
 register_check("database", check_database, critical=True)
 register_check("workers", check_workers)
+register_check("notifications", check_notifications)
 
 
 def health_report() -> dict[str, Any]:

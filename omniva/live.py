@@ -322,6 +322,10 @@ class ActivityFeed:
                         await self._send_metrics()
                         async for _notify in conn.notifies(timeout=TICK_S, stop_after=1):
                             pass
+                        # Every wake-up buffered meanwhile is answered by the next read:
+                        # read them all now (one per loop, they would pile up).
+                        async for _notify in conn.notifies(timeout=0):
+                            pass
             except asyncio.CancelledError:
                 raise
             except (psycopg.Error, OSError) as exc:

@@ -166,6 +166,27 @@ class WebCollector(Collector):
         return []
 
 
+class NotificationQueueCollector(Collector):
+    """PostgreSQL's NOTIFY queue, shared by the whole deployment (omniva/health.py)."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from omniva import selectors
+
+        try:
+            usage = selectors.notification_queue_usage()
+        except Exception as exc:  # the database is down: report nothing rather than fail
+            logger.warning("notification queue metric unavailable: %s", exc.__class__.__name__)
+            return
+        yield GaugeMetricFamily(
+            "omniva_notification_queue_usage",
+            "Fraction of PostgreSQL's NOTIFY queue in use (full: notifying commits fail)",
+            value=usage,
+        )
+
+    def describe(self) -> list:
+        return []
+
+
 _registered = False
 
 
@@ -176,6 +197,7 @@ def register() -> None:
         REGISTRY.register(JobCollector())
         REGISTRY.register(EngineCollector())
         REGISTRY.register(WebCollector())
+        REGISTRY.register(NotificationQueueCollector())
         _registered = True
 
 

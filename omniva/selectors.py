@@ -143,6 +143,15 @@ def service_metrics() -> dict[str, Any]:
     return metrics
 
 
+def notification_queue_usage() -> float:
+    """The fraction of PostgreSQL's one NOTIFY queue in use (0 to 1): near 0 while every
+    listening session reads; it grows behind one that listens and does not read, and
+    when it is full every commit that notifies fails."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notification_queue_usage()")
+        return float(cursor.fetchone()[0])
+
+
 def database_ping() -> float:
     """Round-trip time of `SELECT 1` in ms; raises when the database is unreachable."""
     import time

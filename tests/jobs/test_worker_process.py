@@ -106,3 +106,45 @@ def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
         duplicated_effects=completions - 1,
     )
     assert completions == 1, "the job's result is written once"
+
+
+def _notify_queue_pages(database_url: str) -> float:
+    """How many pages of PostgreSQL's NOTIFY queue are in use (not yet read by every
+    listening session)."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_notification_queue_usage() * current_setting('max_notify_queue_pages')::int"
+        ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def test_thousands_of_transitions_with_a_cluster_running_leave_the_notify_queue_empty(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path, fault_report
+) -> None:
+    # Every transition notifies. A session that listens and does not read (a cluster's
+    # start-up ping used to) holds the queue's tail where it was: the pages pile up
+    # until the queue is full and every notifying commit fails.
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log")
+    jobs = [services.job_submit(pipeline="noop")[0] for _ in range(3000)]
+    last = jobs[-1]
+    wait_for(
+        lambda: (
+            job_status(last) == JobStatus.COMPLETED
+            and not Job.objects.exclude(status=JobStatus.COMPLETED).exists()
+        ),
+        timeout=240,
+        interval=0.5,
+        what="every job to complete",
+    )
+    # Each listening session reads what it was sent and the tail follows, a few pages
+    # at a time (PostgreSQL trims the queue every few pages).
+    wait_for(
+        lambda: _notify_queue_pages(test_database_url) <= 8,
+        timeout=30,
+        interval=0.5,
+        what="the NOTIFY queue to be read by every listening session",
+    )
+    fault_report(jobs=len(jobs), notify_queue_pages=_notify_queue_pages(test_database_url))

@@ -98,3 +98,18 @@ def test_the_database_checks_are_run_once_per_interval_and_the_web_check_every_t
     settings.OMNIVA_HEALTH_CACHE_MS = 0
     client.get("/v1/health")
     assert runs["database_backed"] == 2
+
+
+def test_the_notify_queue_usage_is_reported_and_degrades_the_service_above_its_mark(
+    client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check = _health(client)["checks"]["notifications"]
+    assert check["status"] == "ok"
+    assert 0 <= check["queue_usage"] < health.NOTIFICATION_QUEUE_DEGRADED_AT
+
+    # A queue filling behind a session that does not read (the mark lowered to 0 here).
+    monkeypatch.setattr(health, "NOTIFICATION_QUEUE_DEGRADED_AT", 0.0)
+    report = _health(client)
+    assert report["status"] == "degraded"
+    assert report["checks"]["notifications"]["status"] == "degraded"
+    assert "omniva_notification_queue_usage " in client.get("/metrics").content.decode()
