@@ -153,6 +153,29 @@ def _without_secrets(message: str, secrets: dict[str, Any]) -> str:
     return message
 
 
+# The secrets each adapter reads from a destination's `secrets`, and words that make
+# any `config` key a secret whatever the kind: `config` is stored and shown as it is.
+SECRETS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "webhook": ("secret",),
+    "s3": ("access_key_id", "secret_access_key"),
+    "printify": ("api_token",),
+    "shopify": ("access_token",),
+    "directory": (),
+}
+SECRET_WORDS = ("secret", "password", "passwd", "token", "api_key", "apikey", "private_key",
+                "access_key", "credential", "signing_key")  # fmt: skip
+
+
+def secrets_in_config(kind: str, config: dict[str, Any]) -> list[str]:
+    """The keys of `config` that are secrets (the adapter's own, or secret-like names)."""
+    own = set(SECRETS_OF_KIND.get(kind, ()))
+    return sorted(
+        key
+        for key in config
+        if key in own or any(word in str(key).lower().replace("-", "_") for word in SECRET_WORDS)
+    )
+
+
 def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 

@@ -29,6 +29,7 @@ from omniva.media import checked_name, media_name, media_storage
 from omniva.models import Clip, Project
 from omniva.services import sha256_hex
 from publishing import adapters
+from publishing.adapters import secrets_in_config
 from publishing.models import Destination, Publication, PublicationStatus, Schedule
 
 DESTINATION_FIELDS = ("name", "kind", "config", "active")
@@ -37,9 +38,26 @@ DESTINATION_FIELDS = ("name", "kind", "config", "active")
 # --- destinations ------------------------------------------------------------------------
 
 
+def _refuse_secrets_in_config(kind: str, config: dict[str, Any]) -> None:
+    """A secret in `config` would be stored in plain and shown in every read (and an
+    adapter reads its secrets from `secrets` only): 400 naming it and where it belongs."""
+    found = secrets_in_config(kind, config or {})
+    if found:
+        message = (
+            f"`config.{found[0]}` is a secret: give it in `secrets` (write-only, never "
+            "shown), not in `config`."
+        )
+        raise OmnivaError(
+            ErrorCode.VALIDATION_ERROR,
+            message,
+            details={f"config.{key}": ["a secret: put it in `secrets`"] for key in found},
+        )
+
+
 def destination_create(
     *, project: Project, secrets: dict[str, Any] | None = None, **fields: Any
 ) -> Destination:
+    _refuse_secrets_in_config(fields.get("kind", ""), fields.get("config") or {})
     with transaction.atomic():
         return Destination.objects.create(
             project=project,
@@ -56,6 +74,7 @@ def destination_update(*, destination: Destination, changes: dict[str, Any]) -> 
         for field in DESTINATION_FIELDS:
             if field in changes:
                 setattr(locked, field, changes[field])
+        _refuse_secrets_in_config(locked.kind, locked.config or {})
         if "secrets" in changes:
             merged = {**locked.secrets, **changes["secrets"]}
             locked.secrets = {k: v for k, v in merged.items() if v is not None}

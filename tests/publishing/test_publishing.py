@@ -69,6 +69,43 @@ def test_secrets_are_write_only_and_can_be_rotated_one_at_a_time(
     assert SECRET not in listed.content.decode()
 
 
+@pytest.mark.parametrize(
+    ("kind", "config", "secret_key"),
+    [
+        ("webhook", {"url": "https://example.test/hook", "secret": SECRET}, "secret"),
+        ("s3", {"bucket": "b", "access_key_id": "AKIA1"}, "access_key_id"),
+        ("s3", {"bucket": "b", "secret_access_key": "s3cr3t"}, "secret_access_key"),
+        ("printify", {"shop_id": 1, "blueprint_id": 2, "print_provider_id": 3,
+                      "variants": [4], "api_token": "pt-9f8e7d"}, "api_token"),
+        ("shopify", {"shop": "demo.myshopify.com", "access_token": "shpat_x"}, "access_token"),
+        ("directory", {"path": "out", "Password": "hunter2"}, "Password"),
+    ],
+)  # fmt: skip
+def test_a_secret_in_a_destinations_config_is_refused_naming_where_it_belongs(
+    api: Any, project: Project, kind: str, config: dict[str, Any], secret_key: str
+) -> None:
+    body = {"project": str(project.pk), "name": "d", "kind": kind, "config": config}
+    refused = send(api, "post", "/v1/destinations", body)
+
+    assert refused.status_code == 400, refused.json()
+    error = refused.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert f"config.{secret_key}" in error["details"]
+    assert "secrets" in error["message"]
+    assert str(config[secret_key]) not in refused.content.decode()
+    assert not Destination.objects.exists()
+
+    # Nor can a change put it there.
+    clean = {k: v for k, v in config.items() if k != secret_key}
+    made = send(api, "post", "/v1/destinations", {**body, "config": clean})
+    assert made.status_code == 201, made.json()
+    changed = send(
+        api, "patch", f"/v1/destinations/{made.json()['data']['id']}", {"config": config}
+    )
+    assert changed.status_code == 400
+    assert Destination.objects.get().config == clean
+
+
 def test_a_destination_with_a_bad_config_is_refused(api: Any, project: Project) -> None:
     no_url = send(
         api, "post", "/v1/destinations",
