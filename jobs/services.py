@@ -1296,21 +1296,37 @@ def job_cancel(*, job_id: Any, reason: str = "") -> tuple[Job, bool]:
             job.save(update_fields=["cancel_requested_at", "cancel_reason", "updated_at"])
             _log(job, f"cancel requested: {job.cancel_reason}")
             _job_changed(job)
-        if job.pipeline == BATCH_PIPELINE:
-            for child in job.children.filter(status__in=ACTIVE_STATUSES).order_by("created_at"):
-                job_cancel_child(child_id=child.pk, reason=job.cancel_reason)
-            job.refresh_from_db()
-            if not job.is_finished:
-                _batch_child_finished(parent_id=job.pk, now=now)
-                job.refresh_from_db()
-            return job, job.is_finished
-        running = StageRun.objects.filter(job=job, status=StageStatus.RUNNING)
-        live = running.filter(lease_expires_at__gt=now)
-        overdue = now - job.cancel_requested_at >= _cancel_grace()
-        if live.exists() and not overdue:
-            return job, False
-        _finish_job(job, JobStatus.CANCELLED, now=now)
-        return job, True
+        if job.pipeline != BATCH_PIPELINE:
+            return _cancel_or_mark(job, now)
+    return _batch_cancel(job, now)
+
+
+def _cancel_or_mark(job: Job, now: datetime) -> tuple[Job, bool]:
+    """Under the job's lock: cancelled now, or marked to stop at a running stage's next
+    checkpoint (cancelled anyway once the grace ran out)."""
+    running = StageRun.objects.filter(job=job, status=StageStatus.RUNNING)
+    live = running.filter(lease_expires_at__gt=now)
+    assert job.cancel_requested_at is not None
+    overdue = now - job.cancel_requested_at >= _cancel_grace()
+    if live.exists() and not overdue:
+        return job, False
+    _finish_job(job, JobStatus.CANCELLED, now=now)
+    return job, True
+
+
+def _batch_cancel(parent: Job, now: datetime) -> tuple[Job, bool]:
+    """Cancel a batch's children, then settle the batch. A child that finishes locks its
+    own row, then its parent's (`_batch_child_finished`): the one lock order is child,
+    then parent. So the parent's lock is not held here while each child is cancelled,
+    in a transaction of its own; the parent, marked `cancel_requested_at` already, ends
+    `cancelled` once its last child has, whoever settles it."""
+    active = parent.children.filter(status__in=ACTIVE_STATUSES).order_by("created_at", "id")
+    for child_id in list(active.values_list("pk", flat=True)):
+        job_cancel_child(child_id=child_id, reason=parent.cancel_reason)
+    with transaction.atomic():
+        _batch_child_finished(parent_id=parent.pk, now=now)
+    parent.refresh_from_db()
+    return parent, parent.is_finished
 
 
 def job_cancel_child(*, child_id: Any, reason: str) -> None:
