@@ -1366,6 +1366,15 @@ def job_retry(*, job_id: Any) -> Job:
         definition = pipeline_named(job.pipeline)
         dag = definition.dag(job.params)
         runs = {run.name: run for run in StageRun.objects.filter(job=job)}
+        if runs and all(run.status == StageStatus.COMPLETED for run in runs.values()):
+            # Every stage completed (a cancel came as the last one finished): nothing is
+            # left to run, and a job left pending with nothing queued would wait forever.
+            # The retry completes it, with the result its stages made.
+            job.started_at = now
+            outputs = {name: run.output for name, run in runs.items()}
+            result = definition.result(outputs, dag)
+            _finish_job(job, JobStatus.COMPLETED, now=now, result=result, runs=list(runs.values()))
+            return job
         for run in runs.values():
             if run.status == StageStatus.COMPLETED:
                 continue
