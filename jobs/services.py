@@ -334,6 +334,29 @@ def _expire_if_queue_timed_out(job: Job, now: datetime) -> bool:
     return True
 
 
+def _batch_reopen(*, parent_id: Any, now: datetime) -> None:
+    """A child of an ended batch runs again (retried): the batch is running again, its
+    outcome to be settled anew when its last child ends. Locked after the child, as
+    every child transition locks its batch."""
+    parent = Job.objects.select_for_update().filter(pk=parent_id).first()
+    if parent is None or not parent.is_finished:
+        return
+    parent.status = JobStatus.RUNNING
+    parent.finished_at = None
+    parent.result = None
+    parent.error = None
+    parent.cancel_requested_at = None
+    parent.cancel_reason = ""
+    parent.save(
+        update_fields=[
+            "status", "finished_at", "result", "error", "cancel_requested_at",
+            "cancel_reason", "updated_at",
+        ]
+    )  # fmt: skip
+    _log(parent, "reopened: a child was retried")
+    _batch_child_finished(parent_id=parent.pk, now=now)  # its progress, and the news
+
+
 def _batch_child_finished(*, parent_id: Any, now: datetime) -> None:
     parent = Job.objects.select_for_update().filter(pk=parent_id).first()
     if parent is None or parent.is_finished:
@@ -1371,6 +1394,8 @@ def job_retry(*, job_id: Any) -> Job:
             # left to run, and a job left pending with nothing queued would wait forever.
             # The retry completes it, with the result its stages made.
             job.started_at = now
+            if job.parent_id:
+                _batch_reopen(parent_id=job.parent_id, now=now)
             outputs = {name: run.output for name, run in runs.items()}
             result = definition.result(outputs, dag)
             _finish_job(job, JobStatus.COMPLETED, now=now, result=result, runs=list(runs.values()))
@@ -1401,6 +1426,8 @@ def job_retry(*, job_id: Any) -> Job:
         _update_progress(job)
         job.save(update_fields=["progress", "updated_at"])
         _job_changed(job)  # after the stages: the progress it shows is the reset one
+        if job.parent_id:
+            _batch_reopen(parent_id=job.parent_id, now=now)
         return job
 
 
