@@ -256,9 +256,9 @@ class PostgresBroker(Broker):
         self._conn, self._conn_pid = conn, os.getpid()
         if self._lost_at is not None:
             logger.info(
-                "broker connection to %s restored after %.1f s",
-                self.queue,
+                "broker connection restored after %.1f s (queue %s)",
                 time.monotonic() - self._lost_at,
+                self.queue,
             )
             self._lost_at = None
         return conn

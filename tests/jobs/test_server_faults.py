@@ -517,9 +517,9 @@ def test_a_database_restart_under_load_is_ridden_out_by_the_server_and_the_worke
     watcher.stop()
     seen = watcher.completed_jobs()
     row_ids = Counter(m["id"] for m in watcher.rows)
-    # Picked up at once: the broker LISTENs again after reconnecting. Probes sent one
-    # after another each meet a fresh fallback wait, so a broker that did not LISTEN again
-    # would start them near FALLBACK_POLL_S late (seen: a median of 926 ms).
+    # Picked up at once: the broker LISTENs again, on its new connection, when it waits.
+    # Probes sent one after another each meet a fresh fallback wait, so a broker that did
+    # not LISTEN again would start them near FALLBACK_POLL_S late (seen: median 926 ms).
     probe_secret = clients.secrets[0]
     pickups = [pickup_s(server, probe_secret, f"probe-{n}") for n in range(PICKUP_PROBES)]
     assert server.process.poll() is None, logs(tmp_path)
