@@ -28,10 +28,11 @@ KEYS_SEEN_MAX = 10_000
 
 def api_key_for_secret(raw: str) -> ApiKey | None:
     """The key whose secret is `raw` (revoked or not), or None."""
+    from omniva.null_character import NULL
     from omniva.services import KEY_PREFIX, api_key_hash
 
     parts = raw.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16 or "\x00" in raw:
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16 or NULL in raw:
         return None  # (U+0000: no key has it, and PostgreSQL could not even look it up)
     digest = api_key_hash(raw)
     now = time.monotonic()

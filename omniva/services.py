@@ -337,8 +337,8 @@ ACTIVITY_CHANNEL = "omniva_activity"
 # folds the notifications of one transaction into one).
 ACTIVITY_COLUMNS = "at, kind, project_id, job_id, data"
 _ACTIVITY_SQL = (
-    "WITH rows AS (INSERT INTO omniva_activity (at, kind, project_id, job_id, data)"
-    " VALUES {values}) SELECT pg_notify(%s, '')"
+    "WITH rows AS (INSERT INTO omniva_activity ({columns}) VALUES {values})"
+    " SELECT pg_notify(%s, '')"
 )
 _ACTIVITY_VALUES = "(%s, %s, %s, %s, %s::jsonb)"
 
@@ -365,7 +365,8 @@ def activity_records(rows: list[ActivityRow]) -> None:
         return
     values, params = activity_values(rows)
     with connection.cursor() as cursor:
-        cursor.execute(_ACTIVITY_SQL.format(values=values), [*params, ACTIVITY_CHANNEL])
+        sql = _ACTIVITY_SQL.format(columns=ACTIVITY_COLUMNS, values=values)
+        cursor.execute(sql, [*params, ACTIVITY_CHANNEL])
 
 
 def activity_values(rows: list[ActivityRow]) -> tuple[str, list[Any]]:

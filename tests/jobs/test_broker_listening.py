@@ -4,13 +4,15 @@ up PostgreSQL's one NOTIFY queue for every session, until every notifying commit
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.db import connections
 
+from jobs import broker as broker_module
 from jobs.broker import PostgresBroker, channel_for, enqueue_payload
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,6 +20,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _listening(broker: PostgresBroker) -> list[str]:
     conn = broker._db()
     return [row[0] for row in conn.execute("SELECT pg_listening_channels()").fetchall()]
+
+
+def _waiting_for_notifications(broker: PostgresBroker) -> bool:
+    """Whether the broker's session, seen from another, is idle after asking when the
+    next delayed task is due: the last thing the pusher does before it waits."""
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            "SELECT state, query FROM pg_stat_activity WHERE pid = %s",
+            [broker._conn.info.backend_pid if broker._conn else -1],
+        )
+        row = cursor.fetchone()
+    return row is not None and row[0] == "idle" and "min(visible_at)" in row[1]
 
 
 def _buffered(broker: PostgresBroker) -> list[Any]:
@@ -33,23 +47,24 @@ def broker() -> Iterator[PostgresBroker]:
 
 
 def test_the_broker_listens_only_while_its_pusher_waits_and_keeps_nothing_unread(
-    broker: PostgresBroker,
+    broker: PostgresBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert broker.ping()  # the sentinel's start-up ping: a connection it never reads
     broker.claim(5)
     assert _listening(broker) == []
 
-    # A pusher waits on an empty queue; a task enqueued meanwhile wakes it at once.
+    # A pusher waits on an empty queue; a task enqueued meanwhile wakes it. (The fallback
+    # poll is made longer than the join below: only the wake-up can end the wait in time.)
+    monkeypatch.setattr(broker_module, "FALLBACK_POLL_S", 60.0)
     found: list[Any] = []
     waiting = threading.Thread(target=lambda: found.append(broker.dequeue()))
-    started = time.monotonic()
     waiting.start()
-    time.sleep(0.2)  # let it reach its wait (the wake-up is what is measured)
+    wait_for(lambda: _waiting_for_notifications(broker), what="the pusher to wait")
     enqueue_payload(queue="default", payload="task")
-    waiting.join(timeout=10)
+    waiting.join(timeout=20)
+    assert not waiting.is_alive()
     assert found[0] is not None
     assert [payload for _, payload in found[0]] == ["task"]
-    assert time.monotonic() - started < 0.9  # woken, not the 1 s fallback poll
 
     # Busy now (pushing what it claimed): it no longer listens, and what is enqueued
     # meanwhile piles up neither in its session nor in its client.
