@@ -24,6 +24,7 @@ from engines import services
 from engines.models import EngineInstance, EngineStatus, Event, EventType
 from engines.selectors import with_held_events
 from omniva.errors import OmnivaError
+from omniva.row_ids import row_id
 
 # At most this many outcomes of each kind are listed one by one after an action; the
 # rest are counted.
@@ -293,9 +294,10 @@ class EventAdmin(_ViewOnlyAdmin):
         term = search_term.strip()
         if not term:
             return queryset, False
-        if not term.isdigit():
+        pk = row_id(term)
+        if pk is None:
             return queryset.none(), False
-        return queryset.filter(pk=int(term)), False
+        return queryset.filter(pk=pk), False
 
     @admin.display(description="status", ordering="status")
     def status_display(self, event: Event) -> str:

@@ -99,18 +99,20 @@ class EventType(models.Model):
 
 class EventStatus(models.TextChoices):
     # Waiting for an engine; claimable once `available_at` passed (a failed attempt's
-    # backoff). Leaves on a claim (→ leased) or when its job is cancelled (→ dead_lettered).
+    # backoff) and while its `deadline` has not passed. Leaves on a claim (→ leased), or
+    # when its job is cancelled or times out (→ dead_lettered).
     PENDING = "pending", "Pending"
     # Held by one engine until `lock_until`, fenced by `lease_token`. Leaves when the
     # engine reports completed (→ completed) or failed (→ pending after the backoff, or
     # → dead_lettered after the last retry), when the engine deregisters (→ pending),
     # or when `lock_until` passes: the next claim counts that as a failed attempt and
-    # takes it (retry_count + 1), or dead-letters it after the last retry.
+    # takes it (retry_count + 1), or dead-letters it after the last retry; or when its
+    # `deadline` passes (→ dead_lettered, its job timed out).
     LEASED = "leased", "Leased"
     # Done; `result` holds what the engine returned. Final.
     COMPLETED = "completed", "Completed"
-    # Out of retries, or its job was cancelled; `error` says why. Leaves by a requeue
-    # (→ pending, retry_count 0).
+    # Out of retries, or its job was cancelled or timed out; `error` says why. Leaves by
+    # a requeue (→ pending, retry_count 0).
     DEAD_LETTERED = "dead_lettered", "Dead-lettered"
 
 
@@ -137,6 +139,13 @@ class Event(models.Model):
         related_name="leased_events",
     )
     leased_at = models.DateTimeField(null=True, blank=True)
+    # Who made the claim that holds the lease: `key:<id>` or `user:<id>`, empty for a
+    # call inside Omniva. A report that carries neither the lease token nor an engine id
+    # (seed 000's client sends neither) is fenced by it (engines/services.py, _fence).
+    claimed_by = models.CharField(max_length=64, blank=True, default="")
+    # Not handed out after this; past it the event leaves the queue (dead-lettered, its
+    # job timed out). Set by the orchestrator for a job stage: the job's deadline.
+    deadline = models.DateTimeField(null=True, blank=True)
     progress = models.FloatField(default=0.0)
     result = models.JSONField(null=True, blank=True)
     error = models.JSONField(null=True, blank=True)
@@ -161,6 +170,19 @@ class Event(models.Model):
                 "id",
                 name="engines_event_claim",
                 condition=Q(status__in=["pending", "leased"]),
+            ),
+            # What the claim and `manage.py cleanup` settle: events past their deadline.
+            models.Index(
+                fields=["deadline"],
+                name="engines_event_deadline",
+                condition=Q(status__in=["pending", "leased"], deadline__isnull=False),
+            ),
+            # Retention (oldest finished first, per engine type and status) and the
+            # bounded counts of /v1/metrics and /metrics; only finished rows enter it.
+            models.Index(
+                fields=["engine_type", "status", "finished_at"],
+                name="engines_event_finished",
+                condition=Q(status__in=["completed", "dead_lettered"]),
             ),
         ]
 

@@ -8,6 +8,16 @@ The claim is one statement (`CLAIM_SQL`): highest priority then oldest, SKIP LOC
 fresh lease token per event. A leased event whose `lock_until` passed is claimable
 again and the claim counts that as a failed attempt (`retry_count` + 1); one that had
 no retry left is dead-lettered by the next claim of its engine type instead.
+
+An event may have a deadline (a job stage's: its job's, set by the orchestrator). The
+claim never hands out an event past it, and whoever meets such an event first (a claim
+of its engine type, a report on it, a read of its job, the retention pass) takes it out
+of the queue: for a job stage, by timing the job out, which dead-ends its events.
+
+Reports are fenced (`_fence`): by the lease token when the report carries it (the
+batch requires it), else by the engine id it names, else (seed 000's client sends
+neither) by who made the claim: a lease claimed without an engine id, with the same
+key or user.
 """
 
 from __future__ import annotations
@@ -34,10 +44,10 @@ from engines.models import (
     EventStatus,
     EventType,
 )
-from engines.selectors import held_events_filter
+from engines.selectors import event_engine_types, held_events_filter
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.notifications import Listener
-from omniva.services import ACTIVITY_CHANNEL, activity_record
+from omniva.services import ACTIVITY_CHANNEL, activity_record, prune_in_batches
 
 logger = logging.getLogger("omniva.engines")
 
@@ -69,6 +79,10 @@ class StageCallbacks:
     # The event completed (output) or was dead-lettered (error), in the same transaction;
     # with the name of the engine that last held it, if any.
     finished: Callable[[int, Any, dict[str, Any] | None, str | None], None]
+    # The event's deadline passed (called with the job locked): True when its job ended,
+    # timed out now (which dead-ends the event) or before; False when the job still has
+    # time, after moving the event's deadline to the job's (events_deadline_set).
+    expire: Callable[[int], bool]
 
 
 stage_callbacks: StageCallbacks | None = None
@@ -156,6 +170,7 @@ def _release_leases(engine: EngineInstance, now: datetime) -> int:
         event.lease_token = None
         event.lock_until = None
         event.leased_by = None
+        event.claimed_by = ""
         event.available_at = now
         event.save()
         _event_changed(event)
@@ -218,7 +233,8 @@ def engine_heartbeat(
     current_workload: int | None = None,
     resource_utilization: dict[str, Any] | None = None,
 ) -> EngineInstance:
-    """Record a heartbeat and extend the leases (still held) of the engine's events."""
+    """Record a heartbeat and extend the leases (still held) of the engine's events; not
+    of one past its deadline (a heartbeat does not keep a timed-out job's event)."""
     if status and status not in REPORTED_ENGINE_STATUSES:
         raise OmnivaError(
             ErrorCode.VALIDATION_ERROR,
@@ -242,7 +258,7 @@ def engine_heartbeat(
                 "UPDATE engines_event SET lock_until = %(now)s + make_interval(secs => lease_s),"
                 " updated_at = %(now)s"
                 " WHERE leased_by_id = %(engine)s AND status = %(leased)s"
-                " AND lock_until >= %(now)s",
+                " AND lock_until >= %(now)s AND (deadline IS NULL OR deadline > %(now)s)",
                 {"now": now, "engine": engine.pk, "leased": EventStatus.LEASED},
             )
         return engine
@@ -316,8 +332,10 @@ def event_create(
     job_id: Any = None,
     project_id: Any = None,
     delay_s: float = 0,
+    deadline: datetime | None = None,
 ) -> Event:
-    """Queue an event; engines of its type waiting in a long poll wake at commit."""
+    """Queue an event; engines of its type waiting in a long poll wake at commit. It is
+    not handed out at or after `deadline`."""
     now = timezone.now()
     event = Event.objects.create(
         event_type=event_type,
@@ -330,6 +348,7 @@ def event_create(
         stage_run_id=stage_run_id,
         job_id=job_id,
         project_id=project_id,
+        deadline=deadline,
         created_at=now,
     )
     _event_changed(event)
@@ -346,6 +365,7 @@ WITH picked AS MATERIALIZED (
     WHERE engine_type = %(engine_type)s AND status IN (%(pending)s, %(leased)s)
       AND ((status = %(pending)s AND available_at <= %(now)s)
            OR (status = %(leased)s AND lock_until < %(now)s AND retry_count < max_retries))
+      AND (deadline IS NULL OR deadline > %(now)s)
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -356,6 +376,7 @@ WITH picked AS MATERIALIZED (
         lease_token = gen_random_uuid(),
         lock_until = %(now)s + make_interval(secs => e.lease_s),
         leased_by_id = %(engine)s,
+        claimed_by = %(claimant)s,
         leased_at = %(now)s,
         progress = 0,
         updated_at = %(now)s
@@ -409,6 +430,67 @@ def _dead_letter_exhausted(
     return moved
 
 
+def _expire_if_overdue(event: Event, now: datetime) -> bool:
+    """Take `event` (locked, its job's row first) out of the queue if its deadline
+    passed; whether it left. A job stage's event goes through the orchestrator, which
+    times the job out (dead-ending its events) or, when the job still has time, moves
+    the event's deadline."""
+    if (
+        event.deadline is None
+        or now < event.deadline
+        or event.status not in (EventStatus.PENDING, EventStatus.LEASED)
+    ):
+        return False
+    if event.stage_run_id is not None and stage_callbacks is not None:
+        ended = stage_callbacks.expire(event.stage_run_id)
+        event.refresh_from_db()  # the orchestrator dead-ended it, or moved its deadline
+        if not ended or event.status not in (EventStatus.PENDING, EventStatus.LEASED):
+            return ended
+    error = {"code": "DEADLINE_PASSED", "message": f"Not done by its deadline ({event.deadline})."}
+    _to_dead_letter(event, error, now)
+    return True
+
+
+def _expire_overdue(now: datetime, *, engine_type: str | None = None) -> int:
+    """Take the events (of `engine_type`, or of every type) whose deadline passed out of
+    the queue, up to 50; how many left. One transaction each, taking the job's lock
+    before the event's (see the module doc)."""
+    candidates = Event.objects.filter(
+        status__in=[EventStatus.PENDING, EventStatus.LEASED], deadline__lte=now
+    )
+    if engine_type is not None:
+        candidates = candidates.filter(engine_type=engine_type)
+    moved = 0
+    for overdue_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
+        with transaction.atomic():
+            if stage_run_id is not None and stage_callbacks is not None:
+                stage_callbacks.lock(stage_run_id)
+            event = Event.objects.select_for_update(skip_locked=True).filter(pk=overdue_id).first()
+            if event is not None and _expire_if_overdue(event, now):
+                moved += 1
+    return moved
+
+
+def events_expire_overdue() -> int:
+    """Take every event past its deadline out of the queue, of every engine type (their
+    jobs time out). A claim of the type does it for its own, and a read of the job for
+    that job; this is for when neither comes (the retention pass, `manage.py cleanup`)."""
+    moved = 0
+    while batch := _expire_overdue(timezone.now()):
+        moved += batch
+    return moved
+
+
+def events_deadline_set(*, stage_run_ids: list[int], deadline: datetime | None) -> int:
+    """The orchestrator moved the deadline of these stages (their job started, or still
+    has time): their unfinished events get it. The caller holds the job's lock."""
+    if not stage_run_ids:
+        return 0
+    return Event.objects.filter(
+        stage_run_id__in=stage_run_ids, status__in=[EventStatus.PENDING, EventStatus.LEASED]
+    ).update(deadline=deadline, updated_at=timezone.now())
+
+
 def events_dead_letter_exhausted() -> int:
     """Dead-letter every event whose last allowed lease ran out, of every engine type.
     A claim of the type does it for its own (nothing else sweeps); this is for when no
@@ -419,9 +501,44 @@ def events_dead_letter_exhausted() -> int:
     return moved
 
 
-def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_size: int) -> list:
-    """One claim, without waiting: the leased events, highest priority then oldest."""
+# One engine type's events of one final status, oldest first along the finished index
+# (omniva.services.prune_in_batches runs it).
+_PRUNE_SQL = """
+WITH deleted AS (
+    DELETE FROM engines_event WHERE id = ANY(ARRAY(
+        SELECT id FROM engines_event
+        WHERE engine_type = %(engine_type)s AND status = %(status)s
+          AND finished_at >= %(after)s AND finished_at < %(before)s
+        ORDER BY finished_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING finished_at
+)
+SELECT count(*), max(finished_at) FROM deleted
+"""
+
+
+def events_prune(*, older_than: timedelta, deadline: float | None = None) -> int:
+    """Delete the completed and dead-lettered events that finished over `older_than`
+    ago, in batches; how many."""
+    before = timezone.now() - older_than
+    deleted = 0
+    for engine_type in event_engine_types():
+        for status in (EventStatus.COMPLETED, EventStatus.DEAD_LETTERED):
+            deleted += prune_in_batches(
+                sql=_PRUNE_SQL,
+                params={"engine_type": engine_type, "status": str(status), "before": before},
+                deadline=deadline,
+            )
+    return deleted
+
+
+def events_claim_now(
+    *, engine_type: str, engine: EngineInstance | None, batch_size: int, claimant: str = ""
+) -> list:
+    """One claim, without waiting: the leased events, highest priority then oldest.
+    `claimant` (who asks: `key:<id>`, `user:<id>`) is recorded for token-less reports."""
     now = timezone.now()
+    _expire_overdue(now, engine_type=engine_type)
     _dead_letter_exhausted(now, engine_type=engine_type)
     limit = batch_size
     if engine is not None and engine.max_concurrent_events:
@@ -444,6 +561,7 @@ def events_claim_now(*, engine_type: str, engine: EngineInstance | None, batch_s
                     "pending": EventStatus.PENDING,
                     "now": now,
                     "engine": engine.pk if engine else None,
+                    "claimant": claimant[:64],
                     "engine_type": engine_type,
                     "limit": limit,
                     "activity_channel": ACTIVITY_CHANNEL,
@@ -476,9 +594,10 @@ def events_claim(
     engine_id: Any = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     wait_s: float = 0,
+    claimant: str = "",
 ) -> list:
     """Claim up to `batch_size` events; with `wait_s`, wait for the first to appear
-    (woken by NOTIFY, not by polling)."""
+    (woken by NOTIFY, not by polling). `claimant`: who asks (Event.claimed_by)."""
     engine = _engine(engine_id) if engine_id else None
     if engine is not None and engine.engine_type != engine_type:
         raise OmnivaError(
@@ -488,7 +607,9 @@ def events_claim(
         )
 
     def claim() -> list:
-        return events_claim_now(engine_type=engine_type, engine=engine, batch_size=batch_size)
+        return events_claim_now(
+            engine_type=engine_type, engine=engine, batch_size=batch_size, claimant=claimant
+        )
 
     if wait_s <= 0:
         return claim()
@@ -533,18 +654,64 @@ def _to_dead_letter(
         stage_callbacks.finished(event.stage_run_id, None, error, _holder_name(event))
 
 
+def _fence(event: Event, now: datetime, *, lease_token: Any, engine_id: Any, claimant: str) -> None:
+    """Refuse (EVENT_LEASE_LOST) a report from anyone but the holder of the event's
+    current lease, as far as the report lets the holder be told apart: its lease token
+    decides; without one, the engine id it names must be the holder's; without either
+    (seed 000's client sends neither), the lease must have been claimed without an
+    engine id, with the same key or user (`claimed_by`). Two token-less engines that
+    claim anonymously with one key cannot be told apart: give each its own key."""
+    if event.status != EventStatus.LEASED or event.lease_expired(now):
+        raise OmnivaError(
+            ErrorCode.EVENT_LEASE_LOST,
+            f"Event {event.pk} is not leased (it is {event.status}"
+            + (", its lease ran out" if event.lease_expired(now) else "")
+            + ").",
+        )
+    if lease_token is not None:
+        if str(event.lease_token) != str(lease_token):
+            raise OmnivaError(
+                ErrorCode.EVENT_LEASE_LOST,
+                f"The lease token of event {event.pk} is stale; another claim holds it.",
+            )
+        return
+    if engine_id is not None:
+        if event.leased_by_id is None or str(event.leased_by_id) != str(engine_id):
+            raise OmnivaError(
+                ErrorCode.EVENT_LEASE_LOST,
+                f"Engine {engine_id} does not hold event {event.pk}; another claim does.",
+            )
+        return
+    if event.leased_by_id is not None:
+        raise OmnivaError(
+            ErrorCode.EVENT_LEASE_LOST,
+            f"Event {event.pk} is held by engine {event.leased_by_id}; a report without its "
+            "lease_token must name that engine (engine_id).",
+        )
+    if event.claimed_by != claimant:
+        raise OmnivaError(
+            ErrorCode.EVENT_LEASE_LOST,
+            f"Event {event.pk} is held by a claim made with another key; send its lease_token.",
+        )
+
+
 def event_update_status(
     *,
     event_id: Any,
     status: str,
     lease_token: Any = None,
+    engine_id: Any = None,
+    claimant: str = "",
     result: Any = None,
     error: Any = None,
     progress: float | None = None,
 ) -> Event:
     """An engine's report on an event it holds: `processing` extends the lease,
     `completed` stores the result, `failed` retries after the backoff or dead-letters.
-    A stale token, or an event not (or no longer) leased, is refused: EVENT_LEASE_LOST."""
+    A report from anyone but the lease's holder (`_fence`: stale token, another engine,
+    another key), or on an event not (or no longer) leased, is refused: EVENT_LEASE_LOST.
+    So is one on an event past its deadline, which leaves the queue (its job timed out)
+    whoever reported: that change is kept, the report is not applied."""
     if status not in REPORT_STATUSES:
         raise OmnivaError(
             ErrorCode.VALIDATION_ERROR,
@@ -554,66 +721,71 @@ def event_update_status(
     with transaction.atomic():
         event = _locked_event(event_id)
         now = timezone.now()
-        if event.status != EventStatus.LEASED or event.lease_expired(now):
-            raise OmnivaError(
-                ErrorCode.EVENT_LEASE_LOST,
-                f"Event {event.pk} is not leased (it is {event.status}"
-                + (", its lease ran out" if event.lease_expired(now) else "")
-                + ").",
-            )
-        if lease_token is not None and str(event.lease_token) != str(lease_token):
-            raise OmnivaError(
-                ErrorCode.EVENT_LEASE_LOST,
-                f"The lease token of event {event.pk} is stale; another claim holds it.",
-            )
-        if progress is not None:
-            event.progress = progress
-        if status == EventStatus.COMPLETED:
-            event.status = EventStatus.COMPLETED
-            event.result = result
-            event.error = None
-            event.progress = 100.0
-            event.lease_token = None
-            event.lock_until = None
-            event.finished_at = now
-            event.save()
-            _event_changed(event)
-            if event.stage_run_id is not None and stage_callbacks is not None:
-                stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
-            return event
-        if status == "failed":
-            failure = _error(error)
-            retry_count = event.retry_count + 1
-            if retry_count > event.max_retries:
-                _to_dead_letter(event, failure, now, retry_count=retry_count)
-                return event
-            delay = retry_backoff_s(retry_count)
-            event.status = EventStatus.PENDING
-            event.retry_count = retry_count
-            event.error = failure
-            event.lease_token = None
-            event.lock_until = None
-            event.available_at = now + timedelta(seconds=delay)
-            event.save()
-            _event_changed(event)
-            if delay <= 0:
-                _notify_claimable(event.engine_type)
-            return event
-        # processing: the engine is alive and working on it.
-        event.lock_until = now + timedelta(seconds=event.lease_s)
+        if not _expire_if_overdue(event, now):
+            _fence(event, now, lease_token=lease_token, engine_id=engine_id, claimant=claimant)
+            return _apply_report(event, now, status, result=result, error=error, progress=progress)
+    # Outside the transaction: the timeout committed, the report is refused.
+    raise OmnivaError(
+        ErrorCode.EVENT_LEASE_LOST,
+        f"Event {event.pk} passed its deadline (its job timed out); the report is not applied.",
+    )
+
+
+def _apply_report(
+    event: Event, now: datetime, status: str, *, result: Any, error: Any, progress: float | None
+) -> Event:
+    """A fenced report's change, in the caller's transaction."""
+    if progress is not None:
+        event.progress = progress
+    if status == EventStatus.COMPLETED:
+        event.status = EventStatus.COMPLETED
+        event.result = result
+        event.error = None
+        event.progress = 100.0
+        event.lease_token = None
+        event.lock_until = None
+        event.finished_at = now
         event.save()
         _event_changed(event)
-        if progress is not None and event.stage_run_id is not None and stage_callbacks:
-            run_id = event.stage_run_id
-            transaction.on_commit(lambda: _stage_progress(run_id, progress))
+        if event.stage_run_id is not None and stage_callbacks is not None:
+            stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
         return event
+    if status == "failed":
+        failure = _error(error)
+        retry_count = event.retry_count + 1
+        if retry_count > event.max_retries:
+            _to_dead_letter(event, failure, now, retry_count=retry_count)
+            return event
+        delay = retry_backoff_s(retry_count)
+        event.status = EventStatus.PENDING
+        event.retry_count = retry_count
+        event.error = failure
+        event.lease_token = None
+        event.lock_until = None
+        event.available_at = now + timedelta(seconds=delay)
+        event.save()
+        _event_changed(event)
+        if delay <= 0:
+            _notify_claimable(event.engine_type)
+        return event
+    # processing: the engine is alive and working on it.
+    event.lock_until = now + timedelta(seconds=event.lease_s)
+    event.save()
+    _event_changed(event)
+    if progress is not None and event.stage_run_id is not None and stage_callbacks:
+        run_id = event.stage_run_id
+        transaction.on_commit(lambda: _stage_progress(run_id, progress))
+    return event
 
 
-def events_report(*, reports: list[dict[str, Any]]) -> list[Event | OmnivaError]:
+def events_report(
+    *, reports: list[dict[str, Any]], claimant: str = ""
+) -> list[Event | OmnivaError]:
     """An engine's reports on several events (`{"id", "status", "lease_token", "result"?,
     "error"?, "progress"?}` each), applied in order, each by `event_update_status` in a
     transaction of its own: a refused report (stale token, event not leased or unknown)
-    changes nothing and the others still apply. One answer per report, in order: the
+    changes nothing (one on an event past its deadline still takes it out of the queue)
+    and the others still apply. One answer per report, in order: the
     event, or the OmnivaError that refused it. A database that is down fails the whole
     call (the reports before it stay applied)."""
     # One transaction per report, not one for the batch: a batch would hold the locks of
@@ -633,6 +805,8 @@ def events_report(*, reports: list[dict[str, Any]]) -> list[Event | OmnivaError]
                     event_id=report["id"],
                     status=report["status"],
                     lease_token=report.get("lease_token"),
+                    engine_id=report.get("engine_id"),
+                    claimant=claimant,
                     result=report.get("result"),
                     error=report.get("error"),
                     progress=report.get("progress"),
@@ -682,7 +856,9 @@ def event_requeue(*, event_id: Any) -> Event:
         event.available_at = now
         event.finished_at = None
         event.leased_by = None
+        event.claimed_by = ""
         event.leased_at = None
+        event.deadline = None  # requeued by hand: whatever bound it before is over
         event.progress = 0.0
         event.error = None
         event.result = None

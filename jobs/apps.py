@@ -8,7 +8,7 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_q.signals import post_spawn, pre_execute
+        from django_q.signals import post_execute_in_worker, post_spawn, pre_execute
 
         from jobs import builtin, gpu, reports, selectors, tasks  # noqa: F401  (they register)
         from omniva import selectors as core_selectors
@@ -34,6 +34,7 @@ class JobsConfig(AppConfig):
             finished=lambda stage_run_id, output, error, engine: services.stage_engine_finished(
                 stage_run_id=stage_run_id, output=output, error=error, engine=engine
             ),
+            expire=lambda stage_run_id: services.stage_engine_expire(stage_run_id=stage_run_id),
         )
 
         # The worker needs its task's delivery id to heartbeat and acknowledge it.
@@ -46,3 +47,8 @@ class JobsConfig(AppConfig):
         )
         # A worker of the gpu cluster warms its models up and reports its device.
         post_spawn.connect(tasks.on_worker_spawned, dispatch_uid="omniva.gpu_reporter")
+        # Then it waits for a task: the pusher claims by demand (jobs/broker.py).
+        from jobs import broker
+
+        post_spawn.connect(broker.worker_spawned, dispatch_uid="omniva.worker_ready")
+        post_execute_in_worker.connect(broker.worker_task_done, dispatch_uid="omniva.task_done")

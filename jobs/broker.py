@@ -19,6 +19,11 @@ fails; so neither the pusher while it is busy nor any other connection of the br
 (the sentinel's ping, the monitor's acknowledgements) listens. A lost connection (a
 database restart) is opened again by the next dequeue; the log says when it was lost
 and when it came back.
+
+The pusher fetches by demand: it claims only as many tasks as the cluster has workers
+waiting for one (`ReadyWorkers`), so every claimed task starts at once, its lease
+running only while it runs, and an urgent task enqueued behind a backlog of long stages
+is the next one any worker starts, not the one after a buffer's worth of them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import psycopg
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 from django_q.brokers import Broker
+from django_q.cluster import get_mp_context
 from django_q.conf import Conf
+from django_q.worker import rss_check
 
 from omniva.notifications import own_connection_params
 
@@ -191,6 +198,16 @@ def claim_stage_tasks(*, queue: str, stages: list[str], limit: int) -> list[tupl
         return [(ack_id_for(row_id, deliveries), run_id) for row_id, deliveries, run_id in cursor]
 
 
+def delivery_is_current(*, ack_id: str) -> bool:
+    """The delivery's row is there and was not delivered again since."""
+    row_id, deliveries = parse_ack_id(ack_id)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT 1 FROM jobs_queuetask WHERE id = %s AND deliveries = %s", [row_id, deliveries]
+        )
+        return cursor.fetchone() is not None
+
+
 def acknowledge_delivery(*, ack_id: str) -> None:
     row_id, deliveries = parse_ack_id(ack_id)
     with connection.cursor() as cursor:
@@ -208,6 +225,60 @@ def drop_stage_tasks(*, stage_run_ids: list[int]) -> int:
             "DELETE FROM jobs_queuetask WHERE stage_run_id = ANY(%s)", [list(stage_run_ids)]
         )
         return cursor.rowcount
+
+
+class ReadyWorkers:
+    """How many workers of this cluster wait for a task: a semaphore the workers release
+    (once when spawned, then after each task) and the pusher takes before it claims.
+
+    Made when jobs.broker is first imported, in the qcluster process, so the sentinel,
+    its pusher and its workers (all forked from it) share it. The count stays right as
+    workers come and go: one that dies in a task took its permit with it and its
+    replacement brings one; one that is recycled brings none back from its last task.
+    Only a pusher killed between its take and its claim's end loses permits.
+    """
+
+    def __init__(self) -> None:
+        self._waiting = get_mp_context().Semaphore(0)
+        self._tasks_run = 0  # by this worker process
+
+    def spawned(self) -> None:
+        self._waiting.release()
+
+    def task_done(self) -> None:
+        self._tasks_run += 1
+        # django-q2 ends a worker after RECYCLE tasks or past its memory cap, right after
+        # this signal; such a worker waits for nothing, and its replacement announces itself.
+        if self._tasks_run == Conf.RECYCLE or rss_check():
+            return
+        self._waiting.release()
+
+    def take(self, *, most: int, wait_s: float) -> int:
+        """Wait up to `wait_s` for a waiting worker; take it and up to `most` - 1 more."""
+        if not self._waiting.acquire(timeout=wait_s):
+            return 0
+        taken = 1
+        while taken < most and self._waiting.acquire(block=False):
+            taken += 1
+        return taken
+
+    def give_back(self, count: int) -> None:
+        for _ in range(count):
+            self._waiting.release()
+
+
+READY_WORKERS = ReadyWorkers()
+
+
+def worker_spawned(sender: Any, proc_name: str, **kwargs: Any) -> None:
+    """django-q2's post_spawn, in the new worker process."""
+    READY_WORKERS.spawned()
+
+
+def worker_task_done(sender: Any, task: dict[str, Any], **kwargs: Any) -> None:
+    """django-q2's post_execute_in_worker: the worker is about to wait for its next task."""
+    if not task.get("sync"):
+        READY_WORKERS.task_done()
 
 
 class PostgresBroker(Broker):
@@ -326,12 +397,19 @@ class PostgresBroker(Broker):
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
     def dequeue(self) -> list[tuple[str, str]] | None:
-        limit = max(1, int(Conf.BULK))
+        # Called by the pusher in a loop that checks for the cluster's stop between calls:
+        # with every worker busy it waits a fallback poll's time, then comes back empty.
+        limit = READY_WORKERS.take(most=max(1, int(Conf.BULK)), wait_s=FALLBACK_POLL_S)
+        if not limit:
+            return None
+        tasks: list[tuple[str, str]] = []
         try:
-            return self.claim(limit) or self._wait_and_claim(limit)
+            tasks = self.claim(limit) or self._wait_and_claim(limit) or []
         except psycopg.OperationalError as exc:
             self._reset(exc)
-            return None
+        finally:
+            READY_WORKERS.give_back(limit - len(tasks))
+        return tasks or None
 
     def _wait_and_claim(self, limit: int) -> list[tuple[str, str]] | None:
         """Listen, claim once more, wait for an enqueue (or the fallback poll), claim;

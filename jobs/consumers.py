@@ -40,6 +40,7 @@ from jobs import selectors
 from jobs.api.serializers import JobLogSerializer, JobSerializer
 from omniva import live
 from omniva.models import Activity, Project, Scope
+from omniva.row_ids import row_id
 from omniva.selectors import api_key_for_secret
 
 TOPICS = {"jobs", "engines", "events", "metrics"}
@@ -246,9 +247,10 @@ class ActivityConsumer(AsyncJsonWebsocketConsumer):
         raw = _one(query, "after")
         if raw is None:
             return None
-        if not raw.isdigit() or len(raw) > 18:
+        after = row_id(raw)
+        if after is None:
             raise Refused(4400)
-        return int(raw)
+        return after
 
     async def disconnect(self, code: int) -> None:
         for group in getattr(self, "groups", []):

@@ -44,6 +44,7 @@ from omniva.errors import ErrorCode, OmnivaError, http_status_for
 from omniva.models import Activity, ApiKey, Scope
 from omniva.notifications import Listener
 from omniva.null_character import refuse_null_character
+from omniva.row_ids import row_id
 
 logger = logging.getLogger("omniva.grpc")
 
@@ -560,11 +561,11 @@ def _resume_after(request: Any, context: grpc.ServicerContext) -> int:
     if not sequence:
         metadata = {item.key: item.value for item in context.invocation_metadata() or ()}
         raw = metadata.get(LAST_EVENT_ID_METADATA, "0")
-        if not isinstance(raw, str) or not raw.strip().isdigit() or len(raw.strip()) > 18:
+        sequence = row_id(raw.strip()) if isinstance(raw, str) else None
+        if sequence is None:
             raise _validation_error(
                 LAST_EVENT_ID_METADATA, "last-event-id is a sequence (a whole number)."
             )
-        sequence = int(raw.strip())
     if sequence < 0:
         raise _validation_error("after_sequence", "after_sequence is 0 or more.")
     return sequence
@@ -617,7 +618,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     @rpc(Scope.JOBS_READ)
     def GetTaskStatus(self, request: Any, context: grpc.ServicerContext, key: ApiKey) -> Any:
         job = task_of_caller(request.task_id, key)
-        if job.status == JobStatus.PENDING and job.queue_timeout_s:
+        if services.job_may_be_due(job):
             # Derived at read time, as on REST: a queue with no worker still times out.
             job = services.job_expire_if_due(job_id=job.pk)
         return task_status_response(job)

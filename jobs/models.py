@@ -17,7 +17,8 @@ from omniva.models import Project
 
 class JobStatus(models.TextChoices):
     # Waiting for its first stage to start. Leaves on a stage start (→ running), a
-    # cancel (→ cancelled), or when queue_timeout_s passes first (→ timed_out).
+    # cancel (→ cancelled), or when queue_timeout_s passes first (→ timed_out); one that
+    # waits for an engine, also when timeout_s does (jobs/services.py, _engine_deadline).
     PENDING = "pending", "Pending"
     # A stage is running or queued. Leaves when every stage completed (→ completed), a
     # stage raised (→ retrying, or → failed once retries are spent), the run time passed

@@ -18,6 +18,7 @@ import logging
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Avg, Q
+from django.db.models import Avg, Count, Max
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
@@ -228,6 +229,7 @@ def _enqueue_stage(
             job_id=job.pk,
             project_id=job.project_id,
             delay_s=delay_s,
+            deadline=_engine_deadline(job),
             data={
                 "job_id": str(job.pk),
                 "pipeline": job.pipeline,
@@ -655,6 +657,8 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
         now = timezone.now()
         if job.is_finished:
             return None
+        if ack_id and not broker.delivery_is_current(ack_id=ack_id):
+            return None  # a row of an ended attempt, or one delivered again since
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
             return None
@@ -737,13 +741,23 @@ def _parent_outputs(job_id: Any, pipeline: str, params: dict[str, Any], stage: s
 # The common case of a start in one statement, as a queue's claim is: a queued stage of
 # a job that is neither finished, cancelled nor out of time. It locks the job row first
 # like every transition; the stage run is only changed while its status is still
-# `queued` (re-checked on the newest row version once the lock is held). When any of
-# that does not hold it changes nothing, and stage_start decides under the full rules.
+# `queued` (re-checked on the newest row version once the lock is held), and only by a
+# delivery whose queue row is still there as delivered: a row that ended with an
+# earlier attempt (dropped with it) or was delivered again since starts nothing. When
+# any of that does not hold it changes nothing, and stage_start decides under the full
+# rules.
 START_SQL = """
-WITH target AS (
+WITH given AS (
+    SELECT * FROM unnest(%(runs)s::bigint[], %(rows)s::bigint[], %(deliveries)s::int[])
+           AS g(run_id, row_id, deliveries)
+), target AS (
     SELECT r.id AS run_id
     FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
+    JOIN given g ON g.run_id = r.id
+    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
     WHERE r.id = ANY(%(runs)s) AND r.status = %(queued)s
+      AND (g.row_id IS NULL OR EXISTS (
+          SELECT 1 FROM jobs_queuetask q WHERE q.id = g.row_id AND q.deliveries = g.deliveries))
       AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
       AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
            OR j.pending_since IS NULL
@@ -796,11 +810,14 @@ def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list
     if not ack_ids:
         return []
     now = timezone.now()
+    deliveries = [broker.parse_ack_id(ack) if ack else (None, None) for ack in ack_ids.values()]
     with connection.cursor() as cursor:
         cursor.execute(
             START_SQL,
             {
                 "runs": list(ack_ids),
+                "rows": [row for row, _ in deliveries],
+                "deliveries": [count for _, count in deliveries],
                 "queued": StageStatus.QUEUED,
                 "running": StageStatus.RUNNING,
                 "finished": list(FINISHED_STATUSES),
@@ -868,7 +885,9 @@ def stage_report(
         except OmnivaError:
             raise StageLeaseLost() from None
         now = timezone.now()
-        if job.cancel_requested_at or job.is_finished:
+        if job.is_finished:
+            raise StageLeaseLost()  # ended by someone else: nothing of this attempt is kept
+        if job.cancel_requested_at:
             raise StageCancelled()
         deadline = _deadline(job)
         if deadline and now >= deadline:
@@ -911,44 +930,71 @@ def stage_heartbeat(*, stage_run_id: int, token: str, ack_id: str | None) -> Sup
         )
 
 
-def stages_leases_extend(*, claims: list[StageClaim]) -> int:
-    """Extend the leases of running attempts whose tokens still hold, and their queue
-    rows', one statement each (the other attempts of a gpu batch, while its forward pass
-    runs); how many still held. Cancels and deadlines are not read: the batch's watched
-    attempt stops the batch for those."""
+# The heartbeat of a gpu batch's other attempts (stages_heartbeat), one statement: the
+# leases of those whose tokens still hold are extended, and their jobs' state returned.
+HEARTBEAT_SQL = """
+UPDATE jobs_stagerun r SET lease_expires_at = %(lease)s
+FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[]) AS g(run_id, token), jobs_job j
+WHERE r.id = g.run_id AND r.lease_token = g.token AND r.status = %(running)s
+  AND j.id = r.job_id
+RETURNING r.id, j.status, j.cancel_requested_at, j.started_at, j.timeout_s
+"""
+
+
+def stages_heartbeat(*, claims: list[StageClaim]) -> dict[int, SupervisionState]:
+    """stage_heartbeat for the other attempts of a gpu batch while its forward pass runs:
+    their leases and their queue rows' extended, one statement each, and what each one's
+    job asks (a cancel, its deadline), by stage run id; an attempt whose token no longer
+    holds is absent."""
     if not claims:
-        return 0
-    held_by = Q()
-    for claim in claims:
-        held_by |= Q(pk=claim.stage_run_id, lease_token=claim.token)
+        return {}
+    now = timezone.now()
     with transaction.atomic():
-        held = StageRun.objects.filter(held_by, status=StageStatus.RUNNING).update(
-            lease_expires_at=_lease_until(timezone.now())
-        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                HEARTBEAT_SQL,
+                {
+                    "lease": _lease_until(now),
+                    "runs": [claim.stage_run_id for claim in claims],
+                    "tokens": [claim.token for claim in claims],
+                    "running": StageStatus.RUNNING,
+                },
+            )
+            rows = cursor.fetchall()
         broker.extend_leases(
             ack_ids=[claim.ack_id for claim in claims if claim.ack_id],
             lease_s=settings.OMNIVA_TASK_LEASE_S,
         )
-    return held
+    return {
+        run_id: SupervisionState(
+            lease_held=status not in FINISHED_STATUSES,
+            cancel_requested_at=cancel_requested_at,
+            deadline=started_at + timedelta(seconds=timeout_s)
+            if timeout_s and started_at
+            else None,
+        )
+        for run_id, status, cancel_requested_at, started_at, timeout_s in rows
+    }
 
 
-def _acknowledge(ack_id: str | None) -> None:
-    # The delivery ends in the transition's own transaction: one commit fewer than
-    # django-q2's acknowledgement after the task returned, and never one without the other.
-    if ack_id:
-        broker.acknowledge_delivery(ack_id=ack_id)
+def _drop_queue_rows(run: StageRun) -> None:
+    """The attempt ended: every queue row of its run goes, in the transition's own
+    transaction (one commit fewer than django-q2's acknowledgement after the task
+    returned, and never one without the other). Every row, not only this delivery's: a
+    row delivered again while its first delivery waited in a worker's buffer is the same
+    run's, and left behind it would start the retry before its backoff."""
+    broker.drop_stage_tasks(stage_run_ids=[run.pk])
 
 
 # The common completion in one statement: the only stage of a one-stage pipeline
-# (pipelines.single_stage_pipelines) completes with its job, the delivery is
-# acknowledged and the job-done NOTIFY sent. Under the job's row lock like every
+# (pipelines.single_stage_pipelines) completes with its job, its queue rows are dropped
+# and the job-done NOTIFY sent. Under the job's row lock like every
 # transition, and only while the attempt's token holds; otherwise it changes nothing and
 # stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
 COMPLETE_SOLE_STAGE_SQL = """
 WITH given AS (
-    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[],
-                         %(rows)s::bigint[], %(deliveries)s::int[])
-           AS g(run_id, token, output, row_id, deliveries)
+    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
+           AS g(run_id, token, output)
 ), target AS (
     SELECT r.id AS run_id
     FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
@@ -966,10 +1012,8 @@ WITH given AS (
     FROM target JOIN given g ON g.run_id = target.run_id
     WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = g.token
     RETURNING r.*
-), ack AS (
-    DELETE FROM jobs_queuetask q
-    USING given g JOIN run ON run.id = g.run_id
-    WHERE q.id = g.row_id AND q.deliveries = g.deliveries
+), dropped AS (
+    DELETE FROM jobs_queuetask q USING run WHERE q.stage_run_id = run.id
 ), job AS (
     UPDATE jobs_job j
     SET status = %(completed)s, result = run.output, error = NULL, progress = 100,
@@ -1003,7 +1047,6 @@ class Completion:
     stage_run_id: int
     token: str
     output: Any
-    ack_id: str | None = None
 
 
 def stages_complete_sole(completions: list[Completion]) -> set[int]:
@@ -1012,7 +1055,6 @@ def stages_complete_sole(completions: list[Completion]) -> set[int]:
     stage_complete to decide. What JSON cannot hold raises before anything is written."""
     if not completions:
         return set()
-    acks = [broker.parse_ack_id(c.ack_id) if c.ack_id else (None, None) for c in completions]
     with connection.cursor() as cursor:
         cursor.execute(
             COMPLETE_SOLE_STAGE_SQL,
@@ -1020,8 +1062,6 @@ def stages_complete_sole(completions: list[Completion]) -> set[int]:
                 "runs": [c.stage_run_id for c in completions],
                 "tokens": [c.token for c in completions],
                 "outputs": [json.dumps(c.output, allow_nan=False) for c in completions],
-                "rows": [row for row, _ in acks],
-                "deliveries": [deliveries for _, deliveries in acks],
                 "running": StageStatus.RUNNING,
                 "completed": StageStatus.COMPLETED,
                 "finished": list(FINISHED_STATUSES),
@@ -1034,12 +1074,10 @@ def stages_complete_sole(completions: list[Completion]) -> set[int]:
         return {row[0] for row in cursor.fetchall()}
 
 
-def stage_complete(
-    *, stage_run_id: int, token: str, output: Any, ack_id: str | None = None
-) -> None:
+def stage_complete(*, stage_run_id: int, token: str, output: Any) -> None:
     """Store the output; start every child whose parents all completed; finish the job
     when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
-    if stages_complete_sole([Completion(stage_run_id, token, output, ack_id)]):
+    if stages_complete_sole([Completion(stage_run_id, token, output)]):
         return
     with transaction.atomic():
         job, run = _held_run(stage_run_id, token)
@@ -1064,7 +1102,7 @@ def stage_complete(
                 "error",
             ]
         )
-        _acknowledge(ack_id)
+        _drop_queue_rows(run)
         _stage_changed(job, run)
         if job.cancel_requested_at:
             _finish_job(job, JobStatus.CANCELLED, now=now)
@@ -1098,7 +1136,6 @@ def stage_fail(
     code: str,
     message: str,
     retryable: bool = True,
-    ack_id: str | None = None,
 ) -> Job:
     """A failed attempt: retry after the backoff while retries are left, else fail the job."""
     with transaction.atomic():
@@ -1106,7 +1143,8 @@ def stage_fail(
         now = timezone.now()
         if job.is_finished:
             raise OmnivaError(ErrorCode.STAGE_LEASE_LOST, "The job already ended.")
-        _acknowledge(ack_id)
+        # The run's row is written before its queue rows go, the order a heartbeat
+        # takes them in (stage run, then queue row).
         error = {"code": code, "message": message[:2000], "stage": run.name, "attempt": run.attempt}
         run.error = error
         run.lease_token = None
@@ -1115,12 +1153,13 @@ def stage_fail(
             run.status = StageStatus.CANCELLED
             run.finished_at = now
             run.save()
-            _finish_job(job, JobStatus.CANCELLED, now=now)
+            _finish_job(job, JobStatus.CANCELLED, now=now)  # drops the run's rows
             return job
         retries_used = run.attempt - run.attempt_floor
         if retryable and retries_used <= job.max_retries:
             delay = engines.retry_backoff_s(retries_used)
             run.save()
+            _drop_queue_rows(run)
             _log(
                 job,
                 f"attempt {run.attempt} failed: {code}: {message[:500]}; retry in {delay} s",
@@ -1141,6 +1180,7 @@ def stage_fail(
         run.status = StageStatus.FAILED
         run.finished_at = now
         run.save()
+        _drop_queue_rows(run)
         _stage_changed(job, run)
         _finish_job(
             job,
@@ -1211,6 +1251,61 @@ def stage_force_timeout(*, stage_run_id: int, token: str) -> bool:
     return stage_timed_out(stage_run_id=stage_run_id, token=token) is not None
 
 
+def stage_release(*, stage_run_id: int, token: str, reason: str) -> Job | None:
+    """Put a started attempt back in its queue, ready at once and not counted: it never
+    had its turn (the gpu batch it was gathered into was stopped by another job's cancel,
+    deadline or lost lease). Its attempt number is given back, so neither its retries
+    nor `attempts` count it. A job cancelled meanwhile ends cancelled, one past its
+    deadline times out; a stale token changes nothing (None)."""
+    with transaction.atomic():
+        try:
+            job, run = _held_run(stage_run_id, token)
+        except OmnivaError:
+            return None
+        now = timezone.now()
+        if job.is_finished:
+            return job
+        if job.cancel_requested_at:
+            _finish_job(job, JobStatus.CANCELLED, now=now)
+            return job
+        deadline = _deadline(job)
+        if deadline and now >= deadline:
+            error = {
+                "code": "TIMEOUT",
+                "message": f"Ran past timeout_s ({job.timeout_s} s).",
+                "stage": run.name,
+            }
+            _finish_job(
+                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
+            )
+            return job
+        run.attempt -= 1
+        run.status = StageStatus.QUEUED
+        run.queued_at = now
+        run.started_at = None
+        run.lease_token = None
+        run.lease_expires_at = None
+        run.save(
+            update_fields=[
+                "attempt", "status", "queued_at", "started_at", "lease_token", "lease_expires_at",
+            ]
+        )  # fmt: skip
+        # The fresh row below is the one delivery of the next attempt. The run's rows
+        # are dropped after it is written, the order a heartbeat takes them in.
+        _drop_queue_rows(run)
+        _log(job, f"attempt {run.attempt + 1} released, not counted: {reason}", stage=run.name)
+        _stage_changed(job, run)
+        _enqueue_stage(
+            job, run, pipeline_named(job.pipeline).dag(job.params).stage(run.name), saved=True
+        )
+        attempts = StageRun.objects.filter(job=job).aggregate(most=Max("attempt"))["most"]
+        if attempts != job.attempts:
+            job.attempts = attempts or 0
+            job.save(update_fields=["attempts", "updated_at"])
+            _job_changed(job)
+        return job
+
+
 # --- job transitions (called by users) -------------------------------------------------------
 
 
@@ -1220,9 +1315,44 @@ def stage_force_timeout(*, stage_run_id: int, token: str) -> bool:
 # through stage_complete / stage_fail like a worker stage's. The event's lease fences
 # the engine; the stage run has no lease of its own (lease_expires_at stays empty), so
 # a cancel ends it at once and dead-ends the event.
+#
+# No worker's alarm bounds an engine stage, so its deadline is derived: the event carries
+# it (Event.deadline, `_engine_deadline`), the claim never hands it out past it, and a
+# report, a claim of its engine type, a read of the job (job_expire_if_due) or the
+# retention pass, whichever comes first, times the job out (stage_engine_expire).
+
+
+def _engine_deadline(job: Job) -> datetime | None:
+    """When the job's engine stages must be done: the job's deadline (`_deadline`) once it
+    started. Before that no engine has taken it, and nothing else bounds its wait: it
+    waits at most timeout_s (or queue_timeout_s, if sooner) from when it was queued."""
+    if job.started_at is not None:
+        return _deadline(job)
+    limits = [limit for limit in (job.timeout_s, job.queue_timeout_s) if limit]
+    if not limits or job.pending_since is None:
+        return None
+    return job.pending_since + timedelta(seconds=min(limits))
+
+
+def _expire_engine_job(job: Job, run: StageRun, now: datetime) -> bool:
+    """Under the job's lock: time the job of engine stage `run` out if its deadline
+    passed (its events are dead-ended with it); whether it did."""
+    deadline = _engine_deadline(job)
+    if deadline is None or now < deadline:
+        return False
+    if job.started_at is not None:
+        message = f"Ran past timeout_s ({job.timeout_s} s)."
+    elif job.queue_timeout_s and (not job.timeout_s or job.queue_timeout_s <= job.timeout_s):
+        message = f"Not started within queue_timeout_s ({job.queue_timeout_s} s)."
+    else:
+        message = f"No {run.engine_type} engine took it within timeout_s ({job.timeout_s} s)."
+    error = {"code": "TIMEOUT", "message": message, "stage": run.name}
+    _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
+    return True
 
 
 def _mark_engine_stage_running(job: Job, run: StageRun, engine: str, now: datetime) -> None:
+    starts_job = job.started_at is None
     run.attempt += 1
     run.worker = engine[:200]
     if run.status != StageStatus.RUNNING:
@@ -1249,6 +1379,16 @@ def _mark_engine_stage_running(job: Job, run: StageRun, engine: str, now: dateti
     job.save(update_fields=["attempts", "status", "next_attempt_at", "started_at", "updated_at"])
     _job_changed(job)
     _stage_changed(job, run)
+    if starts_job:
+        # Its events waited under the deadline of a job not started; now it runs under
+        # the job's own (started_at + timeout_s).
+        open_engine_runs = StageRun.objects.filter(
+            job=job, status__in=[StageStatus.QUEUED, StageStatus.RUNNING]
+        ).exclude(engine_type="")
+        engines.events_deadline_set(
+            stage_run_ids=list(open_engine_runs.values_list("pk", flat=True)),
+            deadline=_deadline(job),
+        )
 
 
 def stage_engine_claimed(*, stage_run_id: int, engine: str) -> None:
@@ -1261,9 +1401,26 @@ def stage_engine_claimed(*, stage_run_id: int, engine: str) -> None:
         if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
             return
         now = timezone.now()
-        if _expire_if_queue_timed_out(job, now):
+        if _expire_engine_job(job, run, now):
             return  # its event is dead-ended with the job; the engine's report is refused
         _mark_engine_stage_running(job, run, engine, now)
+
+
+def stage_engine_expire(*, stage_run_id: int) -> bool:
+    """The stage's event passed its deadline: True when its job ended (timed out now,
+    which dead-ends the event, or before); False when the job still has time (a worker
+    stage started it meanwhile), after moving the event's deadline to the job's."""
+    with transaction.atomic():
+        locked = _lock_job_of_stage(stage_run_id)
+        if locked is None:
+            return True
+        job, run = locked
+        if job.is_finished or run.status not in (StageStatus.QUEUED, StageStatus.RUNNING):
+            return True
+        if _expire_engine_job(job, run, timezone.now()):
+            return True
+        engines.events_deadline_set(stage_run_ids=[run.pk], deadline=_engine_deadline(job))
+        return False
 
 
 def stage_engine_progress(*, stage_run_id: int, progress: float) -> None:
@@ -1464,17 +1621,14 @@ def job_delete(*, job_id: Any) -> None:
                 project_id=job.project_id,
             )
         job.delete()
-        transaction.on_commit(
-            lambda: [shutil.rmtree(job_files(i), ignore_errors=True) for i in ids]
-        )
+        transaction.on_commit(lambda: [_job_files_delete(i) for i in ids])
 
 
 # A century: older than that is before any job, and further back the cutoff overflows.
 CLEANUP_MAX_AGE_S = 100 * 365 * 86400
 
 
-def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -> int:
-    """Delete finished jobs (top-level, with their children) that ended over max_age_s ago."""
+def _cleanup_cutoff(max_age_s: int, statuses: list[str] | None) -> tuple[datetime, list[str]]:
     if not 0 <= max_age_s <= CLEANUP_MAX_AGE_S:
         raise OmnivaError(
             ErrorCode.VALIDATION_ERROR,
@@ -1489,27 +1643,166 @@ def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -
             f"Only finished jobs are cleaned up; not {', '.join(unknown)}.",
             details={"statuses": [f"not a finished status: {s}" for s in unknown]},
         )
-    cutoff = timezone.now() - timedelta(seconds=max_age_s)
-    with transaction.atomic():
-        doomed = Job.objects.filter(parent__isnull=True, status__in=wanted, finished_at__lt=cutoff)
-        ids = list(doomed.values_list("pk", flat=True))
-        if not ids:
-            return 0
-        _deleted, per_model = Job.objects.filter(pk__in=ids).delete()
-        cleared = per_model.get("jobs.Job", 0)
-        transaction.on_commit(
-            lambda: [shutil.rmtree(job_files(i), ignore_errors=True) for i in ids]
+    return timezone.now() - timedelta(seconds=max_age_s), wanted
+
+
+def jobs_cleanup(*, max_age_s: int = 86400, statuses: list[str] | None = None) -> int:
+    """Delete finished jobs (top-level, with their children) that ended over max_age_s
+    ago, in batches (jobs_prune); how many jobs, children included."""
+    before, wanted = _cleanup_cutoff(max_age_s, statuses)
+    return jobs_prune(before=before, statuses=wanted)
+
+
+# Top-level jobs deleted per transaction, each with its children (a batch job has up to
+# 1,000), their stage runs, logs, queue rows and, once committed, their files.
+JOB_PRUNE_BATCH = 200
+
+
+def jobs_prune(
+    *,
+    before: datetime,
+    statuses: list[str] | tuple[str, ...] = FINISHED_STATUSES,
+    deadline: float | None = None,
+) -> int:
+    """Delete the top-level jobs of `statuses` that finished before `before`, with their
+    children, in batches of JOB_PRUNE_BATCH, each its own transaction, until none is
+    left or the monotonic clock passes `deadline`; how many jobs, children included."""
+    deleted = 0
+    after: datetime | None = None
+    while deadline is None or time.monotonic() < deadline:
+        with transaction.atomic():
+            seen, ids, after = _jobs_prune_batch(before=before, after=after, statuses=statuses)
+        deleted += len(ids)
+        if seen < JOB_PRUNE_BATCH or not ids:
+            break
+    return deleted
+
+
+def _jobs_prune_batch(
+    *, before: datetime, after: datetime | None, statuses: list[str] | tuple[str, ...]
+) -> tuple[int, list[Any], datetime | None]:
+    """(top-level jobs looked at, ids deleted, the last one's finished_at) of one batch,
+    in the caller's transaction. It starts at `after`, where the last batch ended (see
+    omniva.services.prune_in_batches)."""
+    finished = Job.objects.filter(parent__isnull=True, status__in=statuses, finished_at__lt=before)
+    if after is not None:
+        finished = finished.filter(finished_at__gte=after)
+    picked = list(
+        finished.order_by("finished_at").values_list("pk", "finished_at")[:JOB_PRUNE_BATCH]
+    )
+    if not picked:
+        return 0, [], after
+    candidates = [pk for pk, _finished_at in picked]
+    # Children before their batch: the lock order of every child transition (a retried
+    # child reopens its batch). A family one of whose children someone holds, or is not
+    # finished, is left for a later pass; so is a job someone holds.
+    family_sizes = dict(
+        Job.objects.filter(parent_id__in=candidates)
+        .order_by()
+        .values_list("parent_id")
+        .annotate(n=Count("pk"))
+    )
+    children = list(
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(parent_id__in=candidates, status__in=FINISHED_STATUSES)
+        .order_by()
+        .values_list("pk", "parent_id")
+    )
+    locked = Counter(parent for _child, parent in children)
+    whole = [pk for pk in candidates if locked[pk] == family_sizes.get(pk, 0)]
+    parents = set(
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(pk__in=whole, status__in=statuses, finished_at__lt=before)
+        .order_by()
+        .values_list("pk", flat=True)
+    )
+    ids = [*parents, *(child for child, parent in children if parent in parents)]
+    if not ids:
+        return len(candidates), [], picked[-1][1]
+    broker.drop_stage_tasks(
+        stage_run_ids=list(
+            StageRun.objects.filter(job_id__in=ids).order_by().values_list("pk", flat=True)
         )
-    return cleared
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("DELETE FROM jobs_joblog WHERE job_id = ANY(%s)", [ids])
+        cursor.execute("DELETE FROM jobs_stagerun WHERE job_id = ANY(%s)", [ids])
+        cursor.execute("DELETE FROM jobs_job WHERE id = ANY(%s)", [ids])
+    transaction.on_commit(lambda: [_job_files_delete(i) for i in ids])
+    return len(candidates), ids, picked[-1][1]
+
+
+# The django-q2 schedule (made by jobs/migrations/0003_retention_schedule.py) that runs a
+# retention pass in the default cluster every RETENTION_EVERY_MIN minutes.
+RETENTION_SCHEDULE = "omniva:retention"
+RETENTION_TASK = "jobs.tasks.retention_run"
+RETENTION_EVERY_MIN = 10
+
+
+def retention_run(
+    *,
+    job_max_age_s: int | None = None,
+    statuses: list[str] | None = None,
+    budget_s: float | None = None,
+) -> dict[str, int]:
+    """One retention pass: take the events past their deadline out of the queue (their
+    jobs time out) and dead-letter those whose last lease ran out, then delete,
+    in batches, what is past its retention: activity rows, audit records, finished
+    events, and finished jobs (OMNIVA_JOB_RETENTION_DAYS, or `job_max_age_s`). A pass
+    that runs out of `budget_s` leaves the rest to the next one. How many of each."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    if job_max_age_s is None:
+        job_max_age_s = settings.OMNIVA_JOB_RETENTION_DAYS * 86400
+    before, wanted = _cleanup_cutoff(job_max_age_s, statuses)
+    days = timedelta(days=1)
+    # Past their deadline first: those jobs time out rather than fail (as at a claim).
+    report = {"timed_out": engines.events_expire_overdue()}
+    report["dead_lettered"] = engines.events_dead_letter_exhausted()
+    report["activity"] = core_services.activity_prune(
+        older_than=days * settings.OMNIVA_ACTIVITY_RETENTION_DAYS, deadline=deadline
+    )
+    report["audit_records"] = core_services.audit_records_prune(
+        older_than=days * settings.OMNIVA_AUDIT_RETENTION_DAYS, deadline=deadline
+    )
+    report["events"] = engines.events_prune(
+        older_than=days * settings.OMNIVA_EVENT_RETENTION_DAYS, deadline=deadline
+    )
+    report["jobs"] = jobs_prune(before=before, statuses=wanted, deadline=deadline)
+    return report
+
+
+def job_may_be_due(job: Job) -> bool:
+    """Whether a read of `job` should settle it (job_expire_if_due): it is active and past
+    queue_timeout_s or timeout_s as far as its own row tells (no query)."""
+    if job.status not in ACTIVE_STATUSES:
+        return False
+    since = job.started_at or job.pending_since
+    limits = [job.timeout_s] if job.started_at else [job.timeout_s, job.queue_timeout_s]
+    shortest = min((limit for limit in limits if limit), default=None)
+    return bool(since and shortest and timezone.now() >= since + timedelta(seconds=shortest))
 
 
 def job_expire_if_due(*, job_id: Any) -> Job:
-    """Time out a job still waiting past queue_timeout_s (read paths call this, so a queue
-    with no worker at all still reports TIMEOUT)."""
+    """Time out a job past a deadline that no worker enforces (read paths call this, so a
+    queue with no worker at all, or an engine type with no engine, still reports
+    TIMEOUT): one still waiting past queue_timeout_s, or one whose engine stage is past
+    its deadline (`_engine_deadline`)."""
     with transaction.atomic():
         job = _lock_job(job_id)
-        if job.status == JobStatus.PENDING:
-            _expire_if_queue_timed_out(job, timezone.now())
+        now = timezone.now()
+        if job.status == JobStatus.PENDING and _expire_if_queue_timed_out(job, now):
+            return job
+        if job.status in ACTIVE_STATUSES:
+            engine_run = (
+                StageRun.objects.filter(
+                    job=job, status__in=[StageStatus.QUEUED, StageStatus.RUNNING]
+                )
+                .exclude(engine_type="")
+                .order_by("position")
+                .first()
+            )
+            if engine_run is not None:
+                _expire_engine_job(job, engine_run, now)
         return job
 
 

@@ -5,9 +5,20 @@ lease and its queue row's, so a live worker keeps its task and a dead one loses 
 after one lease. The supervisor also enforces what the stage code may ignore: past the
 job's deadline the main thread gets SIGALRM (StageTimedOut); once a cancel's grace
 period is over the job is cancelled in the database (the attempt's token is revoked,
-so its result would be refused) and the main thread gets SIGUSR1 (StageCancelled). A
+so its result would be refused) and the main thread gets SIGUSR1 (StageCancelled). An
+attempt that lost its lease (another worker took the stage over, or its job ended: a
+sibling stage failed, a cancel or deadline seen by another process) gets SIGUSR1 too
+(StageLeaseLost), so what it would do next (an upload, an API call) does not happen. A
 stage stuck in native code that does not return even then takes its worker process
 down with it; django-q2 starts a fresh one.
+
+A batchable stage (`Stage.batch`, the gpu queue) runs the attempts gathered with the
+delivered one in one call (`_execute_batch`), and each job's outcome stays its own: a
+call that raises is split in halves until the attempt whose input makes it raise is
+alone; an attempt past its deadline, or cancelled, ends so on its own (the supervisor
+ends it in the database while the batch runs); when the delivered attempt stops the
+batch, the others are put back in the queue uncounted (`stage_release`); and each is
+settled on its own, so one's database error undoes none of the others'.
 """
 
 from __future__ import annotations
@@ -20,12 +31,12 @@ import signal
 import socket
 import threading
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, DataError, connection, transaction
 from django.utils import timezone
 
 from jobs import inference, pipelines, services
@@ -71,8 +82,8 @@ def worker_name() -> str:
 class _Supervisor(threading.Thread):
     """One per worker process, started with its first stage and kept: a thread per
     stage would cost more than a short stage itself. It watches one attempt at a time
-    (`watch`/`release`, called by the main thread around the stage function), and keeps
-    the leases of the attempts batched with it (`riders`) alive with it."""
+    (`watch`/`release`, called by the main thread around the stage function), and the
+    attempts batched with it (`riders`): their leases, cancels and deadlines."""
 
     def __init__(self) -> None:
         super().__init__(name="stage-supervisor", daemon=True)
@@ -80,6 +91,10 @@ class _Supervisor(threading.Thread):
         self.claim: services.StageClaim | None = None
         self.riders: tuple[services.StageClaim, ...] = ()
         self.forced: type[StageInterrupted] | None = None
+        # Held while a heartbeat runs: `release` waits for it, so that no heartbeat of an
+        # attempt is in flight once the main thread settles it (their row locks, taken
+        # in other orders, could deadlock) or releases its batch's other attempts.
+        self.beating = threading.Lock()
 
     @staticmethod
     def interval() -> float:
@@ -100,6 +115,8 @@ class _Supervisor(threading.Thread):
             self.claim = None
             self.riders = ()
             self.changed.notify()
+        with self.beating:
+            pass
 
     def run(self) -> None:
         while True:
@@ -116,8 +133,12 @@ class _Supervisor(threading.Thread):
                 forced = self.forced
             assert claim is not None
             if forced is None:
-                self._beat(claim)
-                self._beat_riders(riders)
+                with self.beating:
+                    self._beat(claim)
+                    # Not once the beat stopped the batch: its other attempts are the
+                    # main thread's to put back.
+                    if self.forced is None and self.claim is claim:
+                        self._beat_riders(riders)
                 continue
             with self.changed:
                 if not self._released(claim, FORCE_EXIT_AFTER_S):
@@ -139,7 +160,11 @@ class _Supervisor(threading.Thread):
             return
         now = timezone.now()
         if not state.lease_held:
-            return  # the result will be refused; the stage ends on its own or at its deadline
+            # Another attempt holds the stage, or its job ended: stop it as a cancel
+            # does. Its delivery is not acknowledged: a row still there is the new
+            # holder's (or dropped with the job already).
+            self._interrupt(claim, StageLeaseLost, signal.SIGUSR1, acknowledge=False)
+            return
         if state.cancel_requested_at and now - state.cancel_requested_at >= timezone.timedelta(
             seconds=settings.OMNIVA_CANCEL_GRACE_S
         ):
@@ -154,19 +179,39 @@ class _Supervisor(threading.Thread):
             self._interrupt(claim, StageTimedOut, signal.SIGUSR1)
 
     def _beat_riders(self, riders: tuple[services.StageClaim, ...]) -> None:
-        """Extend the leases of the attempts in the watched one's batch: a forward pass
-        on a slow device can outlast a lease, and another worker would start them again.
-        Their cancels and deadlines wait for the batch (its outcome settles each)."""
+        """Extend the leases of the attempts in the watched one's batch (a forward pass
+        on a slow device can outlast a lease, and another worker would start them
+        again), and end those whose job's deadline passed, or whose cancel's grace ran
+        out, in the database: the job ends then, not when the batch does, and the
+        batch's output for it is refused. The batch itself goes on for the others."""
+        if not riders:
+            return
         try:
-            services.stages_leases_extend(claims=list(riders))
+            states = services.stages_heartbeat(claims=list(riders))
+            now = timezone.now()
+            grace = timezone.timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
+            for rider in riders:
+                state = states.get(rider.stage_run_id)
+                if state is None or not state.lease_held:
+                    continue
+                ids = {"stage_run_id": rider.stage_run_id, "token": rider.token}
+                if state.deadline and now >= state.deadline:
+                    services.stage_force_timeout(**ids)
+                elif state.cancel_requested_at and now - state.cancel_requested_at >= grace:
+                    services.stage_force_cancel(**ids)
         except DatabaseError as exc:
             logger.warning("heartbeat failed: %s", exc.__class__.__name__)
             connection.close()
 
     def _interrupt(
-        self, claim: services.StageClaim, kind: type[StageInterrupted], signum: int
+        self,
+        claim: services.StageClaim,
+        kind: type[StageInterrupted],
+        signum: int,
+        *,
+        acknowledge: bool = True,
     ) -> None:
-        if claim.ack_id:
+        if acknowledge and claim.ack_id:
             from jobs.broker import acknowledge_delivery
 
             acknowledge_delivery(ack_id=claim.ack_id)
@@ -323,49 +368,99 @@ def _batch_items(claim: services.StageClaim) -> int:
 
 def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
     """`first` and the ready attempts of the same stage gathered with it, in one call of
-    `stage.batch` (one forward pass); each attempt is settled on its own. The supervisor
-    watches `first` (its deadline and cancel interrupt the batch); the others' leases
-    outlast a forward pass many times over."""
+    `stage.batch` (one forward pass); each attempt's outcome is its own. The supervisor
+    watches `first` (its deadline, cancel or lost lease stops the batch: the others are
+    put back in the queue, uncounted) and the others (their leases, deadlines, cancels)."""
     assert stage.batch is not None
-    claims = [
+    riders = inference.gather_batch(
         first,
-        *inference.gather_batch(
-            first,
-            items=_batch_items,
-            worker=worker_name(),
-            max_items=settings.OMNIVA_GPU_MAX_BATCH,
-            max_wait_s=settings.OMNIVA_GPU_MAX_WAIT_MS / 1000,
-        ),
-    ]
+        items=_batch_items,
+        worker=worker_name(),
+        max_items=settings.OMNIVA_GPU_MAX_BATCH,
+        max_wait_s=settings.OMNIVA_GPU_MAX_WAIT_MS / 1000,
+    )
+    claims = [first, *riders]
     outcomes: list[Any]
     try:
-        with supervised(first, tuple(claims[1:])):
-            outcomes = stage.batch([_context(claim) for claim in claims])
+        with supervised(first, tuple(riders)):
+            outcomes = _run_batch(stage, claims)
+    except StageInterrupted as exc:
+        # Only `first` was stopped; the others never had their turn.
+        for rider in riders:
+            _release(rider, f"its batch was stopped ({type(exc).__name__})")
+        _settle(first, exc)
+        return
+    now = timezone.now()
+    outcomes = [
+        StageTimedOut() if claim.deadline and now >= claim.deadline else outcome
+        for claim, outcome in zip(claims, outcomes, strict=True)
+    ]
+    # The outputs of one-stage jobs complete with their jobs in one statement, alone in
+    # its transaction: should it fail (one output the database refuses), nothing of it
+    # was written, and each attempt is settled below on its own. Every other outcome,
+    # and a completion the statement did not make (a lost lease, a cancel), is settled
+    # on its own too, so that one's failure leaves the others' committed.
+    done: set[int] = set()
+    try:
+        with _on_its_own():
+            done = services.stages_complete_sole(
+                [
+                    services.Completion(claim.stage_run_id, claim.token, outcome)
+                    for claim, outcome in zip(claims, outcomes, strict=True)
+                    if _storable(outcome)
+                ]
+            )
+    except DatabaseError as exc:
+        logger.warning("the batch's completions failed together (%s); one by one", exc)
+    for claim, outcome in zip(claims, outcomes, strict=True):
+        if claim.stage_run_id in done:
+            _acknowledged(claim)
+            continue
+        try:
+            with _on_its_own():
+                _settle(claim, outcome)
+        except DatabaseError as exc:
+            # Its lease runs out and it is delivered again; the others are settled.
+            logger.warning("settling %s of job %s failed: %s", claim.stage, claim.job_id, exc)
+
+
+def _run_batch(stage: pipelines.Stage, claims: Sequence[services.StageClaim]) -> list[Any]:
+    """One outcome per claim from `stage.batch`. A call that raises (a driver error, out
+    of memory, an input the model chokes on) is split in halves, each run again, down to
+    the attempt whose input makes it raise: only that one ends with the exception. A
+    pass that was too large gets through in smaller ones."""
+    assert stage.batch is not None
+    try:
+        outcomes = stage.batch([_context(claim) for claim in claims])
         if len(outcomes) != len(claims):
             raise RuntimeError(f"{len(outcomes)} outputs for {len(claims)} attempts")
-    except StageInterrupted as exc:
-        # Only `first` was stopped; the others ran into it and are tried again.
-        interrupted = StageError("BATCH_INTERRUPTED", "Its batch was interrupted.")
-        outcomes = [exc, *[interrupted] * (len(claims) - 1)]
+        return list(outcomes)
     except Exception as exc:
-        outcomes = [exc] * len(claims)
-    # One commit for the whole batch. The outputs of one-stage jobs complete with their
-    # jobs in one statement; every other outcome, and a completion that statement did
-    # not make (a lost lease, a cancel), is settled alone in a savepoint of its own.
-    with transaction.atomic():
-        done = services.stages_complete_sole(
-            [
-                services.Completion(claim.stage_run_id, claim.token, outcome, claim.ack_id)
-                for claim, outcome in zip(claims, outcomes, strict=True)
-                if _storable(outcome)
-            ]
+        if len(claims) == 1:
+            return [exc]
+        logger.warning(
+            "a batch of %d %s attempts raised %s; split in halves",
+            len(claims),
+            claims[0].stage,
+            type(exc).__name__,
         )
-        for claim, outcome in zip(claims, outcomes, strict=True):
-            if claim.stage_run_id in done:
-                _acknowledged(claim)
-                continue
-            with transaction.atomic():
-                _settle(claim, outcome)
+        half = len(claims) // 2
+        return [*_run_batch(stage, claims[:half]), *_run_batch(stage, claims[half:])]
+
+
+def _release(claim: services.StageClaim, reason: str) -> None:
+    try:
+        services.stage_release(stage_run_id=claim.stage_run_id, token=claim.token, reason=reason)
+    except DatabaseError as exc:
+        # Its lease runs out and it is delivered again (then counted as lost).
+        logger.warning("releasing %s of job %s failed: %s", claim.stage, claim.job_id, exc)
+
+
+def _on_its_own() -> AbstractContextManager[Any]:
+    """A savepoint when the caller holds a transaction (a failed statement would abort
+    it, and what else it holds with it); nothing in autocommit, where each statement and
+    each transition's transaction stands alone."""
+    return transaction.atomic() if connection.in_atomic_block else nullcontext()
 
 
 def _storable(outcome: Any) -> bool:
@@ -401,7 +496,8 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
         )
     else:
         try:
-            services.stage_complete(**ids, output=outcome, ack_id=claim.ack_id)
+            with _on_its_own():
+                services.stage_complete(**ids, output=outcome)
             _acknowledged(claim)
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)
@@ -410,6 +506,14 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
                 claim,
                 "BAD_OUTPUT",
                 f"The stage returned what JSON cannot hold: {exc}",
+                retryable=False,
+            )
+        except DataError as exc:
+            # A value PostgreSQL does not store (U+0000 in a string): nothing was written.
+            _report_failure(
+                claim,
+                "BAD_OUTPUT",
+                f"The database refused the stage's output: {str(exc).strip()[:500]}",
                 retryable=False,
             )
 
@@ -424,7 +528,6 @@ def _report_failure(
             code=code,
             message=message,
             retryable=retryable,
-            ack_id=claim.ack_id,
         )
         _acknowledged(claim)
     except OmnivaError as exc:
@@ -437,3 +540,13 @@ def on_worker_spawned(sender: Any, proc_name: str, **kwargs: Any) -> None:
 
     if Conf.CLUSTER_NAME == inference.GPU_QUEUE:
         inference.start_reporter(worker_name())
+
+
+def retention_run(**_: Any) -> dict[str, int]:
+    """The retention schedule came due (services.RETENTION_SCHEDULE): one pass, cut short
+    at half a task lease. Nothing renews the lease of a task that runs no stage, so a
+    longer pass would be delivered to a second worker meanwhile; the next pass goes on
+    where this one stopped."""
+    pruned = services.retention_run(budget_s=settings.OMNIVA_TASK_LEASE_S / 2)
+    logger.info("retention pass: %s", pruned)
+    return pruned

@@ -4,8 +4,8 @@ Everything here is read from the database at scrape time: jobs are submitted by 
 and finished by qcluster workers in other processes (and on other machines), and the
 database is the one place that saw all of it, so any node's /metrics tells the truth
 about the whole deployment and agrees with /v1/metrics. The job counters count the jobs
-the database still holds: a cleanup lowers them, which Prometheus reads as a counter
-reset, as it would a restart.
+the database still holds: the retention pass (every ten minutes) lowers them, which
+Prometheus reads as a counter reset, as it would a restart.
 """
 
 from __future__ import annotations

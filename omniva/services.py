@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -324,9 +325,56 @@ def audit_records_write(*, records: list[dict[str, Any]]) -> bool:
         return True
 
 
-def audit_records_prune(*, older_than: timedelta) -> int:
-    deleted, _ = AuditRecord.objects.filter(at__lt=timezone.now() - older_than).delete()
+# --- Retention -----------------------------------------------------------------------------
+
+# Rows past their retention go in batches of this many, each batch its own transaction:
+# a big backlog never holds its locks, or one snapshot that stops VACUUM, for long.
+PRUNE_BATCH = 1000
+
+# The ids are picked once, into an array (an InitPlan), and deleted through the primary
+# key: joined with a subquery instead, the DELETE was planned as a scan of the whole table
+# (seen at 200,000 rows), and `id IN (subquery)` may run the subquery again. SKIP LOCKED
+# passes over rows a writer or another pass holds: the next pass takes them. Each batch
+# starts where the last one ended (`after`): the index entries of the rows already
+# deleted stay until VACUUM, and walking them from the index's start again would make
+# each batch cost more than the one before.
+_PRUNE_SQL = """
+WITH deleted AS (
+    DELETE FROM {table} WHERE id = ANY(ARRAY(
+        SELECT id FROM {table} WHERE {column} >= %(after)s AND {column} < %(before)s
+        ORDER BY {column} LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING {column}
+)
+SELECT count(*), max({column}) FROM deleted
+"""
+
+
+def prune_in_batches(*, sql: str, params: dict[str, Any], deadline: float | None = None) -> int:
+    """Run `sql` (delete at most %(limit)s rows whose ordering column is at least
+    %(after)s; answer how many and the greatest) again, each run in its own
+    transaction, until a run deletes fewer than PRUNE_BATCH rows or the monotonic clock
+    passes `deadline`; how many rows in all."""
+    deleted = 0
+    after: Any = "-infinity"
+    while deadline is None or time.monotonic() < deadline:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, {**params, "after": after, "limit": PRUNE_BATCH})
+            batch, last = cursor.fetchone()
+        deleted += batch
+        if batch < PRUNE_BATCH:
+            break
+        after = last
     return deleted
+
+
+def audit_records_prune(*, older_than: timedelta, deadline: float | None = None) -> int:
+    """Delete the audit records older than `older_than`, in batches (the `at` index)."""
+    return prune_in_batches(
+        sql=_PRUNE_SQL.format(table=AuditRecord._meta.db_table, column="at"),
+        params={"before": timezone.now() - older_than},
+        deadline=deadline,
+    )
 
 
 # --- Activity --------------------------------------------------------------------------
@@ -380,9 +428,13 @@ def activity_values(rows: list[ActivityRow]) -> tuple[str, list[Any]]:
     return ", ".join([_ACTIVITY_VALUES] * len(rows)), params
 
 
-def activity_prune(*, older_than: timedelta) -> int:
-    deleted, _ = Activity.objects.filter(at__lt=timezone.now() - older_than).delete()
-    return deleted
+def activity_prune(*, older_than: timedelta, deadline: float | None = None) -> int:
+    """Delete the outbox rows older than `older_than`, in batches (the `at` index)."""
+    return prune_in_batches(
+        sql=_PRUNE_SQL.format(table=Activity._meta.db_table, column="at"),
+        params={"before": timezone.now() - older_than},
+        deadline=deadline,
+    )
 
 
 # --- Rate limits ---------------------------------------------------------------------------

@@ -320,9 +320,16 @@ OMNIVA_AUDIT_FLUSH_MS = env_int("OMNIVA_AUDIT_FLUSH_MS", 50, minimum=1, maximum=
 OMNIVA_KEY_CACHE_S = env_int("OMNIVA_KEY_CACHE_S", 5, minimum=0, maximum=300)
 # /v1/health runs its database checks at most this often per process (0: every time).
 OMNIVA_HEALTH_CACHE_MS = env_int("OMNIVA_HEALTH_CACHE_MS", 1000, minimum=0, maximum=60_000)
+# Retention: a pass every ten minutes (the `omniva:retention` django-q2 schedule, run by
+# the default worker cluster; `manage.py cleanup` runs one by hand) deletes, in batches,
+# what is older than these. Audit records:
 OMNIVA_AUDIT_RETENTION_DAYS = env_int("OMNIVA_AUDIT_RETENTION_DAYS", 30, minimum=1)
-# How long the activity outbox (the live stream's history, resumable with ?after=) is kept.
+# The activity outbox (the live stream's history, resumable with ?after=):
 OMNIVA_ACTIVITY_RETENTION_DAYS = env_int("OMNIVA_ACTIVITY_RETENTION_DAYS", 7, minimum=1)
+# Finished jobs (with their stages, logs and files), counted from when they finished:
+OMNIVA_JOB_RETENTION_DAYS = env_int("OMNIVA_JOB_RETENTION_DAYS", 7, minimum=1)
+# Completed and dead-lettered engine events (a dead-lettered one can be requeued until then):
+OMNIVA_EVENT_RETENTION_DAYS = env_int("OMNIVA_EVENT_RETENTION_DAYS", 7, minimum=1)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": [

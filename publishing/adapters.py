@@ -56,6 +56,7 @@ from django.utils.html import linebreaks
 
 from omniva import media, outbound
 from omniva.errors import OmnivaError
+from omniva.row_ids import is_row_id
 from publishing.models import Destination, DestinationKind
 
 SIGNATURE_HEADER = "X-Omniva-Signature"
@@ -233,7 +234,7 @@ def _config_text(destination: Destination, name: str, *, required: bool = True) 
 
 def _config_id(destination: Destination, name: str) -> int:
     value = destination.config.get(name)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and is_row_id(value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise AdapterError(

@@ -15,6 +15,7 @@ from engines.models import (
 from engines.selectors import held_events_filter
 from engines.services import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, MAX_REPORT_BATCH, MAX_WAIT_S
 from omniva.api.serializers import FieldsBuiltOnce
+from omniva.row_ids import is_row_id
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 
@@ -115,7 +116,7 @@ class EventCreateSerializer(serializers.Serializer):
 
     def validate_event_type(self, value: str) -> EventType:
         event_type = EventType.objects.filter(name=value).first()
-        if event_type is None and value.isdigit():
+        if event_type is None and is_row_id(value):
             event_type = EventType.objects.filter(pk=int(value)).first()
         if event_type is None:
             raise serializers.ValidationError(f"No event type {value!r}.")
@@ -203,7 +204,18 @@ class EventStatusSerializer(serializers.Serializer):
     result = serializers.JSONField(required=False, allow_null=True)
     error = serializers.JSONField(required=False, allow_null=True)
     progress = serializers.FloatField(required=False, min_value=0, max_value=100)
-    lease_token = serializers.UUIDField(required=False, allow_null=True)
+    lease_token = serializers.UUIDField(
+        required=False,
+        allow_null=True,
+        help_text="The token the claim returned; a report without it is fenced by engine_id, "
+        "or else by the key that claimed (seed 000's clients send neither).",
+    )
+    engine_id = serializers.UUIDField(
+        required=False,
+        allow_null=True,
+        help_text="The engine that claimed the event (the claim's engine_id); without a "
+        "lease_token, a report from an engine that does not hold the lease is refused.",
+    )
 
     def validate_error(self, value: Any) -> Any:
         if value is not None and not isinstance(value, str | dict):

@@ -17,7 +17,8 @@ from omniva.api.middleware import note_entities
 from omniva.api.parking import park
 from omniva.api.renderers import EnvelopeResponse
 from omniva.errors import ErrorCode, OmnivaError
-from omniva.models import Scope
+from omniva.models import ApiKey, Scope
+from omniva.row_ids import row_id
 
 
 class EnginesView:
@@ -35,12 +36,20 @@ def render_event(event: Event, *, status: int = http.HTTP_200_OK) -> EnvelopeRes
     return EnvelopeResponse(serializers.EventSerializer(event).data, status=status)
 
 
+def claimant(request: Request) -> str:
+    """Who makes the request, as a claim records it (Event.claimed_by): a token-less
+    report is fenced by it (engines.services._fence)."""
+    if isinstance(request.auth, ApiKey):
+        return f"key:{request.auth.pk}"
+    user = request.user
+    if user is not None and user.is_authenticated and user.pk is not None:
+        return f"user:{user.pk}"
+    return ""
+
+
 def event_or_404(request: Request, event_id: str) -> Event:
-    event = (
-        Event.objects.select_related("event_type").filter(pk=int(event_id)).first()
-        if event_id.isdigit() and len(event_id) < 19
-        else None
-    )
+    pk = row_id(event_id)
+    event = None if pk is None else Event.objects.select_related("event_type").filter(pk=pk).first()
     if event is None:
         raise OmnivaError(ErrorCode.EVENT_NOT_FOUND, f"No event {event_id}.")
     note_entities(request, event.pk)
@@ -204,7 +213,7 @@ class EventClaimView(EnginesView, APIView):
     def post(self, request: Request) -> EnvelopeResponse:
         body = serializers.ClaimSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        return claim_or_park(request, **body.validated_data)
+        return claim_or_park(request, claimant=claimant(request), **body.validated_data)
 
 
 class EventQueueView(EnginesView, APIView):
@@ -219,7 +228,9 @@ class EventQueueView(EnginesView, APIView):
         query.is_valid(raise_exception=True)
         body = serializers.ClaimSerializer(data={"engine_type": engine_type})
         body.is_valid(raise_exception=True)
-        return claim_or_park(request, engine_type=engine_type, **query.validated_data)
+        return claim_or_park(
+            request, engine_type=engine_type, claimant=claimant(request), **query.validated_data
+        )
 
 
 class EventDetailView(EnginesView, APIView):
@@ -233,12 +244,21 @@ class EventStatusView(EnginesView, APIView):
         request=serializers.EventStatusSerializer,
         responses=serializers.EventSerializer,
         summary="Report on a leased event: processing, completed or failed (409 if stale)",
+        description=(
+            "Seed 000's report. Fenced by the `lease_token` the claim returned; without it "
+            "(seed 000's clients send none) by `engine_id`, which must be the engine holding "
+            "the lease; without either, the lease must have been claimed without an engine "
+            "id and with the same API key. Anything else, or an event past its deadline "
+            "(its job timed out), answers 409 EVENT_LEASE_LOST and applies nothing."
+        ),
     )
     def put(self, request: Request, event_id: str) -> EnvelopeResponse:
         event = event_or_404(request, event_id)
         body = serializers.EventStatusSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        event = services.event_update_status(event_id=event.pk, **body.validated_data)
+        event = services.event_update_status(
+            event_id=event.pk, claimant=claimant(request), **body.validated_data
+        )
         return render_event(event)
 
 
@@ -272,7 +292,7 @@ class EventReportBatchView(EnginesView, APIView):
         body = serializers.EventReportSerializer(data=request.data, many=True)
         body.is_valid(raise_exception=True)
         reports = body.validated_data
-        answers = services.events_report(reports=reports)
+        answers = services.events_report(reports=reports, claimant=claimant(request))
         return EnvelopeResponse(
             [render_report_answer(r["id"], a) for r, a in zip(reports, answers, strict=True)]
         )

@@ -13,7 +13,7 @@ from rest_framework.views import APIView
 
 from jobs import pipelines, selectors, services, waiting
 from jobs.api import serializers
-from jobs.models import Job, JobStatus
+from jobs.models import Job
 from omniva import selectors as core_selectors
 from omniva.api import serializers as core_serializers
 from omniva.api import views as core_views
@@ -180,8 +180,9 @@ class JobDetailView(JobsView, APIView):
     @extend_schema(responses=serializers.JobSerializer, summary="One job with its stages")
     def get(self, request: Request, job_id: str) -> EnvelopeResponse:
         job = job_or_404(request, job_id, with_stages=True)
-        if job.status == JobStatus.PENDING and job.queue_timeout_s:
-            # Derived at read time: a queue with no worker still reports the timeout.
+        if services.job_may_be_due(job):
+            # Derived at read time: a queue with no worker, or an engine type with no
+            # engine, still reports the timeout.
             job = services.job_expire_if_due(job_id=job.pk)
             return render_job(job)
         return render_job(job, reload=False)

@@ -18,8 +18,9 @@ def stream(kind: str) -> list[dict]:
 def test_an_events_life_is_in_the_stream(engine: EngineInstance, event_type: EventType) -> None:
     event = services.event_create(event_type=event_type, data={})
     services.events_claim(engine_type="actor", engine_id=engine.pk)
-    services.event_update_status(event_id=event.pk, status="processing", progress=50)
-    services.event_update_status(event_id=event.pk, status="completed", result={"ok": 1})
+    report = {"event_id": event.pk, "engine_id": engine.pk}  # the engine that holds it
+    services.event_update_status(**report, status="processing", progress=50)
+    services.event_update_status(**report, status="completed", result={"ok": 1})
     assert [(e["id"], e["status"]) for e in stream("event:update")] == [
         (event.pk, "pending"),
         (event.pk, "leased"),

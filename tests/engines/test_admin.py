@@ -43,7 +43,9 @@ def claimed(event_type: EventType, engine: EngineInstance, **kwargs: object) -> 
 def dead_lettered(event_type: EventType, engine: EngineInstance) -> Event:
     """An event whose only attempt failed: the engine's report dead-letters it."""
     event = claimed(event_type, engine, max_retries=0)
-    services.event_update_status(event_id=event.pk, status="failed", error="boom")
+    services.event_update_status(
+        event_id=event.pk, status="failed", error="boom", lease_token=event.lease_token
+    )
     event.refresh_from_db()
     assert event.status == EventStatus.DEAD_LETTERED
     return event
@@ -371,7 +373,9 @@ def test_dead_letter_action_moves_pending_and_leased_events_and_refuses_finished
 ) -> None:
     leased = claimed(event_type, engine)
     done = claimed(event_type, engine)
-    services.event_update_status(event_id=done.pk, status="completed", result={"ok": True})
+    services.event_update_status(
+        event_id=done.pk, status="completed", result={"ok": True}, lease_token=done.lease_token
+    )
     pending = services.event_create(event_type=event_type, data={})
 
     notes = act(staff_client, EVENTS, "dead_letter", leased.pk, done.pk, pending.pk)
@@ -398,7 +402,9 @@ def test_dead_letter_action_moves_pending_and_leased_events_and_refuses_finished
     assert done.result == {"ok": True}
     # The engine that held the leased one hears that it lost it.
     with pytest.raises(services.OmnivaError) as lost:
-        services.event_update_status(event_id=leased.pk, status="completed")
+        services.event_update_status(
+            event_id=leased.pk, status="completed", lease_token=leased.lease_token
+        )
     assert lost.value.code == "EVENT_LEASE_LOST"
 
 

@@ -390,10 +390,18 @@ def test_requeue_returns_a_dead_lettered_event_with_its_retries_renewed(
 
 
 def test_unknown_and_malformed_event_ids_are_404(api: Any) -> None:
-    for event_id in ["999999", "abc", "-1", "99999999999999999999999"]:
+    # "³" and "①" are digits to str.isdigit, not to int(): they answered 500.
+    for event_id in ["999999", "abc", "-1", "99999999999999999999999", "³", "①"]:
         response = api.get(f"/v1/events/{event_id}")
         assert response.status_code == 404, event_id
         assert response.json()["error"]["code"] == "EVENT_NOT_FOUND"
+
+
+def test_an_event_type_named_by_a_digit_int_cannot_read_is_a_validation_error(api: Any) -> None:
+    response = post(api, "/v1/events", {"event_type": "³", "data": {}})
+    assert response.status_code == 400
+    assert response.json()["error"]["details"]["event_type"] == ["No event type '³'."]
+    assert not Event.objects.exists()
 
 
 def test_events_are_created_with_the_types_defaults_and_listed_with_filters(api: Any) -> None:

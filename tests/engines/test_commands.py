@@ -54,7 +54,9 @@ def claimed(event_type: EventType, engine: EngineInstance, **kwargs: object) -> 
 def dead_lettered(event_type: EventType, engine: EngineInstance) -> Event:
     """An event whose only attempt failed: the engine's report dead-letters it."""
     event = claimed(event_type, engine, max_retries=0)
-    services.event_update_status(event_id=event.pk, status="failed", error="boom")
+    services.event_update_status(
+        event_id=event.pk, status="failed", error="boom", lease_token=event.lease_token
+    )
     event.refresh_from_db()
     assert event.status == EventStatus.DEAD_LETTERED
     return event

@@ -51,7 +51,9 @@ def test_a_stage_events_activity_rows_carry_its_job_and_project() -> None:
     project = Project.objects.create(name="scoped")
     job = submit_echo(project=project)
     event = claim_one()
-    engines.event_update_status(event_id=event.pk, status="completed", result={"ok": 1})
+    engines.event_update_status(
+        event_id=event.pk, status="completed", result={"ok": 1}, lease_token=event.lease_token
+    )
     rows = Activity.objects.filter(kind="event:update").order_by("id")
     # created, claimed (the claim statement), completed
     assert [(r.data["status"], r.job_id, r.project_id) for r in rows] == [
@@ -90,7 +92,9 @@ def test_the_engines_completion_completes_the_job_with_its_result(
 def test_a_completion_before_the_claims_callback_ran_still_completes_the_job() -> None:
     job = submit_echo()
     event = claim_one()  # on_commit callbacks do not run inside the test's transaction
-    engines.event_update_status(event_id=event.pk, status="completed", result={"echo": "hi"})
+    engines.event_update_status(
+        event_id=event.pk, status="completed", result={"echo": "hi"}, lease_token=event.lease_token
+    )
     job.refresh_from_db()
     assert job.status == JobStatus.COMPLETED
     assert job.stages.get().worker == "echo-1"
@@ -101,7 +105,9 @@ def test_progress_reports_move_the_jobs_progress(django_capture_on_commit_callba
     with django_capture_on_commit_callbacks(execute=True):
         event = claim_one()
     with django_capture_on_commit_callbacks(execute=True):
-        engines.event_update_status(event_id=event.pk, status="processing", progress=40)
+        engines.event_update_status(
+            event_id=event.pk, status="processing", progress=40, lease_token=event.lease_token
+        )
     job.refresh_from_db()
     assert job.progress == 40.0
 
@@ -110,7 +116,10 @@ def test_a_dead_lettered_event_fails_the_job_with_the_engines_error() -> None:
     job = submit_echo(max_retries=0)
     event = claim_one()
     engines.event_update_status(
-        event_id=event.pk, status="failed", error={"code": "NO_GPU", "message": "none left"}
+        event_id=event.pk,
+        status="failed",
+        error={"code": "NO_GPU", "message": "none left"},
+        lease_token=event.lease_token,
     )
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED
@@ -122,7 +131,9 @@ def test_the_jobs_max_retries_is_the_events_retry_allowance() -> None:
     job = submit_echo(max_retries=1)
     engine = engines.engine_register(engine_type="echo", name="e")
     [event] = engines.events_claim(engine_type="echo", engine_id=engine.pk)
-    engines.event_update_status(event_id=event.pk, status="failed", error="once")
+    engines.event_update_status(
+        event_id=event.pk, status="failed", error="once", lease_token=event.lease_token
+    )
     job.refresh_from_db()
     assert job.status != JobStatus.FAILED  # one retry left
     assert Event.objects.get().status == EventStatus.PENDING
@@ -157,7 +168,9 @@ def test_cancelling_a_job_whose_event_waits_dead_ends_it_before_any_claim() -> N
 def test_retrying_a_failed_engine_job_queues_a_fresh_event() -> None:
     job = submit_echo(max_retries=0)
     event = claim_one()
-    engines.event_update_status(event_id=event.pk, status="failed", error="x")
+    engines.event_update_status(
+        event_id=event.pk, status="failed", error="x", lease_token=event.lease_token
+    )
     services.job_retry(job_id=job.pk)
     assert Event.objects.filter(status=EventStatus.PENDING).count() == 1
     assert Event.objects.count() == 2
@@ -166,7 +179,9 @@ def test_retrying_a_failed_engine_job_queues_a_fresh_event() -> None:
 def test_the_event_of_an_ended_stage_cannot_be_requeued() -> None:
     job = submit_echo(max_retries=0)
     event = claim_one()
-    engines.event_update_status(event_id=event.pk, status="failed", error="x")
+    engines.event_update_status(
+        event_id=event.pk, status="failed", error="x", lease_token=event.lease_token
+    )
     with pytest.raises(OmnivaError) as refused:
         engines.event_requeue(event_id=event.pk)
     assert refused.value.code == ErrorCode.CONFLICT

@@ -253,9 +253,7 @@ def test_a_one_stage_job_starts_and_completes_in_one_statement_each() -> None:
     assert len(start.captured_queries) == 1
     assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
     with CaptureQueriesContext(connection) as complete:
-        services.stage_complete(
-            stage_run_id=run.pk, token=claim.token, output={"n": 1}, ack_id=ack_id
-        )
+        services.stage_complete(stage_run_id=run.pk, token=claim.token, output={"n": 1})
     assert len(complete.captured_queries) == 1
     job.refresh_from_db()
     run.refresh_from_db()

@@ -148,3 +148,28 @@ def test_thousands_of_transitions_with_a_cluster_running_leave_the_notify_queue_
         what="the NOTIFY queue to be read by every listening session",
     )
     fault_report(jobs=len(jobs), notify_queue_pages=_notify_queue_pages(test_database_url))
+
+
+def test_an_urgent_job_behind_a_backlog_of_long_stages_starts_at_the_first_free_worker(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "qcluster.log"
+    start_worker(processes, test_database_url, log, OMNIVA_WORKERS="2")
+    backlog = [
+        services.job_submit(pipeline="sleep", params={"seconds": 3}, priority="low")[0]
+        for _ in range(12)
+    ]
+    running = Job.objects.filter(pk__in=[job.pk for job in backlog], status=JobStatus.RUNNING)
+    wait_for(lambda: running.count() == 2, timeout=60, what=f"two stages to run ({log})")
+
+    # Both workers are a moment into their 3 s stages: the next free one takes the urgent job.
+    urgent, _ = services.job_submit(pipeline="noop", priority="urgent")
+    wait_for(lambda: job_status(urgent) == JobStatus.COMPLETED, timeout=30, what="the urgent job")
+    started_before_it = Job.objects.filter(
+        pk__in=[job.pk for job in backlog],
+        started_at__gt=urgent.created_at,
+        started_at__lt=urgent.started_at,
+    ).count()
+    assert started_before_it == 0, "backlog stages claimed before it started ahead of it"
+    claimed = QueueTask.objects.filter(deliveries__gt=0).count()
+    assert claimed <= 2, f"{claimed} tasks claimed by 2 workers: the pusher fetched ahead"

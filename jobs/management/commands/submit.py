@@ -175,8 +175,9 @@ class Command(BaseCommand):
 
     def _read(self, job: Job) -> Job:
         fresh = Job.objects.get(pk=job.pk)
-        if fresh.status == JobStatus.PENDING and fresh.queue_timeout_s:
-            # Waiting with no worker to start it: the read path times it out (DESIGN.md 4).
+        if services.job_may_be_due(fresh):
+            # Waiting with no worker or engine to end it: the read path times it out
+            # (DESIGN.md 4).
             fresh = services.job_expire_if_due(job_id=fresh.pk)
         return fresh
 
