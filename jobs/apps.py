@@ -51,4 +51,5 @@ class JobsConfig(AppConfig):
         from jobs import broker
 
         post_spawn.connect(broker.worker_spawned, dispatch_uid="omniva.worker_ready")
+        pre_execute.connect(broker.worker_task_started, dispatch_uid="omniva.task_started")
         post_execute_in_worker.connect(broker.worker_task_done, dispatch_uid="omniva.task_done")

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -227,25 +228,65 @@ def drop_stage_tasks(*, stage_run_ids: list[int]) -> int:
         return cursor.rowcount
 
 
+# Tasks fetched ahead of the workers may hold an urgent one back by about this long:
+# the pusher claims ahead only as many as the workers finish in it, at the task time
+# seen so far (none for stages of seconds; up to `queue_limit` for no-ops).
+AHEAD_BUDGET_S = 0.02
+# Weight of the latest task in the cluster's running mean of task time.
+TASK_TIME_WEIGHT = 0.2
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """What the pusher claims next: a task for each waiting worker that no task fetched
+    ahead serves (`demand`), and the tasks that top the ahead buffer up (`ahead`)."""
+
+    demand: int
+    ahead: int
+
+    @property
+    def limit(self) -> int:
+        return self.demand + self.ahead
+
+
 class ReadyWorkers:
-    """How many workers of this cluster wait for a task: a semaphore the workers release
-    (once when spawned, then after each task) and the pusher takes before it claims.
+    """Fetch by demand: how many workers of this cluster wait for a task (a semaphore
+    the workers release once when spawned, then after each task, and the pusher takes
+    before it claims) and how long a task takes (a running mean the workers keep).
 
     Made when jobs.broker is first imported, in the qcluster process, so the sentinel,
     its pusher and its workers (all forked from it) share it. The count stays right as
     workers come and go: one that dies in a task took its permit with it and its
     replacement brings one; one that is recycled brings none back from its last task.
-    Only a pusher killed between its take and its claim's end loses permits.
+    Only a pusher killed between its plan and its claim's end loses permits.
+
+    The pusher claims one task per waiting worker, plus a few ahead when tasks are short
+    (AHEAD_BUDGET_S of them): a no-op's claim round trip would otherwise idle a worker
+    as long as the task itself. A waiting worker that a task fetched ahead serves needs
+    no claim (`_ahead` counts those tasks; only the pusher touches it).
     """
 
     def __init__(self) -> None:
-        self._waiting = get_mp_context().Semaphore(0)
+        context = get_mp_context()
+        self._waiting = context.Semaphore(0)
+        self._task_s = context.Value("d", 0.0)
         self._tasks_run = 0  # by this worker process
+        self._task_started = 0.0  # by this worker process
+        self._ahead = 0  # by this (the pusher) process
+
+    # --- in a worker --------------------------------------------------------------------
 
     def spawned(self) -> None:
         self._waiting.release()
 
+    def task_started(self) -> None:
+        self._task_started = time.monotonic()
+
     def task_done(self) -> None:
+        took = time.monotonic() - self._task_started
+        with self._task_s.get_lock():
+            mean = self._task_s.value
+            self._task_s.value = took if mean <= 0 else mean + TASK_TIME_WEIGHT * (took - mean)
         self._tasks_run += 1
         # django-q2 ends a worker after RECYCLE tasks or past its memory cap, right after
         # this signal; such a worker waits for nothing, and its replacement announces itself.
@@ -253,18 +294,31 @@ class ReadyWorkers:
             return
         self._waiting.release()
 
-    def take(self, *, most: int, wait_s: float) -> int:
-        """Wait up to `wait_s` for a waiting worker; take it and up to `most` - 1 more."""
-        if not self._waiting.acquire(timeout=wait_s):
-            return 0
-        taken = 1
-        while taken < most and self._waiting.acquire(block=False):
-            taken += 1
-        return taken
+    # --- in the pusher ------------------------------------------------------------------
 
-    def give_back(self, count: int) -> None:
-        for _ in range(count):
+    def plan(self, *, most: int, wait_s: float) -> ClaimPlan | None:
+        """Wait up to `wait_s` for a waiting worker; None if none came."""
+        if not self._waiting.acquire(timeout=wait_s):
+            return None
+        waiting = 1
+        while waiting < most and self._waiting.acquire(block=False):
+            waiting += 1
+        served = min(waiting, self._ahead)  # they take the tasks fetched ahead
+        self._ahead -= served
+        return ClaimPlan(demand=waiting - served, ahead=max(0, self._allowance() - self._ahead))
+
+    def claimed(self, plan: ClaimPlan, count: int) -> None:
+        """`count` tasks were claimed for `plan`: those beyond the demand wait ahead; the
+        waiting workers left without one are waiting still."""
+        self._ahead += max(0, count - plan.demand)
+        for _ in range(max(0, plan.demand - count)):
             self._waiting.release()
+
+    def _allowance(self) -> int:
+        mean = self._task_s.value
+        if mean <= 0:
+            return 0
+        return min(int(Conf.QUEUE_LIMIT or 0), int(AHEAD_BUDGET_S * int(Conf.WORKERS) / mean))
 
 
 READY_WORKERS = ReadyWorkers()
@@ -273,6 +327,11 @@ READY_WORKERS = ReadyWorkers()
 def worker_spawned(sender: Any, proc_name: str, **kwargs: Any) -> None:
     """django-q2's post_spawn, in the new worker process."""
     READY_WORKERS.spawned()
+
+
+def worker_task_started(sender: Any, func: Any, task: dict[str, Any], **kwargs: Any) -> None:
+    """django-q2's pre_execute, in the worker."""
+    READY_WORKERS.task_started()
 
 
 def worker_task_done(sender: Any, task: dict[str, Any], **kwargs: Any) -> None:
@@ -399,16 +458,18 @@ class PostgresBroker(Broker):
     def dequeue(self) -> list[tuple[str, str]] | None:
         # Called by the pusher in a loop that checks for the cluster's stop between calls:
         # with every worker busy it waits a fallback poll's time, then comes back empty.
-        limit = READY_WORKERS.take(most=max(1, int(Conf.BULK)), wait_s=FALLBACK_POLL_S)
-        if not limit:
+        plan = READY_WORKERS.plan(most=max(1, int(Conf.BULK)), wait_s=FALLBACK_POLL_S)
+        if plan is None or not plan.limit:
             return None
         tasks: list[tuple[str, str]] = []
         try:
-            tasks = self.claim(limit) or self._wait_and_claim(limit) or []
+            tasks = self.claim(plan.limit)
+            if not tasks and plan.demand:
+                tasks = self._wait_and_claim(plan.limit) or []
         except psycopg.OperationalError as exc:
             self._reset(exc)
         finally:
-            READY_WORKERS.give_back(limit - len(tasks))
+            READY_WORKERS.claimed(plan, len(tasks))
         return tasks or None
 
     def _wait_and_claim(self, limit: int) -> list[tuple[str, str]] | None:

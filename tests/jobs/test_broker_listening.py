@@ -42,9 +42,8 @@ def _buffered(broker: PostgresBroker) -> list[Any]:
 def broker() -> Iterator[PostgresBroker]:
     """The broker of a cluster with one worker waiting (the pusher claims by demand)."""
     broker = PostgresBroker(list_key="default")
-    broker_module.READY_WORKERS.spawned()
+    broker_module.READY_WORKERS.spawned()  # its dequeue takes it
     yield broker
-    broker_module.READY_WORKERS.take(most=1_000, wait_s=0)
     if broker._conn is not None:
         broker._conn.close()
 
