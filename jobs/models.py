@@ -161,6 +161,8 @@ class StageRun(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["job", "name"], name="jobs_stagerun_job_name_unique")
         ]
+        # The Prometheus figures read the runs finished since their tallies' cursor.
+        indexes = [models.Index(fields=["finished_at"], name="jobs_stagerun_finished")]
 
     def __str__(self) -> str:
         return f"{self.job_id}:{self.name}"
@@ -231,3 +233,38 @@ class GpuWorkerReport(models.Model):
 
     def __str__(self) -> str:
         return f"{self.worker} at {self.reported_at:%H:%M:%S}"
+
+
+class MetricTally(models.Model):
+    """Prometheus' job figures (omniva/metrics.py) of everything finished (or, for
+    `submitted`, created) up to the cursor (`MetricCursor`), so that a scrape reads only
+    the rows since, and the retention pass deleting old jobs lowers no counter.
+
+    `kind` is `submitted` (labels: pipeline), `finished` (pipeline, status),
+    `job_duration` (pipeline) or `stage_duration` (pipeline, stage, queue); durations
+    carry their sum and cumulative bucket counts (jobs.selectors.DURATION_BUCKETS).
+    """
+
+    kind = models.CharField(max_length=20)
+    labels = models.JSONField()
+    count = models.BigIntegerField(default=0)
+    total_s = models.FloatField(default=0.0)
+    buckets = models.JSONField(default=list)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "labels"], name="jobs_metrictally_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.labels}: {self.count}"
+
+
+class MetricCursor(models.Model):
+    """The one row: how far MetricTally counts (rows finished or created at or before
+    `through`)."""
+
+    through = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"tallied through {self.through:%Y-%m-%d %H:%M:%S}"

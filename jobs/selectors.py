@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.db.models import Avg, Count, Max, Prefetch, QuerySet
+from django.db.models import Avg, Max, Prefetch, QuerySet
 from django.utils import timezone
 
 from jobs import pipelines
@@ -243,50 +243,143 @@ def estimated_completion_ms(job: Job) -> int | None:
     return round(median * (1 + ahead / max(1, workers)))
 
 
-def duration_histograms() -> dict[str, list[dict[str, Any]]]:
-    """Cumulative bucket counts of job and stage durations, for the Prometheus collector."""
+# Rows finished (or created) this recently are read at each scrape and not tallied yet:
+# a transition's timestamp is taken before it commits, and a tally must miss no row.
+METRIC_SETTLE_S = 60
+# The advisory lock between folding rows into MetricTally (exclusive) and reading the
+# tallies with the rows after their cursor (shared): a read sees both or neither.
+METRIC_TALLY_LOCK = "omniva.metric_tallies"
+
+Figure = dict[str, Any]  # {"count", "sum", "buckets"}
+FigureKey = tuple[str, tuple[str, ...]]  # (kind, labels)
+
+
+def _window(column: str, after: datetime | None, until: datetime | None) -> tuple[str, list]:
+    """`column` in (after, until], as SQL conditions (each bound only when given, so the
+    column's index drives the scan) and their parameters."""
+    conditions, params = [], []
+    if after is not None:
+        conditions.append(f"{column} > %s")
+        params.append(after)
+    if until is not None:
+        conditions.append(f"{column} <= %s")
+        params.append(until)
+    return "".join(f" AND {condition}" for condition in conditions), params
+
+
+def metric_window(*, after: datetime | None, until: datetime | None) -> dict[FigureKey, Figure]:
+    """The Prometheus figures of the jobs and stage runs finished (for `submitted`:
+    created) in (after, until]: counts, and duration sums with cumulative buckets."""
     buckets = ", ".join(f"count(*) FILTER (WHERE d <= {bound})" for bound in DURATION_BUCKETS)
-    out: dict[str, list[dict[str, Any]]] = {"jobs": [], "stages": []}
+    figures: dict[FigureKey, Figure] = {}
+
+    def add(kind: str, labels: tuple, count: int, total: float = 0.0, counts: Any = ()) -> None:
+        figures[(kind, tuple(labels))] = {
+            "count": count,
+            "sum": float(total or 0),
+            "buckets": list(counts),
+        }
+
+    created, created_params = _window("created_at", after, until)
+    finished, finished_params = _window("finished_at", after, until)
+    stage_finished, stage_params = _window("s.finished_at", after, until)
     with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT pipeline, count(*) FROM jobs_job WHERE TRUE{created} GROUP BY pipeline",  # noqa: S608
+            created_params,
+        )
+        for pipeline, count in cursor.fetchall():
+            add("submitted", (pipeline,), count)
+        cursor.execute(
+            "SELECT pipeline, status, count(*) FROM jobs_job "  # noqa: S608 (constants only)
+            f"WHERE finished_at IS NOT NULL{finished} GROUP BY pipeline, status",
+            finished_params,
+        )
+        for pipeline, status, count in cursor.fetchall():
+            add("finished", (pipeline, status), count)
         cursor.execute(
             f"SELECT pipeline, count(*), sum(d), {buckets} FROM ("  # noqa: S608 (constants only)
             "  SELECT pipeline, EXTRACT(EPOCH FROM finished_at - started_at) AS d"
             "  FROM jobs_job WHERE status = 'completed' AND started_at IS NOT NULL"
-            ") t GROUP BY pipeline"
+            f"  {finished}) t GROUP BY pipeline",
+            finished_params,
         )
         for pipeline, count, total, *counts in cursor.fetchall():
-            out["jobs"].append(
-                {"labels": (pipeline,), "count": count, "sum": float(total or 0), "buckets": counts}
-            )
+            add("job_duration", (pipeline,), count, total, counts)
         cursor.execute(
             f"SELECT pipeline, name, queue, count(*), sum(d), {buckets} FROM ("  # noqa: S608
             "  SELECT j.pipeline, s.name, COALESCE(NULLIF(s.queue, ''), s.engine_type) AS queue,"
             "  EXTRACT(EPOCH FROM s.finished_at - s.started_at) AS d"
             "  FROM jobs_stagerun s JOIN jobs_job j ON j.id = s.job_id"
-            "  WHERE s.status = 'completed' AND s.started_at IS NOT NULL"
-            ") t GROUP BY pipeline, name, queue"
+            f"  WHERE s.status = 'completed' AND s.started_at IS NOT NULL{stage_finished}"
+            ") t GROUP BY pipeline, name, queue",
+            stage_params,
         )
         for pipeline, name, queue, count, total, *counts in cursor.fetchall():
-            out["stages"].append(
-                {
-                    "labels": (pipeline, name, queue),
-                    "count": count,
-                    "sum": float(total or 0),
-                    "buckets": counts,
-                }
-            )
+            add("stage_duration", (pipeline, name, queue), count, total, counts)
+    return figures
+
+
+def add_figures(into: dict[FigureKey, Figure], more: dict[FigureKey, Figure]) -> None:
+    for key, figure in more.items():
+        held = into.setdefault(key, {"count": 0, "sum": 0.0, "buckets": []})
+        held["count"] += figure["count"]
+        held["sum"] += figure["sum"]
+        if figure["buckets"]:
+            known = held["buckets"] or [0] * len(figure["buckets"])
+            held["buckets"] = [a + b for a, b in zip(known, figure["buckets"], strict=True)]
+
+
+def tally_figure(tally: Any) -> Figure:
+    return {"count": tally.count, "sum": tally.total_s, "buckets": tally.buckets}
+
+
+def metric_figures() -> dict[FigureKey, Figure]:
+    """Every Prometheus job figure: the tallies, and the rows since their cursor."""
+    from django.db import transaction
+
+    from jobs.models import MetricCursor, MetricTally
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", [METRIC_TALLY_LOCK])
+        cursor_row = MetricCursor.objects.first()
+        figures: dict[FigureKey, Figure] = {}
+        add_figures(
+            figures,
+            {
+                (tally.kind, tuple(tally.labels)): tally_figure(tally)
+                for tally in MetricTally.objects.all()
+            },
+        )
+        add_figures(
+            figures, metric_window(after=cursor_row.through if cursor_row else None, until=None)
+        )
+    return figures
+
+
+def duration_histograms(figures: dict[FigureKey, Figure]) -> dict[str, list[dict[str, Any]]]:
+    """Cumulative bucket counts of job and stage durations, for the Prometheus collector."""
+    out: dict[str, list[dict[str, Any]]] = {"jobs": [], "stages": []}
+    for (kind, labels), figure in sorted(figures.items()):
+        if kind in ("job_duration", "stage_duration"):
+            out["jobs" if kind == "job_duration" else "stages"].append({"labels": labels, **figure})
     return out
 
 
-def job_totals_by_pipeline() -> dict[str, Any]:
-    submitted = dict(Job.objects.values_list("pipeline").annotate(n=Count("id")))
-    finished = [
-        ((row["pipeline"], row["status"]), row["n"])
-        for row in Job.objects.filter(finished_at__isnull=False)
-        .values("pipeline", "status")
-        .annotate(n=Count("id"))
-    ]
-    return {"submitted": submitted, "finished": dict(finished)}
+def job_totals_by_pipeline(figures: dict[FigureKey, Figure]) -> dict[str, Any]:
+    return {
+        "submitted": {
+            labels[0]: figure["count"]
+            for (kind, labels), figure in figures.items()
+            if kind == "submitted"
+        },
+        "finished": {
+            labels: figure["count"]
+            for (kind, labels), figure in figures.items()
+            if kind == "finished"
+        },
+    }
 
 
 def contribute_info(info: dict[str, Any]) -> None:

@@ -41,6 +41,8 @@ from jobs.models import (
     Job,
     JobLog,
     JobStatus,
+    MetricCursor,
+    MetricTally,
     QueueTask,
     StageRun,
     StageStatus,
@@ -1737,6 +1739,42 @@ def _jobs_prune_batch(
 RETENTION_SCHEDULE = "omniva:retention"
 RETENTION_TASK = "jobs.tasks.retention_run"
 RETENTION_EVERY_MIN = 10
+
+
+def metric_tallies_advance(*, now: datetime | None = None) -> bool:
+    """Fold the Prometheus figures of the rows finished (or created) up to
+    METRIC_SETTLE_S ago into MetricTally and move its cursor there, so that a scrape
+    reads only the rows since. False when another process is at it, or a reader holds
+    the tallies (the next scrape folds them)."""
+    from jobs import selectors
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_try_advisory_xact_lock(hashtext(%s))", [selectors.METRIC_TALLY_LOCK]
+            )
+            if not cursor.fetchone()[0]:
+                return False
+        held = MetricCursor.objects.first()
+        until = (now or timezone.now()) - timedelta(seconds=selectors.METRIC_SETTLE_S)
+        if held is not None and until <= held.through:
+            return True
+        window = selectors.metric_window(after=held.through if held else None, until=until)
+        tallies = {(t.kind, tuple(t.labels)): t for t in MetricTally.objects.all()}
+        for key, figure in window.items():
+            tally = tallies.get(key) or MetricTally(kind=key[0], labels=list(key[1]))
+            folded = {key: selectors.tally_figure(tally)}
+            selectors.add_figures(folded, {key: figure})
+            tally.count = folded[key]["count"]
+            tally.total_s = folded[key]["sum"]
+            tally.buckets = folded[key]["buckets"]
+            tally.save()
+        if held is None:
+            MetricCursor.objects.create(through=until)
+        else:
+            held.through = until
+            held.save(update_fields=["through"])
+    return True
 
 
 def retention_run(

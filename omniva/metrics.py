@@ -3,9 +3,9 @@
 Everything here is read from the database at scrape time: jobs are submitted by daphne
 and finished by qcluster workers in other processes (and on other machines), and the
 database is the one place that saw all of it, so any node's /metrics tells the truth
-about the whole deployment and agrees with /v1/metrics. The job counters count the jobs
-the database still holds: the retention pass (every ten minutes) lowers them, which
-Prometheus reads as a counter reset, as it would a restart.
+about the whole deployment and agrees with /v1/metrics. The job figures are tallied up
+to a cursor (jobs.models.MetricTally, moved by each scrape): a scrape reads the tallies
+and the rows since, and the retention pass deleting old jobs lowers no counter.
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def _histogram(name: str, documentation: str, labels: list[str], rows: list) -> 
 
 class JobCollector(Collector):
     def collect(self) -> Iterator:
-        from jobs import selectors
+        from jobs import selectors, services
 
         try:
-            totals = selectors.job_totals_by_pipeline()
-            histograms = selectors.duration_histograms()
+            services.metric_tallies_advance()
+            figures = selectors.metric_figures()
+            totals = selectors.job_totals_by_pipeline(figures)
+            histograms = selectors.duration_histograms(figures)
         except Exception as exc:
             logger.warning("job metrics unavailable: %s", exc.__class__.__name__)
             return

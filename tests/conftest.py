@@ -368,3 +368,37 @@ def scratch_var(tmp_path: Path) -> Iterator[Path]:
     yield folder
     EmbeddedServer(folder / "pg").destroy()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- Query plans -------------------------------------------------------------------------
+
+
+def _scans(plan: dict[str, Any], tables: set[str]) -> Iterator[tuple[str, int]]:
+    if plan.get("Relation Name") in tables:
+        loops = plan.get("Actual Loops", 1)
+        seen = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
+        yield plan["Relation Name"], round(seen * loops)
+    for child in plan.get("Plans", []):
+        yield from _scans(child, tables)
+
+
+def rows_read_by(queries: list[dict[str, Any]], tables: set[str]) -> list[tuple[str, int, str]]:
+    """(table, rows read, statement) of every scan of `tables` in the plans of the
+    captured SELECTs, planned as for big tables: tables this small are rightly read
+    whole, so sequential scans are turned off to show what an index does."""
+    import json
+
+    from django.db import connection
+
+    reads = []
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        for query in queries:
+            sql = query["sql"]
+            if not sql.lstrip().upper().startswith(("SELECT", "WITH")) or "pg_advisory" in sql:
+                continue
+            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + sql)
+            plan = cursor.fetchone()[0]
+            plan = json.loads(plan) if isinstance(plan, str) else plan
+            reads += [(table, n, sql[:120]) for table, n in _scans(plan[0]["Plan"], tables)]
+    return reads

@@ -6,7 +6,6 @@ tables hold."""
 
 from __future__ import annotations
 
-import json
 import pydoc
 import threading
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from jobs import broker, services, tasks
 from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun
 from omniva import health
 from omniva.models import Activity, AuditRecord
+from tests.conftest import rows_read_by
 
 RETENTION = {
     "OMNIVA_ACTIVITY_RETENTION_DAYS": 7,
@@ -311,16 +311,6 @@ def test_a_pass_leaves_a_batch_whose_child_someone_holds_and_the_next_pass_takes
 BIG_TABLES = {"jobs_job", "engines_event", "omniva_activity", "omniva_auditrecord"}
 
 
-def _rows_read(plan: dict[str, Any]) -> Iterator[tuple[str, int]]:
-    """(table, rows read) of every scan in an EXPLAIN ANALYZE plan."""
-    if plan.get("Relation Name") in BIG_TABLES:
-        loops = plan.get("Actual Loops", 1)
-        seen = plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)
-        yield plan["Relation Name"], round(seen * loops)
-    for child in plan.get("Plans", []):
-        yield from _rows_read(child)
-
-
 @pytest.mark.django_db
 @override_settings(OMNIVA_HEALTH_CACHE_MS=0)
 def test_the_live_feeds_figures_and_the_health_checks_read_a_bounded_number_of_rows(
@@ -366,18 +356,7 @@ def test_the_live_feeds_figures_and_the_health_checks_read_a_bounded_number_of_r
     assert figures["events"]["completed"] > 10
     assert figures["jobs"]["average_job_time_ms"] == 1000
     assert report["checks"]["engines"]["status"] == "degraded"  # pending, no engine online
-    # Tables this small are rightly read whole; with sequential scans off the planner
-    # shows what it does on big ones: an index answers each query within the bound.
-    reads = []
-    with connection.cursor() as cursor:
-        cursor.execute("SET LOCAL enable_seqscan = off")
-        for query in queries.captured_queries:
-            if not query["sql"].lstrip().upper().startswith(("SELECT", "WITH")):
-                continue
-            cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query["sql"])
-            plan = cursor.fetchone()[0]
-            plan = json.loads(plan) if isinstance(plan, str) else plan
-            reads += [(table, n, query["sql"][:120]) for table, n in _rows_read(plan[0]["Plan"])]
+    reads = rows_read_by(queries.captured_queries, BIG_TABLES)
     assert reads
     too_many = [read for read in reads if read[1] > 20]
     assert not too_many, too_many
