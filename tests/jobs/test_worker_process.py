@@ -170,6 +170,9 @@ def test_an_urgent_job_behind_a_backlog_of_long_stages_starts_at_the_first_free_
         started_at__gt=urgent.created_at,
         started_at__lt=urgent.started_at,
     ).count()
-    assert started_before_it == 0, "backlog stages claimed before it started ahead of it"
+    # It is claimed by the first worker that frees; the other worker, freeing at the
+    # same moment (their stages started together), may commit its next start first.
+    # With a buffer ahead of the workers, the buffer's stages all started ahead of it.
+    assert started_before_it <= 1, f"{started_before_it} backlog stages started ahead of it"
     claimed = QueueTask.objects.filter(deliveries__gt=0).count()
     assert claimed <= 2, f"{claimed} tasks claimed by 2 workers: the pusher fetched ahead"
