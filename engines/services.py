@@ -33,7 +33,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from engines.models import (
@@ -409,25 +409,38 @@ def _dead_letter_exhausted(
         candidates = candidates.filter(engine_type=engine_type)
     if event_id is not None:
         candidates = candidates.filter(pk=event_id)
-    moved = 0
-    for exhausted_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
+
+    def dead_letter(event: Event) -> bool:
+        if (
+            event.status != EventStatus.LEASED
+            or event.lock_until is None
+            or event.lock_until >= now
+            or event.retry_count < event.max_retries
+        ):
+            return False
+        error = {
+            "code": "LEASE_EXPIRED",
+            "message": f"The lease ran out on the last of {event.max_retries} retries.",
+        }
+        _to_dead_letter(event, error, now, retry_count=event.retry_count + 1)
+        return True
+
+    return _each_locked(candidates, dead_letter)
+
+
+def _each_locked(candidates: QuerySet[Event], act: Callable[[Event], bool]) -> int:
+    """`act` on each of up to 50 `candidates`, in a transaction of its own that takes the
+    job's lock before the event's (see the module doc) and passes over an event someone
+    else holds; how many it acted on (`act` re-checks what the candidates were for)."""
+    acted = 0
+    for event_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
         with transaction.atomic():
             if stage_run_id is not None and stage_callbacks is not None:
                 stage_callbacks.lock(stage_run_id)
-            event = (
-                Event.objects.select_for_update(skip_locked=True)
-                .filter(pk=exhausted_id, status=EventStatus.LEASED, lock_until__lt=now)
-                .first()
-            )
-            if event is None or event.retry_count < event.max_retries:
-                continue
-            error = {
-                "code": "LEASE_EXPIRED",
-                "message": f"The lease ran out on the last of {event.max_retries} retries.",
-            }
-            _to_dead_letter(event, error, now, retry_count=event.retry_count + 1)
-            moved += 1
-    return moved
+            event = Event.objects.select_for_update(skip_locked=True).filter(pk=event_id).first()
+            if event is not None and act(event):
+                acted += 1
+    return acted
 
 
 def _expire_if_overdue(event: Event, now: datetime) -> bool:
@@ -460,15 +473,7 @@ def _expire_overdue(now: datetime, *, engine_type: str | None = None) -> int:
     )
     if engine_type is not None:
         candidates = candidates.filter(engine_type=engine_type)
-    moved = 0
-    for overdue_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
-        with transaction.atomic():
-            if stage_run_id is not None and stage_callbacks is not None:
-                stage_callbacks.lock(stage_run_id)
-            event = Event.objects.select_for_update(skip_locked=True).filter(pk=overdue_id).first()
-            if event is not None and _expire_if_overdue(event, now):
-                moved += 1
-    return moved
+    return _each_locked(candidates, lambda event: _expire_if_overdue(event, now))
 
 
 def events_expire_overdue() -> int:

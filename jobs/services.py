@@ -321,6 +321,12 @@ def _finish_job(
         _batch_child_finished(parent_id=job.parent_id, now=now)
 
 
+def _time_out(job: Job, now: datetime, message: str, *, stage: str = "") -> None:
+    """End `job` `timed_out` (seed 003's TIMEOUT), its unfinished stages with it."""
+    error = {"code": "TIMEOUT", "message": message, **({"stage": stage} if stage else {})}
+    _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
+
+
 def _expire_if_queue_timed_out(job: Job, now: datetime) -> bool:
     """Seed 003's TIMEOUT: a job not started within queue_timeout_s ends `timed_out`."""
     if (
@@ -330,11 +336,7 @@ def _expire_if_queue_timed_out(job: Job, now: datetime) -> bool:
         or now <= job.pending_since + timedelta(seconds=job.queue_timeout_s)
     ):
         return False
-    error = {
-        "code": "TIMEOUT",
-        "message": f"Not started within queue_timeout_s ({job.queue_timeout_s} s).",
-    }
-    _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
+    _time_out(job, now, f"Not started within queue_timeout_s ({job.queue_timeout_s} s).")
     return True
 
 
@@ -668,10 +670,7 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
             return None
         deadline = _deadline(job)
         if deadline and now >= deadline:
-            error = {"code": "TIMEOUT", "message": f"Ran past timeout_s ({job.timeout_s} s)."}
-            _finish_job(
-                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
-            )
+            _time_out(job, now, f"Ran past timeout_s ({job.timeout_s} s).")
             return None
         if run.status == StageStatus.RUNNING:
             if run.lease_expires_at and run.lease_expires_at > now:
@@ -909,31 +908,14 @@ def stage_report(
             _log(job, message, stage=run.name, level=level)
 
 
-def stage_heartbeat(*, stage_run_id: int, token: str, ack_id: str | None) -> SupervisionState:
+def stage_heartbeat(*, claim: StageClaim) -> SupervisionState:
     """Extend the attempt's lease and its queue row's; report a cancel or the deadline."""
-    with transaction.atomic():
-        now = timezone.now()
-        held = StageRun.objects.filter(
-            pk=stage_run_id, status=StageStatus.RUNNING, lease_token=token
-        ).update(lease_expires_at=_lease_until(now))
-        if not held:
-            return SupervisionState(lease_held=False)
-        if ack_id:
-            broker.extend_lease(ack_id=ack_id, lease_s=settings.OMNIVA_TASK_LEASE_S)
-        job = (
-            Job.objects.only("cancel_requested_at", "timeout_s", "started_at", "status")
-            .filter(stages__pk=stage_run_id)
-            .get()
-        )
-        return SupervisionState(
-            lease_held=not job.is_finished,
-            cancel_requested_at=job.cancel_requested_at,
-            deadline=_deadline(job),
-        )
+    held = stages_heartbeat(claims=[claim])
+    return held.get(claim.stage_run_id, SupervisionState(lease_held=False))
 
 
-# The heartbeat of a gpu batch's other attempts (stages_heartbeat), one statement: the
-# leases of those whose tokens still hold are extended, and their jobs' state returned.
+# The heartbeat of running attempts (one, or a gpu batch's), one statement: the leases
+# of those whose tokens still hold are extended, and their jobs' state returned.
 HEARTBEAT_SQL = """
 UPDATE jobs_stagerun r SET lease_expires_at = %(lease)s
 FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[]) AS g(run_id, token), jobs_job j
@@ -944,7 +926,7 @@ RETURNING r.id, j.status, j.cancel_requested_at, j.started_at, j.timeout_s
 
 
 def stages_heartbeat(*, claims: list[StageClaim]) -> dict[int, SupervisionState]:
-    """stage_heartbeat for the other attempts of a gpu batch while its forward pass runs:
+    """The heartbeat of running attempts (a gpu batch's, while its forward pass runs):
     their leases and their queue rows' extended, one statement each, and what each one's
     job asks (a cancel, its deadline), by stage run id; an attempt whose token no longer
     holds is absent."""
@@ -1213,17 +1195,8 @@ def stage_timed_out(*, stage_run_id: int, token: str) -> Job | None:
         except OmnivaError:
             return None
         if not job.is_finished:
-            error = {
-                "code": "TIMEOUT",
-                "message": f"Ran past timeout_s ({job.timeout_s} s).",
-                "stage": run.name,
-            }
-            _finish_job(
-                job,
-                JobStatus.TIMED_OUT,
-                now=timezone.now(),
-                error=error,
-                stage_status=StageStatus.TIMED_OUT,
+            _time_out(
+                job, timezone.now(), f"Ran past timeout_s ({job.timeout_s} s).", stage=run.name
             )
         return job
 
@@ -1272,14 +1245,7 @@ def stage_release(*, stage_run_id: int, token: str, reason: str) -> Job | None:
             return job
         deadline = _deadline(job)
         if deadline and now >= deadline:
-            error = {
-                "code": "TIMEOUT",
-                "message": f"Ran past timeout_s ({job.timeout_s} s).",
-                "stage": run.name,
-            }
-            _finish_job(
-                job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT
-            )
+            _time_out(job, now, f"Ran past timeout_s ({job.timeout_s} s).", stage=run.name)
             return job
         run.attempt -= 1
         run.status = StageStatus.QUEUED
@@ -1348,8 +1314,7 @@ def _expire_engine_job(job: Job, run: StageRun, now: datetime) -> bool:
         message = f"Not started within queue_timeout_s ({job.queue_timeout_s} s)."
     else:
         message = f"No {run.engine_type} engine took it within timeout_s ({job.timeout_s} s)."
-    error = {"code": "TIMEOUT", "message": message, "stage": run.name}
-    _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
+    _time_out(job, now, message, stage=run.name)
     return True
 
 

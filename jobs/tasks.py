@@ -151,9 +151,7 @@ class _Supervisor(threading.Thread):
 
     def _beat(self, claim: services.StageClaim) -> None:
         try:
-            state = services.stage_heartbeat(
-                stage_run_id=claim.stage_run_id, token=claim.token, ack_id=claim.ack_id
-            )
+            state = services.stage_heartbeat(claim=claim)
         except DatabaseError as exc:
             logger.warning("heartbeat failed: %s", exc.__class__.__name__)
             connection.close()

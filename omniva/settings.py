@@ -409,8 +409,9 @@ OMNIVA_JOB_TIMEOUT_S = env_int("OMNIVA_JOB_TIMEOUT_S", 600, minimum=0) or None
 OMNIVA_QUEUE_TIMEOUT_S = env_int("OMNIVA_QUEUE_TIMEOUT_S", 0, minimum=0) or None
 
 # Named queues are django-q2 clusters: `Q_CLUSTER_NAME=gpu manage.py qcluster` serves `gpu`.
-# Our broker (jobs/broker.py) claims `bulk` tasks at a time; the pusher keeps at most
-# `queue_limit` claimed tasks waiting for a free worker. Time limits are the job's own
+# Our broker (jobs/broker.py) claims by demand: a task for each waiting worker (at most
+# `bulk` at a time), plus, while tasks are short, up to `queue_limit` fetched ahead of
+# them (jobs.broker.AHEAD_BUDGET_S). Time limits are the job's own
 # (timeout_s, enforced by jobs/tasks.py); django-q2's own task timeout is only a
 # backstop of a week (it must be set, and shorter than `retry`, or django-q2 warns).
 Q_CLUSTER = {

@@ -4,7 +4,6 @@ child, then its parent), so neither side is aborted as a deadlock."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from django.db import connection, transaction
@@ -12,6 +11,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import Job, JobStatus
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -39,9 +39,7 @@ def test_cancelling_a_batch_while_a_child_finishes_deadlocks_neither() -> None:
             with transaction.atomic():
                 Job.objects.select_for_update().get(pk=first.pk)
                 child_locked.set()
-                deadline = time.monotonic() + 10
-                while not _someone_waits_on_a_lock() and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                wait_for(_someone_waits_on_a_lock, timeout=10, what="the cancel to wait on it")
                 services._batch_child_finished(parent_id=parent.pk, now=timezone.now())
         except BaseException as exc:
             failures.append(exc)
