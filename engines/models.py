@@ -17,6 +17,10 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+# The NOTIFY channel of new events: an event's creation notifies it with its engine type,
+# and engines long-polling for that type wake up (engines/services.py).
+EVENTS_CHANNEL = "omniva_events"
+
 
 class EngineStatus(models.TextChoices):
     # Reported by the engine itself on registration and with each heartbeat.

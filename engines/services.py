@@ -37,6 +37,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from engines.models import (
+    EVENTS_CHANNEL,
     REPORTED_ENGINE_STATUSES,
     EngineInstance,
     EngineStatus,
@@ -46,8 +47,9 @@ from engines.models import (
 )
 from engines.selectors import event_engine_types, held_events_filter
 from omniva.errors import ErrorCode, OmnivaError
+from omniva.models import ACTIVITY_CHANNEL
 from omniva.notifications import Listener
-from omniva.services import ACTIVITY_CHANNEL, activity_record, prune_in_batches
+from omniva.services import activity_record, prune_in_batches
 
 logger = logging.getLogger("omniva.engines")
 
@@ -56,7 +58,6 @@ DEFAULT_BATCH_SIZE = 3
 MAX_BATCH_SIZE = 10
 MAX_WAIT_S = 30.0
 # An event became claimable: NOTIFY with its engine type as the payload.
-EVENTS_CHANNEL = "omniva_events"
 # What an engine reports on an event it holds (PUT /v1/events/{id}/status).
 REPORT_STATUSES = ("processing", "completed", "failed")
 # Reports in one batch (PUT /v1/events/status): ten full claims' worth.

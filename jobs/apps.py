@@ -24,7 +24,7 @@ class JobsConfig(AppConfig):
         from jobs import services
 
         engines.stage_callbacks = engines.StageCallbacks(
-            lock=lambda stage_run_id: services._lock_job_of_stage(stage_run_id),
+            lock=lambda stage_run_id: services.core._lock_job_of_stage(stage_run_id),
             claimed=lambda stage_run_id, engine: services.stage_engine_claimed(
                 stage_run_id=stage_run_id, engine=engine
             ),

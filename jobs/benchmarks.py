@@ -452,7 +452,7 @@ class QueueBench:
         from jobs.models import ACTIVE_STATUSES, Job, JobStatus
 
         omniva = self.queues[0]
-        services._depth_cache.clear()
+        services.queue_depths_forget()
         submitted_from = timezone.now()
         started = time.perf_counter()
         with (

@@ -41,7 +41,7 @@ from omniva import selectors as core_selectors
 from omniva import services as core_services
 from omniva.api.throttling import rate_limit_spend
 from omniva.errors import ErrorCode, OmnivaError, http_status_for
-from omniva.models import Activity, ApiKey, Scope
+from omniva.models import ACTIVITY_CHANNEL, Activity, ApiKey, Scope
 from omniva.notifications import Listener
 from omniva.null_character import refuse_null_character
 from omniva.row_ids import row_id
@@ -452,7 +452,7 @@ STREAM_CHECK_S = 1.0
 
 # Wakes the waiting streams on every activity commit (NOTIFY omniva_activity, payload
 # empty); they also read again every STREAM_CHECK_S, should a notification be lost.
-activity_listener = Listener(core_services.ACTIVITY_CHANNEL)
+activity_listener = Listener(ACTIVITY_CHANNEL)
 
 
 @dataclass

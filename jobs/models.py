@@ -14,6 +14,10 @@ from django.db.models import Q
 
 from omniva.models import Project
 
+# The NOTIFY channel of finished jobs: a transition that finishes a job notifies it with
+# the job's id (jobs/services), sync submissions wait on it (jobs/waiting.py).
+JOB_DONE_CHANNEL = "omniva_job_done"
+
 
 class JobStatus(models.TextChoices):
     # Waiting for its first stage to start. Leaves on a stage start (→ running), a

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.models import Job
-from jobs.services import JOB_DONE_CHANNEL
+from jobs.models import JOB_DONE_CHANNEL, Job
 from omniva.notifications import Listener
 
 listener = Listener(JOB_DONE_CHANNEL)

@@ -39,8 +39,8 @@ import psycopg
 from channels.exceptions import ChannelFull
 from channels.layers import BaseChannelLayer, get_channel_layer
 
+from omniva.models import ACTIVITY_CHANNEL
 from omniva.notifications import own_connection_params
-from omniva.services import ACTIVITY_CHANNEL
 
 logger = logging.getLogger("omniva.live")
 

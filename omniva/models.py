@@ -12,6 +12,10 @@ from django.db import models
 from django.utils import timezone
 from pgvector.django import HnswIndex, VectorField
 
+# The NOTIFY channel of the live stream: every activity row's transaction notifies it
+# (omniva/services.py activity_record, omniva/live.py listens).
+ACTIVITY_CHANNEL = "omniva_activity"
+
 
 class Project(models.Model):
     """A tenant boundary: an API key bound to a project sees that project only."""

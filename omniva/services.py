@@ -20,7 +20,16 @@ from django.utils import timezone
 
 from omniva import selectors
 from omniva.errors import ErrorCode, OmnivaError
-from omniva.models import Activity, ApiKey, AuditRecord, Clip, Creator, Project, Scope
+from omniva.models import (
+    ACTIVITY_CHANNEL,
+    Activity,
+    ApiKey,
+    AuditRecord,
+    Clip,
+    Creator,
+    Project,
+    Scope,
+)
 
 logger = logging.getLogger("omniva")
 
@@ -378,8 +387,6 @@ def audit_records_prune(*, older_than: timedelta, deadline: float | None = None)
 
 
 # --- Activity --------------------------------------------------------------------------
-
-ACTIVITY_CHANNEL = "omniva_activity"
 
 # The rows and their NOTIFY in one round trip (PostgreSQL delivers it at commit and
 # folds the notifications of one transaction into one).

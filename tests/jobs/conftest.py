@@ -76,7 +76,7 @@ def fresh_saturation_cache() -> None:
     """The queue-depth cache is per process; a test must not see the previous test's."""
     from jobs import services
 
-    services._depth_cache.clear()
+    services.queue_depths_forget()
 
 
 # A pipeline only the tests know (they run its stages in-process with `drain`): `first`

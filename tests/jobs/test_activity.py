@@ -10,9 +10,8 @@ import pytest
 from jobs import services
 from jobs.models import Job
 from omniva.errors import OmnivaError
-from omniva.models import Activity, Project
+from omniva.models import ACTIVITY_CHANNEL, Activity, Project
 from omniva.notifications import own_connection_params
-from omniva.services import ACTIVITY_CHANNEL
 from tests.jobs.conftest import claim_one, run_delivery
 
 pytestmark = pytest.mark.django_db

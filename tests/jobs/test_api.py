@@ -325,7 +325,7 @@ def test_a_saturated_queue_answers_503_with_retry_after(api: Any) -> None:
     post(api, "/v1/jobs", {"pipeline": "noop"})
     from jobs import services
 
-    services._depth_cache.clear()
+    services.queue_depths_forget()
     response = post(api, "/v1/jobs", {"pipeline": "noop"})
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "QUEUE_SATURATED"

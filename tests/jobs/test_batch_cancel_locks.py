@@ -40,7 +40,7 @@ def test_cancelling_a_batch_while_a_child_finishes_deadlocks_neither() -> None:
                 Job.objects.select_for_update().get(pk=first.pk)
                 child_locked.set()
                 wait_for(_someone_waits_on_a_lock, timeout=10, what="the cancel to wait on it")
-                services._batch_child_finished(parent_id=parent.pk, now=timezone.now())
+                services.core._batch_child_finished(parent_id=parent.pk, now=timezone.now())
         except BaseException as exc:
             failures.append(exc)
         finally:

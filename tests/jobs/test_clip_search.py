@@ -117,7 +117,7 @@ def test_search_embeds_the_query_on_the_gpu_queue_and_ranks_by_meaning(
 def test_search_with_no_gpu_worker_answers_503_and_cancels_its_job(
     api: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_services, "QUERY_EMBEDDING_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(job_services.lifecycle, "QUERY_EMBEDDING_TIMEOUT_S", 0.3)
     response = api.get("/v1/clips/search?q=anything")
     assert (response.status_code, response.json()["error"]["code"]) == (
         503,

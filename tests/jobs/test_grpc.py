@@ -522,7 +522,7 @@ def test_a_key_over_its_rate_limit_is_resource_exhausted_with_retry_after(
 
 def test_a_saturated_queue_is_resource_exhausted(writer: Client) -> None:
     writer.submit(task_type="noop")
-    services._depth_cache.clear()
+    services.queue_depths_forget()
 
     with override_settings(OMNIVA_QUEUE_LIMIT=1):
         error = refused(lambda: writer.submit(task_type="noop"))

@@ -373,7 +373,7 @@ def test_cleanup_refuses_an_active_status() -> None:
 def test_a_saturated_queue_refuses_new_jobs() -> None:
     for _ in range(3):
         submit("noop")
-    services._depth_cache.clear()
+    services.queue_depths_forget()
     with pytest.raises(OmnivaError) as refused:
         submit("noop")
     assert refused.value.code == ErrorCode.QUEUE_SATURATED

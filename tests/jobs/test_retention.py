@@ -92,7 +92,7 @@ def deletes_from(queries: CaptureQueriesContext, table: str) -> int:
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(omniva.services, "PRUNE_BATCH", 2)
-    monkeypatch.setattr(services, "JOB_PRUNE_BATCH", 2)
+    monkeypatch.setattr(services.retention, "JOB_PRUNE_BATCH", 2)
 
 
 # --- the schedule -----------------------------------------------------------------------

@@ -4,12 +4,16 @@ server standing in for S3) and on the local folder that is the default."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings as django_settings
+from django.utils import timezone
 
+from jobs import services as job_services
+from jobs.models import Job, JobStatus
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.media import (
     artifact_local,
@@ -18,6 +22,7 @@ from omniva.media import (
     artifact_url,
     artifacts_delete,
     is_local_storage,
+    job_artifact_name,
     media_reference,
 )
 from omniva.models import Clip, Project
@@ -168,3 +173,23 @@ def test_media_never_serves_a_file_outside_the_media_root(
     served = client.get(f"/media/{path}")
     assert served.status_code in (400, 404)
     assert b"not for you" not in b"".join(getattr(served, "streaming_content", [served.content]))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deleted_or_cleaned_up_job_takes_its_artifacts_out_of_the_bucket(
+    bucket_storage: S3Bucket,
+) -> None:
+    ended = timezone.now() - timedelta(days=2)
+    deleted, pruned, kept = (
+        Job.objects.create(pipeline="echo", status=JobStatus.COMPLETED, finished_at=ended)
+        for _ in range(3)
+    )
+    for job in (deleted, pruned, kept):
+        artifact_save(job_artifact_name(job.pk, "report.md"), b"# Report")
+    kept.finished_at = timezone.now()
+    kept.save(update_fields=["finished_at"])
+
+    job_services.job_delete(job_id=deleted.pk)
+    assert job_services.jobs_cleanup(max_age_s=86400) == 1
+
+    assert bucket_storage.keys() == [job_artifact_name(kept.pk, "report.md")]

@@ -146,7 +146,7 @@ def test_every_operation_of_the_schema_answers_valid_enveloped_responses_to_fuzz
     settings.OMNIVA_RATE_BURST = 1_000_000
     # Semantic search waits for a gpu worker that this test does not run: give up at
     # once (its 503 is still checked against the schema).
-    monkeypatch.setattr(job_services, "QUERY_EMBEDDING_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(job_services.lifecycle, "QUERY_EMBEDDING_TIMEOUT_S", 0.05)
     headers = {"Authorization": f"Bearer {admin_key.secret}"}
     schema = schemathesis.openapi.from_wsgi(
         "/v1/schema?format=json", get_wsgi_application(), headers=headers

@@ -1,0 +1,278 @@
+"""The one-statement transitions the worker runtime batches: the start of every granted
+attempt, the heartbeat of every held one, the completion of sole stages. Each does in
+SQL what its Python transition does under the same rules (attempts.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from jobs import broker, pipelines
+from jobs.models import (
+    FINISHED_STATUSES,
+    JOB_DONE_CHANNEL,
+    StageStatus,
+)
+from jobs.services.core import (
+    StageClaim,
+    SupervisionState,
+    _lease_until,
+    _parent_outputs,
+)
+from omniva import services as core_services
+
+# The common case of a start in one statement, as a queue's claim is: a queued stage of
+# a job that is neither finished, cancelled nor out of time. It locks the job row first
+# like every transition; the stage run is only changed while its status is still
+# `queued` (re-checked on the newest row version once the lock is held), and only by a
+# delivery whose queue row is still there as delivered: a row that ended with an
+# earlier attempt (dropped with it) or was delivered again since starts nothing. When
+# any of that does not hold it changes nothing, and stage_start decides under the full
+# rules.
+START_SQL = """
+WITH given AS (
+    SELECT * FROM unnest(%(runs)s::bigint[], %(rows)s::bigint[], %(deliveries)s::int[])
+           AS g(run_id, row_id, deliveries)
+), target AS (
+    SELECT r.id AS run_id
+    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
+    JOIN given g ON g.run_id = r.id
+    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
+    WHERE r.id = ANY(%(runs)s) AND r.status = %(queued)s
+      AND (g.row_id IS NULL OR EXISTS (
+          SELECT 1 FROM jobs_queuetask q WHERE q.id = g.row_id AND q.deliveries = g.deliveries))
+      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
+      AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
+           OR j.pending_since IS NULL
+           OR %(now)s <= j.pending_since + make_interval(secs => j.queue_timeout_s))
+      AND (COALESCE(j.timeout_s, 0) = 0 OR j.started_at IS NULL
+           OR %(now)s < j.started_at + make_interval(secs => j.timeout_s))
+    ORDER BY j.id
+    FOR UPDATE OF j
+), run AS (
+    UPDATE jobs_stagerun r
+    SET status = %(running)s, attempt = r.attempt + 1, lease_token = gen_random_uuid(),
+        lease_expires_at = %(lease)s, worker = %(worker)s, started_at = %(now)s,
+        finished_at = NULL, progress = 0, error = NULL
+    FROM target
+    WHERE r.id = target.run_id AND r.status = %(queued)s
+    RETURNING r.*
+), job AS (
+    UPDATE jobs_job j
+    SET status = %(running)s, attempts = GREATEST(j.attempts, run.attempt),
+        next_attempt_at = NULL, started_at = COALESCE(j.started_at, %(now)s),
+        updated_at = %(now)s
+    FROM run
+    WHERE j.id = run.job_id
+    RETURNING j.*
+), activity AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
+    SELECT %(now)s, 'job:update', job.project_id, job.id,
+        jsonb_build_object(
+            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
+            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
+            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+    FROM job
+    UNION ALL
+    SELECT %(now)s, 'stage:update', job.project_id, job.id,
+        jsonb_build_object(
+            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
+            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
+            'error', run.error)
+    FROM job JOIN run ON run.job_id = job.id
+)
+SELECT run.id, run.lease_token, job.id, job.pipeline, job.params, job.started_at,
+       job.timeout_s, run.name, run.attempt, pg_notify(%(activity_channel)s, '')
+FROM job JOIN run ON run.job_id = job.id
+"""
+
+
+def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list[StageClaim]:
+    """The common starts of many stage runs (`ack_ids`: run id -> its delivery) in one
+    statement (START_SQL); the runs it did not start are for stage_start to decide."""
+    if not ack_ids:
+        return []
+    now = timezone.now()
+    deliveries = [broker.parse_ack_id(ack) if ack else (None, None) for ack in ack_ids.values()]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            START_SQL,
+            {
+                "runs": list(ack_ids),
+                "rows": [row for row, _ in deliveries],
+                "deliveries": [count for _, count in deliveries],
+                "queued": StageStatus.QUEUED,
+                "running": StageStatus.RUNNING,
+                "finished": list(FINISHED_STATUSES),
+                "now": now,
+                "lease": _lease_until(now),
+                "worker": worker[:200],
+                "activity_channel": core_services.ACTIVITY_CHANNEL,
+            },
+        )
+        rows = cursor.fetchall()
+    claims = []
+    for run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt, _ in rows:
+        params = _json_column(params)
+        claims.append(
+            StageClaim(
+                stage_run_id=run_id,
+                job_id=str(job_id),
+                pipeline=pipeline,
+                stage=stage,
+                attempt=attempt,
+                token=str(token),
+                params=params,
+                inputs=_parent_outputs(job_id, pipeline, params, stage),
+                deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
+                ack_id=ack_ids[run_id],
+            )
+        )
+    return claims
+
+
+def _json_column(value: Any) -> Any:
+    # Django's psycopg setup hands jsonb to raw cursors as text (JSONField decodes it).
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# The heartbeat of running attempts (one, or a gpu batch's), one statement: the leases
+# of those whose tokens still hold are extended, and their jobs' state returned.
+HEARTBEAT_SQL = """
+UPDATE jobs_stagerun r SET lease_expires_at = %(lease)s
+FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[]) AS g(run_id, token), jobs_job j
+WHERE r.id = g.run_id AND r.lease_token = g.token AND r.status = %(running)s
+  AND j.id = r.job_id
+RETURNING r.id, j.status, j.cancel_requested_at, j.started_at, j.timeout_s
+"""
+
+
+def stages_heartbeat(*, claims: list[StageClaim]) -> dict[int, SupervisionState]:
+    """The heartbeat of running attempts (a gpu batch's, while its forward pass runs):
+    their leases and their queue rows' extended, one statement each, and what each one's
+    job asks (a cancel, its deadline), by stage run id; an attempt whose token no longer
+    holds is absent."""
+    if not claims:
+        return {}
+    now = timezone.now()
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                HEARTBEAT_SQL,
+                {
+                    "lease": _lease_until(now),
+                    "runs": [claim.stage_run_id for claim in claims],
+                    "tokens": [claim.token for claim in claims],
+                    "running": StageStatus.RUNNING,
+                },
+            )
+            rows = cursor.fetchall()
+        broker.extend_leases(
+            ack_ids=[claim.ack_id for claim in claims if claim.ack_id],
+            lease_s=settings.OMNIVA_TASK_LEASE_S,
+        )
+    return {
+        run_id: SupervisionState(
+            lease_held=status not in FINISHED_STATUSES,
+            cancel_requested_at=cancel_requested_at,
+            deadline=started_at + timedelta(seconds=timeout_s)
+            if timeout_s and started_at
+            else None,
+        )
+        for run_id, status, cancel_requested_at, started_at, timeout_s in rows
+    }
+
+
+# The common completion in one statement: the only stage of a one-stage pipeline
+# (pipelines.single_stage_pipelines) completes with its job, its queue rows are dropped
+# and the job-done NOTIFY sent. Under the job's row lock like every
+# transition, and only while the attempt's token holds; otherwise it changes nothing and
+# stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
+COMPLETE_SOLE_STAGE_SQL = """
+WITH given AS (
+    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
+           AS g(run_id, token, output)
+), target AS (
+    SELECT r.id AS run_id
+    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
+    JOIN given g ON g.run_id = r.id AND g.token = r.lease_token
+    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
+    WHERE r.id = ANY(%(runs)s) AND r.status = %(running)s
+      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
+      AND j.parent_id IS NULL AND j.pipeline = ANY(%(pipelines)s)
+    ORDER BY j.id
+    FOR UPDATE OF j
+), run AS (
+    UPDATE jobs_stagerun r
+    SET status = %(completed)s, output = g.output::jsonb, progress = 100,
+        finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
+    FROM target JOIN given g ON g.run_id = target.run_id
+    WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = g.token
+    RETURNING r.*
+), dropped AS (
+    DELETE FROM jobs_queuetask q USING run WHERE q.stage_run_id = run.id
+), job AS (
+    UPDATE jobs_job j
+    SET status = %(completed)s, result = run.output, error = NULL, progress = 100,
+        finished_at = %(now)s, next_attempt_at = NULL, updated_at = %(now)s
+    FROM run
+    WHERE j.id = run.job_id
+    RETURNING j.*
+), activity AS (
+    INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
+    SELECT %(now)s, 'stage:update', job.project_id, job.id,
+        jsonb_build_object(
+            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
+            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
+            'error', run.error)
+    FROM job JOIN run ON run.job_id = job.id
+    UNION ALL
+    SELECT %(now)s, 'job:update', job.project_id, job.id,
+        jsonb_build_object(
+            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
+            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
+            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+    FROM job
+)
+SELECT run.id, pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '')
+FROM job JOIN run ON run.job_id = job.id
+"""
+
+
+@dataclass(frozen=True)
+class Completion:
+    stage_run_id: int
+    token: str
+    output: Any
+
+
+def stages_complete_sole(completions: list[Completion]) -> set[int]:
+    """Complete many one-stage jobs with their stage in one statement
+    (COMPLETE_SOLE_STAGE_SQL): the ids of the runs it completed; the others are for
+    stage_complete to decide. What JSON cannot hold raises before anything is written."""
+    if not completions:
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            COMPLETE_SOLE_STAGE_SQL,
+            {
+                "runs": [c.stage_run_id for c in completions],
+                "tokens": [c.token for c in completions],
+                "outputs": [json.dumps(c.output, allow_nan=False) for c in completions],
+                "running": StageStatus.RUNNING,
+                "completed": StageStatus.COMPLETED,
+                "finished": list(FINISHED_STATUSES),
+                "pipelines": pipelines.single_stage_pipelines(),
+                "now": timezone.now(),
+                "channel": JOB_DONE_CHANNEL,
+                "activity_channel": core_services.ACTIVITY_CHANNEL,
+            },
+        )
+        return {row[0] for row in cursor.fetchall()}
