@@ -18,7 +18,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 $(GRPC_CODE): $(GRPC_PROTO) $(STAMP)
-	$(BIN)/python -m jobs.grpc_codegen
+	$(BIN)/python -m jobs.grpc.codegen
 
 grpc: $(GRPC_CODE)
 

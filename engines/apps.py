@@ -8,9 +8,11 @@ class EnginesConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from engines import selectors
+        # Imported here, not at the top: models must not load before the app registry.
+        from engines import metrics, selectors
         from omniva import selectors as core_selectors
         from omniva.health import register_check
 
         core_selectors.contribute_metrics(selectors.contribute_metrics)
         register_check("engines", selectors.check_engines)
+        metrics.register_collectors()

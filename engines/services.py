@@ -1,7 +1,7 @@
 """Every write of engines and the leased event queue, one function per transition.
 
 Lock order: when an event runs a job stage, the job's row is locked before the event's
-(through `stage_callbacks.lock`), as the orchestrator does when it cancels a job and
+(through its `StageCallbacks.lock`), as the orchestrator does when it cancels a job and
 dead-ends the event; so the two never wait on each other in opposite orders.
 
 The claim is one statement (`CLAIM_SQL`): highest priority then oldest, SKIP LOCKED, a
@@ -57,7 +57,6 @@ logger = logging.getLogger("omniva.engines")
 DEFAULT_BATCH_SIZE = 3
 MAX_BATCH_SIZE = 10
 MAX_WAIT_S = 30.0
-# An event became claimable: NOTIFY with its engine type as the payload.
 # What an engine reports on an event it holds (PUT /v1/events/{id}/status).
 REPORT_STATUSES = ("processing", "completed", "failed")
 # Reports in one batch (PUT /v1/events/status): ten full claims' worth.
@@ -86,7 +85,13 @@ class StageCallbacks:
     expire: Callable[[int], bool]
 
 
-stage_callbacks: StageCallbacks | None = None
+_stage_callbacks: StageCallbacks | None = None
+
+
+def register_stage_callbacks(callbacks: StageCallbacks) -> None:
+    """How events that run job stages reach the orchestrator (jobs' AppConfig.ready)."""
+    global _stage_callbacks
+    _stage_callbacks = callbacks
 
 
 # --- activity (the live stream's outbox, omniva.models.Activity) -------------------------
@@ -436,8 +441,8 @@ def _each_locked(candidates: QuerySet[Event], act: Callable[[Event], bool]) -> i
     acted = 0
     for event_id, stage_run_id in candidates.values_list("id", "stage_run_id")[:50]:
         with transaction.atomic():
-            if stage_run_id is not None and stage_callbacks is not None:
-                stage_callbacks.lock(stage_run_id)
+            if stage_run_id is not None and _stage_callbacks is not None:
+                _stage_callbacks.lock(stage_run_id)
             event = Event.objects.select_for_update(skip_locked=True).filter(pk=event_id).first()
             if event is not None and act(event):
                 acted += 1
@@ -455,8 +460,8 @@ def _expire_if_overdue(event: Event, now: datetime) -> bool:
         or event.status not in (EventStatus.PENDING, EventStatus.LEASED)
     ):
         return False
-    if event.stage_run_id is not None and stage_callbacks is not None:
-        ended = stage_callbacks.expire(event.stage_run_id)
+    if event.stage_run_id is not None and _stage_callbacks is not None:
+        ended = _stage_callbacks.expire(event.stage_run_id)
         event.refresh_from_db()  # the orchestrator dead-ended it, or moved its deadline
         if not ended or event.status not in (EventStatus.PENDING, EventStatus.LEASED):
             return ended
@@ -574,7 +579,7 @@ def events_claim_now(
                 },
             )
         )
-        if stage_callbacks is not None:
+        if _stage_callbacks is not None:
             worker = engine.name if engine else f"{engine_type} engine"
             for event in events:
                 if event.stage_run_id is not None:
@@ -587,8 +592,8 @@ def events_claim_now(
 
 def _stage_claimed(stage_run_id: int, worker: str) -> None:
     try:
-        assert stage_callbacks is not None
-        stage_callbacks.claimed(stage_run_id, worker)
+        assert _stage_callbacks is not None
+        _stage_callbacks.claimed(stage_run_id, worker)
     except Exception:
         # The stage is marked running at its completion anyway; never fail the claim.
         logger.exception("marking stage run %s as claimed failed", stage_run_id)
@@ -631,8 +636,8 @@ def _locked_event(event_id: Any) -> Event:
         found = []
     if not found:
         raise OmnivaError(ErrorCode.EVENT_NOT_FOUND, f"No event {event_id}.")
-    if found[0] is not None and stage_callbacks is not None:
-        stage_callbacks.lock(found[0])
+    if found[0] is not None and _stage_callbacks is not None:
+        _stage_callbacks.lock(found[0])
     return (
         Event.objects.select_for_update(of=("self",))
         .select_related("event_type", "leased_by")
@@ -656,8 +661,8 @@ def _to_dead_letter(
         event.retry_count = retry_count
     event.save()
     _event_changed(event)
-    if event.stage_run_id is not None and stage_callbacks is not None:
-        stage_callbacks.finished(event.stage_run_id, None, error, _holder_name(event))
+    if event.stage_run_id is not None and _stage_callbacks is not None:
+        _stage_callbacks.finished(event.stage_run_id, None, error, _holder_name(event))
 
 
 def _fence(event: Event, now: datetime, *, lease_token: Any, engine_id: Any, claimant: str) -> None:
@@ -753,8 +758,8 @@ def _apply_report(
         event.finished_at = now
         event.save()
         _event_changed(event)
-        if event.stage_run_id is not None and stage_callbacks is not None:
-            stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
+        if event.stage_run_id is not None and _stage_callbacks is not None:
+            _stage_callbacks.finished(event.stage_run_id, result, None, _holder_name(event))
         return event
     if status == "failed":
         failure = _error(error)
@@ -778,7 +783,7 @@ def _apply_report(
     event.lock_until = now + timedelta(seconds=event.lease_s)
     event.save()
     _event_changed(event)
-    if progress is not None and event.stage_run_id is not None and stage_callbacks:
+    if progress is not None and event.stage_run_id is not None and _stage_callbacks:
         run_id = event.stage_run_id
         transaction.on_commit(lambda: _stage_progress(run_id, progress))
     return event
@@ -831,8 +836,8 @@ def events_report(
 
 def _stage_progress(stage_run_id: int, progress: float) -> None:
     try:
-        assert stage_callbacks is not None
-        stage_callbacks.progress(stage_run_id, progress)
+        assert _stage_callbacks is not None
+        _stage_callbacks.progress(stage_run_id, progress)
     except Exception:
         logger.exception("progress of stage run %s not recorded", stage_run_id)
 

@@ -86,8 +86,8 @@ SELECT id, pg_notify(%s, '') FROM task
 """  # noqa: S608 (constants)
 
 
-# The gpu worker's micro-batches (jobs/inference.py): ready rows of `queue` whose stage
-# runs are of the given (pipeline, stage) pairs, claimed like CLAIM_SQL claims.
+# The gpu worker's micro-batches (jobs/pipelines/lib/inference.py): ready rows of `queue`
+# whose stage runs are of the given (pipeline, stage) pairs, claimed like CLAIM_SQL claims.
 CLAIM_STAGES_SQL = """
 WITH picked AS MATERIALIZED (
     SELECT q.id FROM jobs_queuetask q

@@ -4,7 +4,7 @@ second, on the device `OMNIVA_DEVICE` selects (printed).
 
 It runs in this process, on the platform's database, as a gpu worker would: `embed_texts`
 jobs of one text each are submitted, then delivered one at a time through the broker's
-claim (`jobs.tasks.claim_delivery` / `run_delivery`). With OMNIVA_GPU_MAX_BATCH=1 each
+claim (`jobs.testing.claim_delivery` / `run_delivery`). With OMNIVA_GPU_MAX_BATCH=1 each
 job is its own forward pass (per item); with B, the worker gathers up to B ready jobs
 into one forward pass (batched across jobs). Both include every transition of every
 job (claim, start, completion). The raw figure is `models.embed` on B texts: the ceiling.
@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 
 from django.test.utils import override_settings
 
+from jobs import services, testing
+from jobs.models import Job
+from jobs.pipelines.lib.inference import models
 from omniva.benchmarks import BenchError, table_lines
 
 BATCH_SIZES = (1, 8, 32, 128)
@@ -68,8 +71,6 @@ class GpuBench:
     upscale_rows: list[tuple[str, float]] = field(default_factory=list)
 
     def run(self) -> None:
-        from jobs.inference import models
-
         self.device = f"{models.device} ({models.status()['name']})"
         models.embedder()  # loading is not measured
         self.say(f"device {self.device}; warming up")
@@ -82,17 +83,14 @@ class GpuBench:
         self._upscale()
 
     def _through_jobs(self, *, max_batch: int, jobs: int) -> float:
-        from jobs import services, tasks
-        from jobs.models import Job
-
         ids = [
             services.job_submit(pipeline="embed_texts", params={"texts": [sentence(i)]})[0].pk
             for i in range(jobs)
         ]
         started = time.perf_counter()
         with override_settings(OMNIVA_GPU_MAX_BATCH=max_batch, OMNIVA_GPU_MAX_WAIT_MS=0):
-            while (claimed := tasks.claim_delivery("gpu")) is not None:
-                tasks.run_delivery(*claimed)
+            while (claimed := testing.claim_delivery("gpu")) is not None:
+                testing.run_delivery(*claimed)
         elapsed = time.perf_counter() - started
         completed = Job.objects.filter(pk__in=ids, status="completed").count()
         for job_id in ids:
@@ -103,8 +101,6 @@ class GpuBench:
 
     @staticmethod
     def _raw(size: int, *, rounds: int = 3) -> float:
-        from jobs.inference import models
-
         texts = [sentence(i) for i in range(size)]
         best = 0.0
         for _ in range(rounds):
@@ -116,8 +112,7 @@ class GpuBench:
     def _upscale(self) -> None:
         from PIL import Image
 
-        from jobs.imaging import upscale
-        from jobs.inference import models
+        from jobs.pipelines.lib.imaging import upscale
 
         image = Image.effect_mandelbrot((768, 512), (-2.0, -1.0, 1.0, 1.0), 64).convert("RGB")
         for scale in (2, 4):

@@ -1,6 +1,6 @@
 """Jobs, their stage runs and logs, and the queue table of our django-q2 broker.
 
-A job is one run of a pipeline (a DAG of stages, see jobs/pipelines.py). Each stage
+A job is one run of a pipeline (a DAG of stages, see jobs/pipelines/registry.py). Each stage
 has one StageRun row; the orchestrator (jobs/services.py) is the only writer of the
 status fields below.
 """
@@ -227,8 +227,8 @@ class QueueTask(models.Model):
 
 
 class GpuWorkerReport(models.Model):
-    """What a gpu worker process last said about itself (jobs/inference.py): its device,
-    memory, utilization, loaded models and batch statistics. Written every few seconds;
+    """What a gpu worker process last said about itself (jobs/pipelines/lib/inference.py):
+    its device, memory, utilization, loaded models and batch statistics. Written every few seconds;
     a report older than a few intervals belongs to a worker that stopped."""
 
     worker = models.CharField(max_length=200, primary_key=True)

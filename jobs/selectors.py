@@ -13,8 +13,18 @@ from django.db import DatabaseError, connection
 from django.db.models import Avg, Max, Prefetch, QuerySet
 from django.utils import timezone
 
-from jobs import pipelines
-from jobs.models import ACTIVE_STATUSES, GpuWorkerReport, Job, JobStatus, QueueTask, StageRun
+from jobs.models import (
+    ACTIVE_STATUSES,
+    GpuWorkerReport,
+    Job,
+    JobStatus,
+    MetricCursor,
+    MetricTally,
+    QueueTask,
+    StageRun,
+)
+from jobs.pipelines import registry as pipelines
+from jobs.pipelines.lib.inference import REPORT_STALE_S
 from omniva.models import Project
 from omniva.rows import ModelRows
 from omniva.selectors import counts_bounded
@@ -338,8 +348,6 @@ def metric_figures() -> dict[FigureKey, Figure]:
     """Every Prometheus job figure: the tallies, and the rows since their cursor."""
     from django.db import transaction
 
-    from jobs.models import MetricCursor, MetricTally
-
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", [METRIC_TALLY_LOCK])
@@ -416,9 +424,7 @@ def contribute_metrics(metrics: dict[str, Any]) -> None:
 
 
 def gpu_reports() -> list[dict[str, Any]]:
-    """The status of every gpu worker that reported lately (jobs/inference.py)."""
-    from jobs.inference import REPORT_STALE_S
-
+    """The status of every gpu worker that reported lately (jobs/pipelines/lib/inference.py)."""
     since = timezone.now() - timedelta(seconds=REPORT_STALE_S)
     return [
         {"worker": report.worker, "reported_at": report.reported_at, **report.data}

@@ -9,4 +9,7 @@ class OmnivaConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from omniva import metrics  # noqa: F401  (registers the Prometheus collectors)
+        # Imported here, not at the top: models must not load before the app registry.
+        from omniva import metrics
+
+        metrics.register_core_collectors()

@@ -41,6 +41,7 @@ from channels.layers import BaseChannelLayer, get_channel_layer
 
 from omniva.models import ACTIVITY_CHANNEL
 from omniva.notifications import own_connection_params
+from omniva.selectors import service_metrics
 
 logger = logging.getLogger("omniva.live")
 
@@ -432,8 +433,6 @@ def _metrics_now() -> dict[str, Any]:
     """/v1/metrics's figures, on a worker thread with a connection of its own (closed
     after: the thread is not one of Django's request threads)."""
     from django.db import connections
-
-    from omniva.selectors import service_metrics
 
     try:
         return service_metrics()

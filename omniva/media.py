@@ -23,6 +23,7 @@ from django.core.files.storage import FileSystemStorage, Storage, storages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.views.static import serve
 
+from omniva import outbound
 from omniva.errors import ErrorCode, OmnivaError
 
 
@@ -99,8 +100,6 @@ def artifact_read(name: str) -> bytes:
 def artifact_local(name: str) -> Iterator[Path]:
     """A local file with the artifact's content: the file itself on local storage
     (checked to stay under MEDIA_ROOT), a temporary download from a bucket."""
-    from omniva import outbound
-
     if is_local_storage():
         yield outbound.media_path(checked_name(name))
         return

@@ -4,6 +4,7 @@ activity outbox, and the content of a project (creators and their clips).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 from django.conf import settings
@@ -39,6 +40,14 @@ class Scope(models.TextChoices):
     ENGINES = "engines", "Register engines and process events"
     CONTENT = "content", "Manage projects, creators, clips and publishing"
     ADMIN = "admin", "Everything, including audit records"
+
+
+# A key's secret is `omv_<prefix>_<random>`; only its SHA-256 is stored (api_key_hash).
+KEY_PREFIX = "omv"
+
+
+def api_key_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 class ApiKey(models.Model):
@@ -149,7 +158,7 @@ class Activity(models.Model):
 
 # --- content (seed 002) ------------------------------------------------------------------
 
-# The clip embedding's size (all-MiniLM-L6-v2, jobs/inference.py).
+# The clip embedding's size (all-MiniLM-L6-v2, jobs/pipelines/lib/inference.py).
 CLIP_EMBEDDING_DIM = 384
 
 

@@ -15,7 +15,8 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 import omniva
-from omniva.models import Activity, ApiKey, AuditRecord, Clip, Project
+from omniva.models import KEY_PREFIX, Activity, ApiKey, AuditRecord, Clip, Project, api_key_hash
+from omniva.null_character import NULL
 
 STARTED_AT = timezone.now()
 
@@ -29,9 +30,6 @@ KEYS_SEEN_MAX = 10_000
 
 def api_key_for_secret(raw: str) -> ApiKey | None:
     """The key whose secret is `raw` (revoked or not), or None."""
-    from omniva.null_character import NULL
-    from omniva.services import KEY_PREFIX, api_key_hash
-
     parts = raw.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or len(parts[1]) > 16 or NULL in raw:
         return None  # (U+0000: no key has it, and PostgreSQL could not even look it up)

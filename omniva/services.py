@@ -22,6 +22,7 @@ from omniva import selectors
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import (
     ACTIVITY_CHANNEL,
+    KEY_PREFIX,
     Activity,
     ApiKey,
     AuditRecord,
@@ -29,11 +30,11 @@ from omniva.models import (
     Creator,
     Project,
     Scope,
+    api_key_hash,
 )
 
 logger = logging.getLogger("omniva")
 
-KEY_PREFIX = "omv"
 # last_used_at is a hint for operators, not an audit trail: refresh it at most this often
 # so that authentication does not add a write to every request.
 KEY_USE_RESOLUTION = timedelta(seconds=60)
@@ -44,10 +45,6 @@ KEY_USE_RESOLUTION = timedelta(seconds=60)
 
 def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def api_key_hash(raw: str) -> str:
-    return sha256_hex(raw)
 
 
 def api_key_create(
@@ -154,7 +151,13 @@ CLIP_FIELDS = (
 # Set by the jobs app at start (the core imports no app): queues the job that embeds a
 # clip's title and transcript, in the caller's transaction (a clip is never left
 # changed without the job that embeds it).
-clip_embedding_requested: Callable[[Clip], None] | None = None
+_clip_embedding_hook: Callable[[Clip], None] | None = None
+
+
+def register_clip_embedding_hook(hook: Callable[[Clip], None]) -> None:
+    """What embeds a clip whose title or transcript changed (jobs' AppConfig.ready)."""
+    global _clip_embedding_hook
+    _clip_embedding_hook = hook
 
 
 def _creator_in_project(creator: Creator | None, project: Project) -> None:
@@ -189,8 +192,8 @@ def creator_delete(*, creator: Creator) -> None:
 
 
 def _request_embedding(clip: Clip) -> None:
-    if clip_embedding_requested is not None and clip.text_for_embedding():
-        clip_embedding_requested(clip)
+    if _clip_embedding_hook is not None and clip.text_for_embedding():
+        _clip_embedding_hook(clip)
 
 
 def _source_taken() -> OmnivaError:

@@ -282,7 +282,7 @@ STORAGES = {
     ),
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
-# clipfarm ingests local folders only under this one (publishing/clipfarm.py).
+# clipfarm ingests local folders only under this one (publishing/pipelines/clipfarm.py).
 OMNIVA_INGEST_ROOT = Path(env_str("OMNIVA_INGEST_ROOT", str(VAR_DIR / "ingest")))
 # Directory destinations publish into folders under this one (publishing/adapters.py).
 OMNIVA_PUBLISH_ROOT = Path(env_str("OMNIVA_PUBLISH_ROOT", str(VAR_DIR / "publish")))
@@ -388,11 +388,11 @@ OMNIVA_ALLOW_PRIVATE_URLS = env_bool("OMNIVA_ALLOW_PRIVATE_URLS", False)
 # Outbound fetches of user-given URLs (omniva/outbound.py): size and time limits.
 OMNIVA_FETCH_MAX_BYTES = env_int("OMNIVA_FETCH_MAX_BYTES", 50 * 1024 * 1024, minimum=1)
 OMNIVA_FETCH_TIMEOUT_S = env_float("OMNIVA_FETCH_TIMEOUT_S", 30.0, minimum=0.1)
-# The gpu worker's cross-job micro-batches (jobs/inference.py): at most this many items
-# in one forward pass, gathered for at most this long once the first is ready.
+# The gpu worker's cross-job micro-batches (jobs/pipelines/lib/inference.py): at most this
+# many items in one forward pass, gathered for at most this long once the first is ready.
 OMNIVA_GPU_MAX_BATCH = env_int("OMNIVA_GPU_MAX_BATCH", 64, minimum=1, maximum=4096)
 OMNIVA_GPU_MAX_WAIT_MS = env_int("OMNIVA_GPU_MAX_WAIT_MS", 10, minimum=0, maximum=10_000)
-# Images (jobs/imaging.py): the largest input decoded, and the upscale's tile edge.
+# Images (jobs/pipelines/lib/imaging.py): the largest input decoded, and the upscale's tile edge.
 OMNIVA_IMAGE_MAX_PIXELS = env_int("OMNIVA_IMAGE_MAX_PIXELS", 16_000_000, minimum=1)
 OMNIVA_UPSCALE_TILE = env_int("OMNIVA_UPSCALE_TILE", 512, minimum=32, maximum=8192)
 OMNIVA_QUEUES = ["default", "gpu"]

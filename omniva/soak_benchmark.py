@@ -650,7 +650,7 @@ class SoakBench:
     def start_load(self) -> None:
         import grpc
 
-        from jobs.grpc_service import orchestrator_pb2, orchestrator_pb2_grpc
+        from jobs.grpc.service import orchestrator_pb2, orchestrator_pb2_grpc
 
         assert self.server is not None
         assert self.grpc is not None

@@ -8,4 +8,5 @@ class PublishingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from publishing import clipfarm, pipelines, pod  # noqa: F401  (they register pipelines)
+        # The declarations register their pipelines (jobs.pipelines.registry) when imported.
+        from publishing.pipelines import clipfarm, pod, publish  # noqa: F401

@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 
 from engines import selectors, services
 from engines.api import serializers
-from engines.models import EngineInstance, Event, EventStatus
+from engines.models import EngineInstance, Event, EventStatus, EventType
 from omniva.api.middleware import note_entities
 from omniva.api.parking import park
 from omniva.api.renderers import EnvelopeResponse
@@ -115,8 +115,6 @@ class EventTypeListView(EnginesView, generics.ListCreateAPIView):
     serializer_class = serializers.EventTypeSerializer
 
     def get_queryset(self) -> Any:
-        from engines.models import EventType
-
         return EventType.objects.order_by("name")
 
     @extend_schema(summary="Event types")

@@ -11,9 +11,10 @@ from rest_framework.exceptions import NotFound, PermissionDenied, ValidationErro
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
-from jobs import pipelines, selectors, services, waiting
+from jobs import selectors, services, waiting
 from jobs.api import serializers
 from jobs.models import Job
+from jobs.pipelines import registry as pipelines
 from omniva import selectors as core_selectors
 from omniva.api import serializers as core_serializers
 from omniva.api import views as core_views

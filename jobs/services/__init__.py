@@ -40,6 +40,7 @@ from jobs.services.core import (
     task_payload,
 )
 from jobs.services.engine_stages import (
+    engine_stage_callbacks,
     stage_engine_claimed,
     stage_engine_expire,
     stage_engine_finished,
@@ -98,6 +99,7 @@ __all__ = [
     "Completion",
     "StageClaim",
     "SupervisionState",
+    "engine_stage_callbacks",
     "gpu_report_save",
     "job_cancel",
     "job_cancel_child",

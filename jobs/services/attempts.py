@@ -20,6 +20,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from jobs.pipelines.context import StageCancelled, StageLeaseLost, StageTimedOut
 from jobs.services.activity import _job_changed, _stage_changed
 from jobs.services.core import (
     StageClaim,
@@ -156,8 +157,6 @@ def stage_report(
 ) -> None:
     """A checkpoint: record progress and a log line, extend the lease, and raise
     StageInterrupted when the attempt must stop (cancelled, timed out, lease lost)."""
-    from jobs.stages import StageCancelled, StageLeaseLost, StageTimedOut
-
     with transaction.atomic():
         try:
             job, run = _held_run(stage_run_id, token)

@@ -18,7 +18,7 @@ from django.utils import timezone
 from django_q.signing import SignedPackage
 
 from engines import services as engines
-from jobs import broker, pipelines
+from jobs import broker
 from jobs.models import (
     JOB_DONE_CHANNEL,
     Job,
@@ -28,6 +28,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from jobs.pipelines import registry as pipelines
 from jobs.services.activity import _activity, _job_changed, _stage_changed
 from omniva.errors import ErrorCode, OmnivaError
 

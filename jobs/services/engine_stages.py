@@ -29,6 +29,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from jobs.pipelines.context import StageInterrupted
 from jobs.services.activity import _job_changed, _stage_changed
 from jobs.services.attempts import stage_complete, stage_fail, stage_report
 from jobs.services.core import _deadline, _engine_deadline, _lock_job_of_stage, _time_out
@@ -124,8 +125,6 @@ def stage_engine_expire(*, stage_run_id: int) -> bool:
 
 
 def stage_engine_progress(*, stage_run_id: int, progress: float) -> None:
-    from jobs.stages import StageInterrupted
-
     run = StageRun.objects.filter(pk=stage_run_id, status=StageStatus.RUNNING).first()
     if run is None or run.lease_token is None:
         return
@@ -158,3 +157,21 @@ def stage_engine_finished(
                 message=str(error.get("message") or ""),
                 retryable=False,
             )
+
+
+def engine_stage_callbacks() -> engines.StageCallbacks:
+    """The orchestrator's side of engine events, as engines calls it (registered by
+    JobsConfig.ready: engines never imports jobs)."""
+    return engines.StageCallbacks(
+        lock=lambda stage_run_id: _lock_job_of_stage(stage_run_id) and None,
+        claimed=lambda stage_run_id, engine: stage_engine_claimed(
+            stage_run_id=stage_run_id, engine=engine
+        ),
+        progress=lambda stage_run_id, progress: stage_engine_progress(
+            stage_run_id=stage_run_id, progress=progress
+        ),
+        finished=lambda stage_run_id, output, error, engine: stage_engine_finished(
+            stage_run_id=stage_run_id, output=output, error=error, engine=engine
+        ),
+        expire=lambda stage_run_id: stage_engine_expire(stage_run_id=stage_run_id),
+    )

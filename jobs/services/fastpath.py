@@ -14,12 +14,13 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from jobs import broker, pipelines
+from jobs import broker
 from jobs.models import (
     FINISHED_STATUSES,
     JOB_DONE_CHANNEL,
     StageStatus,
 )
+from jobs.pipelines import registry as pipelines
 from jobs.services.core import (
     StageClaim,
     SupervisionState,

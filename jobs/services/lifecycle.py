@@ -40,6 +40,7 @@ from jobs.services.core import (
 )
 from jobs.services.engine_stages import _expire_engine_job
 from jobs.services.submit import job_submit
+from jobs.waiting import wait_for_job
 from omniva import media
 from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
@@ -249,7 +250,8 @@ def job_expire_if_due(*, job_id: Any) -> Job:
 
 
 def gpu_report_save(*, worker: str, data: dict[str, Any]) -> None:
-    """A gpu worker's status report (jobs/inference.py), replacing its previous one."""
+    """A gpu worker's status report (jobs/pipelines/lib/inference.py), replacing its previous
+    one."""
     GpuWorkerReport.objects.update_or_create(
         worker=worker[:200], defaults={"reported_at": timezone.now(), "data": data}
     )
@@ -264,8 +266,6 @@ def query_embedding_make(*, text: str, project: Project | None) -> list[float]:
     """The vector of `text`, made by an `embed_texts` job on the gpu queue (batched with
     whatever else waits there), so no web process loads a model. 503 when no gpu
     worker made it in time (the job is cancelled)."""
-    from jobs.waiting import wait_for_job
-
     job, _ = job_submit(pipeline="embed_texts", params={"texts": [text]}, project=project)
     job = wait_for_job(job.pk, timeout_s=QUERY_EMBEDDING_TIMEOUT_S)
     if job.status == JobStatus.COMPLETED:

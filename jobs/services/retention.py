@@ -13,7 +13,7 @@ from django.db.models import Count
 from django.utils import timezone
 
 from engines import services as engines
-from jobs import broker
+from jobs import broker, selectors
 from jobs.models import (
     FINISHED_STATUSES,
     Job,
@@ -149,8 +149,6 @@ def metric_tallies_advance(*, now: datetime | None = None) -> bool:
     METRIC_SETTLE_S ago into MetricTally and move its cursor there, so that a scrape
     reads only the rows since. False when another process is at it, or a reader holds
     the tallies (the next scrape folds them)."""
-    from jobs import selectors
-
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(

@@ -13,6 +13,7 @@ from django.utils import timezone
 
 from jobs import broker
 from jobs.models import (
+    PRIORITY_WORDS,
     Job,
     JobStatus,
     StageRun,
@@ -34,8 +35,6 @@ from omniva.rows import ModelRows
 
 
 def parse_priority(value: Any) -> int:
-    from jobs.models import PRIORITY_WORDS
-
     if isinstance(value, str) and value.strip().lower() in PRIORITY_WORDS:
         return PRIORITY_WORDS[value.strip().lower()]
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from jobs import tasks
+from jobs import testing
 from jobs.models import Job, QueueTask
 
 
@@ -29,8 +29,8 @@ class Drained:
 
 
 # The in-process worker's two steps, apart for tests that act in between.
-claim_one = tasks.claim_delivery
-run_delivery = tasks.run_delivery
+claim_one = testing.claim_delivery
+run_delivery = testing.run_delivery
 
 
 @pytest.fixture
@@ -65,10 +65,10 @@ def due() -> Callable[[Job], None]:
 def stop_job_listener() -> Any:
     """Sync waits start a LISTEN thread; stop it so no connection outlives the test."""
     yield
-    from jobs import inference, waiting
+    from jobs import gpu_worker, waiting
 
     waiting.listener.stop()
-    inference.listener.stop()
+    gpu_worker.listener.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def _first(ctx: Any) -> dict[str, Any]:
 
 
 def _second(ctx: Any) -> dict[str, Any]:
-    from jobs.stages import StageError
+    from jobs.pipelines.context import StageError
 
     RUNS["second"] = RUNS.get("second", 0) + 1
     if RUNS.get("fail_second"):
@@ -116,7 +116,7 @@ def _unserializable(ctx: Any) -> dict[str, Any]:
 def two_stage_pipeline() -> Any:
     """test_two_stage (first → second), test_stubborn (ignores cancels) and
     test_unserializable (returns what JSON cannot hold)."""
-    from jobs.pipelines import _REGISTRY, Pipeline, Stage, register
+    from jobs.pipelines.registry import _REGISTRY, Pipeline, Stage, register
 
     RUNS.clear()
     pipeline = register(

@@ -10,7 +10,7 @@ import pytest
 from django.db import connection
 
 from jobs import services as job_services
-from jobs import tasks
+from jobs import testing
 from jobs.models import Job, JobStatus
 from omniva import services
 from omniva.models import Clip, Project, Scope
@@ -70,11 +70,11 @@ def gpu_worker() -> Iterator[None]:
     def work() -> None:
         try:
             while not stop.is_set():
-                claimed = tasks.claim_delivery("gpu")
+                claimed = testing.claim_delivery("gpu")
                 if claimed is None:
                     stop.wait(0.02)  # the queue is empty: look again shortly
                     continue
-                tasks.run_delivery(*claimed)
+                testing.run_delivery(*claimed)
         finally:
             connection.close()
 

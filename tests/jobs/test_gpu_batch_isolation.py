@@ -17,9 +17,9 @@ from django.test import override_settings
 from django.utils import timezone
 
 from jobs import services
-from jobs.inference import models
 from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun
-from jobs.stages import StageContext
+from jobs.pipelines.context import StageContext
+from jobs.pipelines.lib.inference import models
 
 pytestmark = pytest.mark.django_db
 
@@ -226,7 +226,7 @@ def echo_many(contexts: list[StageContext]) -> list[Any]:
 
 @pytest.fixture
 def echo_pipeline() -> Iterator[None]:
-    from jobs.pipelines import _REGISTRY, Pipeline, Stage, register
+    from jobs.pipelines.registry import _REGISTRY, Pipeline, Stage, register
 
     pipeline = register(
         Pipeline(

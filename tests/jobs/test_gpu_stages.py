@@ -16,16 +16,16 @@ from django.test import override_settings
 from PIL import Image, ImageDraw
 
 from jobs import selectors, services
-from jobs.gpu import EMBED_TEXTS, embed_many
-from jobs.inference import EMBED_DIM, models
 from jobs.models import GpuWorkerReport, Job, JobStatus, QueueTask
-from jobs.stages import StageContext
+from jobs.pipelines.context import StageContext
+from jobs.pipelines.gpu import EMBED_TEXTS, embed_many
+from jobs.pipelines.lib.inference import EMBED_DIM, models
 from omniva.models import Activity
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
 
-# A batchable stage's single run is its batch of one (jobs.pipelines.Stage).
+# A batchable stage's single run is its batch of one (jobs.pipelines.registry.Stage).
 embed_one = EMBED_TEXTS.stages[0].run
 
 
@@ -44,6 +44,7 @@ def context(texts: Any, n: int = 0) -> StageContext:
         token="t",
         params={"texts": texts},
         inputs={},
+        reporter=services.stage_report,
         pipeline="embed_texts",
     )
 
@@ -399,7 +400,7 @@ def test_an_input_outside_the_media_root_is_refused(
 
 
 def test_a_gpu_workers_report_is_in_health_and_info(client: Any) -> None:
-    from jobs.inference import report_status
+    from jobs.gpu_worker import report_status
 
     report_status("gpu-host:1")
     gpu = client.get("/v1/health").json()["data"]["checks"]["gpu"]

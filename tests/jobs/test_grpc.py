@@ -1,4 +1,4 @@
-"""The gRPC OrchestratorService (jobs/grpc_service.py) through a real gRPC client.
+"""The gRPC OrchestratorService (jobs/grpc/service.py) through a real gRPC client.
 
 Most tests start the server in this process on a free port and run stages with the
 in-process worker (`drain`); the database is committed (transaction=True) so that the
@@ -24,7 +24,8 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from jobs import grpc_service, services
+from jobs import services
+from jobs.grpc import service as grpc_service
 from jobs.models import Job, JobStatus
 from omniva import services as core_services
 from omniva.errors import ErrorCode

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from jobs import imaging
-from jobs.imaging import (
+from jobs.pipelines.context import StageError
+from jobs.pipelines.lib import imaging
+from jobs.pipelines.lib.imaging import (
     classify_image,
     decode_image,
     encode_image,
@@ -24,7 +25,6 @@ from jobs.imaging import (
     upscale,
     upscale_halo,
 )
-from jobs.stages import StageError
 
 MAX_PIXELS = 16_000_000
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import Job, JobStatus, QueueTask, StageRun, StageStatus
-from jobs.stages import StageContext
+from jobs.pipelines.context import StageContext
 from tests.conftest import wait_for
 from tests.jobs.conftest import claim_one, run_delivery
 
@@ -45,7 +45,7 @@ def _sibling(ctx: StageContext) -> dict[str, Any]:
 @pytest.fixture
 def uploader() -> Iterator[None]:
     """test_uploader (one stage) and test_uploader_pair (it and a parallel sibling)."""
-    from jobs.pipelines import _REGISTRY, Pipeline, Stage, register
+    from jobs.pipelines.registry import _REGISTRY, Pipeline, Stage, register
 
     EFFECTS.clear()
     registered = [

@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun, StageStatus
-from jobs.stages import StageCancelled, StageLeaseLost
+from jobs.pipelines.context import StageCancelled, StageLeaseLost
 from omniva.errors import ErrorCode, OmnivaError
 from tests.conftest import wait_for
 from tests.jobs.conftest import RUNS, claim_one

@@ -20,8 +20,9 @@ from django.db import connections
 from django.test import override_settings
 from PIL import Image
 
-from jobs import pipelines, services
+from jobs import services
 from jobs.models import Job, JobLog, JobStatus
+from jobs.pipelines import registry as pipelines
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.django_db
@@ -733,7 +734,7 @@ def test_loopback_is_refused_without_the_setting_and_not_retried(
 def test_a_body_over_the_cap_fails_without_a_retry(
     drain: Callable[..., Any], fake_api: Callable[[], FakeApi]
 ) -> None:
-    from jobs.reports import API_CALL_MAX_RESPONSE_BYTES
+    from jobs.pipelines.reports import API_CALL_MAX_RESPONSE_BYTES
 
     server = fake_api()
     server.default = (200, {"Content-Type": "text/plain"}, b"x" * (API_CALL_MAX_RESPONSE_BYTES + 1))

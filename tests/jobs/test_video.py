@@ -1,5 +1,6 @@
-"""jobs/video.py with the real ffmpeg binary on videos the tests make (lavfi testsrc and
-sine): probing, the vertical H.264/AAC edit, thumbnails, and files that are not media."""
+"""jobs/pipelines/lib/video.py with the real ffmpeg binary on videos the tests make (lavfi
+testsrc and sine): probing, the vertical H.264/AAC edit, thumbnails, and files that are not
+media."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import imageio_ffmpeg
 import pytest
 from PIL import Image, ImageStat
 
-from jobs import video
-from jobs.stages import StageError
+from jobs.pipelines.context import StageError
+from jobs.pipelines.lib import video
 
 
 def make_video(

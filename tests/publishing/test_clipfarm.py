@@ -20,14 +20,14 @@ from django.test import override_settings
 from PIL import Image
 
 from jobs import services as job_services
-from jobs import video
-from jobs.inference import models
 from jobs.models import Job, JobStatus
+from jobs.pipelines.lib import video
+from jobs.pipelines.lib.inference import models
 from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Clip, ClipStatus, Creator, Project
-from publishing.clipfarm import DUPLICATE_SIMILARITY, keywords
 from publishing.models import Destination, Publication, PublicationStatus
+from publishing.pipelines.clipfarm import DUPLICATE_SIMILARITY, keywords
 from tests.jobs.test_video import make_video
 from tests.publishing.conftest import SECRET, FakeWebhook
 

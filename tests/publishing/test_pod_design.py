@@ -30,7 +30,7 @@ from omniva import services as omniva_services
 from omniva.media import media_name
 from omniva.models import Project, Scope
 from publishing.models import Destination, Publication, PublicationStatus
-from publishing.pod import BACKGROUND, GARMENT_COLORS, MOCKUP_SIZE
+from publishing.pipelines.pod import BACKGROUND, GARMENT_COLORS, MOCKUP_SIZE
 from tests.conftest import ProcessGroup, free_port, start_daphne, wait_for
 
 pytestmark = pytest.mark.django_db

@@ -14,6 +14,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from jobs.grpc.service import build_server
+
 DEFAULT_WORKERS = 32
 DEFAULT_GRACE_S = 5.0
 
@@ -34,8 +36,6 @@ class Command(BaseCommand):
         parser.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from jobs.grpc_service import build_server
-
         if options["workers"] < 1:
             raise CommandError("--workers is at least 1.")
         stop = threading.Event()

@@ -326,7 +326,7 @@ def text_clusters(
 
 
 def image_statistics(images: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Counts by shape category and each image's classification (jobs.imaging)."""
+    """Counts by shape category and each image's classification (jobs.pipelines.lib.imaging)."""
     return {
         "count": len(images),
         "by_category": dict(sorted(Counter(image["category"] for image in images).items())),

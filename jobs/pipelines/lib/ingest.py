@@ -30,7 +30,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from django.conf import settings
 from django.utils.html import strip_tags
 
-from jobs.stages import StageError
+from jobs.pipelines.context import StageError
 from omniva import outbound
 
 VIDEO_SUFFIXES = frozenset(

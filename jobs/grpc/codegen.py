@@ -1,7 +1,6 @@
 """The gRPC service's code, generated from its .proto with grpcio-tools: `make` runs
-this module (`python -m jobs.grpc_codegen`), and jobs/grpc_service.py calls it when it
-is imported, so a checkout where make never ran serves too. Nothing generated is
-committed or edited by hand.
+this module (`python -m jobs.grpc.codegen`) before anything imports the service (make
+install, run, test). Nothing generated is committed or edited by hand.
 
 The .proto's path under protos/ is the Python package it lands in
 (`grpc_services.generated`, the import path seed 004's clients use).
@@ -15,7 +14,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 PROTO_ROOT = BASE_DIR / "protos"
 PROTO = PROTO_ROOT / "grpc_services" / "generated" / "orchestrator.proto"
 GENERATED_ROOT = BASE_DIR / "grpc_services"

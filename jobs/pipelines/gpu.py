@@ -1,8 +1,8 @@
 """The pipelines of the gpu queue: `embed_texts` and `image_upscale` (seed 003's
 image_super_resolution_pipeline).
 
-`embed` batches across jobs (jobs/inference.py): the gpu worker runs the texts of every
-ready `embed` attempt in one forward pass and hands each job its own vectors.
+`embed` batches across jobs (jobs/pipelines/lib/inference.py): the gpu worker runs the texts
+of every ready `embed` attempt in one forward pass and hands each job its own vectors.
 `image_upscale` is fetch → classify_image → upscale → store. The fetched input and the
 upscaled output are files under the job's media folder (removed with the job); stage
 outputs carry their paths, never the bytes. Bad input (not an image, too large, an
@@ -24,10 +24,14 @@ from typing import Any
 
 from django.conf import settings
 
-from jobs.pipelines import Dag, Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.lib.inference import EMBED_DIM, EMBED_MODEL, models
+from jobs.pipelines.registry import Dag, Pipeline, Stage, register
+from jobs.services import job_files
 from omniva import outbound
 from omniva.media import artifact_save, job_artifact_name, media_name, media_reference
+from omniva.models import Clip
+from omniva.services import clip_embedding_store, sha256_hex
 
 EMBED_TEXTS_MAX = 1000
 EMBED_TEXT_MAX_CHARS = 10_000
@@ -51,8 +55,6 @@ def _texts_of(ctx: StageContext) -> list[str]:
 def embed_many(contexts: list[StageContext]) -> list[Any]:
     """Every context's texts in one `encode` call (forward passes of the max batch);
     one output, or the StageError of bad input, per context."""
-    from jobs.inference import EMBED_DIM, EMBED_MODEL, models
-
     outcomes: list[Any] = []
     texts: list[str] = []
     spans: list[tuple[int, int] | None] = []
@@ -117,10 +119,6 @@ def clips_embed(clip_ids: list[str]) -> dict[str, str]:
     """Embed the titles and transcripts of the clips whose stored vector is not of their
     current text, in one `encode` call, each stored on its clip unless its text changed
     meanwhile; what was done with each id (ClipEmbedding)."""
-    from jobs.inference import models
-    from omniva.models import Clip
-    from omniva.services import clip_embedding_store, sha256_hex
-
     canonical = {clip_id: _canonical_uuid(clip_id) for clip_id in clip_ids}
     outcomes = dict.fromkeys(canonical.values(), ClipEmbedding.MISSING)
     texts: dict[str, str] = {}
@@ -146,8 +144,6 @@ def clip_embed_many(contexts: list[StageContext]) -> list[Any]:
     """The vectors of the clips' titles and transcripts, in one forward pass, each stored
     on its clip unless its text changed meanwhile (a newer job stores that one) or its
     vector already is of this text (clipfarm's `embed` stage made it first)."""
-    from jobs.inference import EMBED_DIM
-
     ids = [str(ctx.params.get("clip_id")) for ctx in contexts]
     outcomes = clips_embed(ids)
     return [
@@ -222,15 +218,13 @@ def read_input(source: str) -> bytes:
 
 
 def _job_folder(ctx: StageContext) -> Path:
-    from jobs.services import job_files
-
     folder = job_files(ctx.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def _decode(data: bytes) -> Any:
-    from jobs.imaging import decode_image
+    from jobs.pipelines.lib.imaging import decode_image  # torch: only a gpu worker loads it
 
     return decode_image(data, max_pixels=settings.OMNIVA_IMAGE_MAX_PIXELS)
 
@@ -271,16 +265,16 @@ def _fetched(ctx: StageContext) -> Any:
 
 
 def classify(ctx: StageContext) -> dict[str, Any]:
-    from jobs.imaging import classify_image
+    from jobs.pipelines.lib.imaging import classify_image  # torch: only a gpu worker loads it
 
     return classify_image(_fetched(ctx))
 
 
 def upscale(ctx: StageContext) -> dict[str, Any]:
     """Bicubic resampling and an unsharp mask on the gpu worker's device, tiled."""
-    from jobs.imaging import UPSCALE_METHOD, encode_png
-    from jobs.imaging import upscale as upscale_image
-    from jobs.inference import models
+    # torch: only a gpu worker loads it
+    from jobs.pipelines.lib.imaging import UPSCALE_METHOD, encode_png
+    from jobs.pipelines.lib.imaging import upscale as upscale_image
 
     scale = int(ctx.params.get("scale", 2))
     image = _fetched(ctx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class StageError(Exception):
@@ -40,6 +40,22 @@ class StageLeaseLost(StageInterrupted):
     """Another attempt holds the stage now (this one's lease ran out): drop the result."""
 
 
+class StageReporter(Protocol):
+    """Where a stage's reports go (the worker runtime passes jobs.services.stage_report):
+    it writes progress or a log line, and raises StageInterrupted when the attempt must
+    stop."""
+
+    def __call__(
+        self,
+        *,
+        stage_run_id: int,
+        token: str,
+        progress: float | None = None,
+        message: str | None = None,
+        level: str = "info",
+    ) -> Any: ...
+
+
 @dataclass
 class StageContext:
     job_id: str
@@ -49,14 +65,13 @@ class StageContext:
     token: str
     params: Mapping[str, Any]
     inputs: Mapping[str, Any]
+    reporter: StageReporter = field(repr=False)
     pipeline: str = ""
     _logs: list[str] = field(default_factory=list, repr=False)
 
     def progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100) of this stage, optionally with a log line; a checkpoint."""
-        from jobs import services
-
-        services.stage_report(
+        self.reporter(
             stage_run_id=self.stage_run_id,
             token=self.token,
             progress=max(0.0, min(100.0, float(percent))),
@@ -65,14 +80,10 @@ class StageContext:
 
     def log(self, message: str, *, level: str = "info") -> None:
         """Append a line to the job's log; a checkpoint."""
-        from jobs import services
-
-        services.stage_report(
+        self.reporter(
             stage_run_id=self.stage_run_id, token=self.token, message=message, level=level
         )
 
     def checkpoint(self) -> None:
         """Raise StageInterrupted if the job was cancelled or the lease lost; writes nothing."""
-        from jobs import services
-
-        services.stage_report(stage_run_id=self.stage_run_id, token=self.token)
+        self.reporter(stage_run_id=self.stage_run_id, token=self.token)

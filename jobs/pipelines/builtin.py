@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jobs.pipelines import Dag, Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.registry import Dag, Pipeline, Stage, register
 
 
 def noop(ctx: StageContext) -> dict[str, Any]:

@@ -45,11 +45,11 @@ from engines.image_generation import (
 )
 from engines.image_generation import EVENT_TYPE as IMAGE_GENERATION
 from jobs.models import Job
-from jobs.pipelines import Dag, Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.registry import Dag, Pipeline, Stage, register
 from omniva.media import artifact_save, job_artifact_name, media_reference
 from publishing.models import Destination
-from publishing.pipelines import PublishingOutcome
+from publishing.pipelines.publish import PublishingOutcome
 
 PRODUCT_TYPES = ("tshirt", "hoodie")
 MAX_COUNT = 10

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.stages import StageError
+from jobs.pipelines.context import StageError
 
 OUTPUT_WIDTH = 1080
 OUTPUT_HEIGHT = 1920

@@ -14,8 +14,8 @@ from typing import Any
 
 from django.db.models import QuerySet
 
-from jobs.pipelines import Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.registry import Pipeline, Stage, register
 from omniva.models import Clip
 from publishing import services
 from publishing.models import Destination, Publication

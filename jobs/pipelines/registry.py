@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 import jsonschema
 
 if TYPE_CHECKING:
-    from jobs.stages import StageContext
+    from jobs.pipelines.context import StageContext
 
 StageFunction = Callable[["StageContext"], Any]
 # Runs several jobs' attempts of one stage together (one forward pass on the gpu worker,
-# jobs/inference.py): one output, or the StageError of that item, per context, in order.
+# jobs/pipelines/lib/inference.py): one output, or the StageError of that item, per context,
+# in order.
 BatchFunction = Callable[[list["StageContext"]], list[Any]]
 ResultBuilder = Callable[[dict[str, Any]], Any]
 

@@ -4,23 +4,23 @@
 
 - `ingest` reads the source (the creator's `source_url`, or `params.source_url`): an
   RSS/Atom feed, a direct media URL, or a folder under OMNIVA_INGEST_ROOT
-  (jobs/ingest.py). Each entry not ingested before in the job's project is fetched
+  (jobs/pipelines/lib/ingest.py). Each entry not ingested before in the job's project is fetched
   into the job's files, probed (not a video: rejected, or for a direct URL the job
   fails INVALID_MEDIA) and made a clip, up to `max_clips` new ones. A clip remembers
   which job made it and where its media is (`analysis.ingest`), so a retried ingest
   picks up the clips its earlier attempt made instead of skipping them.
 - `embed` embeds each new clip's title and transcript on the gpu queue, batched across
-  jobs (jobs/gpu.py `clips_embed`). clip_ingest queues a `clip_embed` job per clip as
+  jobs (jobs/pipelines/gpu.py `clips_embed`). clip_ingest queues a `clip_embed` job per clip as
   well: whichever of the two runs second finds the vector made and skips the model.
 - `analyze`: near-duplicates (cosine similarity of the embeddings of at least
   DUPLICATE_SIMILARITY to an earlier clip of the project), keywords, into
   `clip.analysis`; status `analyzed`. A duplicate is marked and goes no further.
-- `edit` (jobs/video.py): the first `max_duration_s` seconds, fitted into 1080x1920,
+- `edit` (jobs/pipelines/lib/video.py): the first `max_duration_s` seconds, fitted into 1080x1920,
   H.264/AAC MP4 and a JPEG thumbnail, stored as `clips/<clip id>/…` artifacts; the
   clip's `media_url` is the video's lasting address; status `edited`. A clip that
   cannot be edited (its source gone or unreadable) is marked `failed`; the rest go on.
 - `publish` (unless `publish` is false): every active destination of the project
-  (publishing/pipelines.py); status `published`. A failing destination fails the
+  (publishing/pipelines/publish.py); status `published`. A failing destination fails the
   stage with UPLOAD_FAILED after the others were tried; the retry (with backoff)
   sends only what is missing.
 """
@@ -37,16 +37,19 @@ from typing import Any
 
 from django.utils import timezone
 
-from jobs import ingest as sources
-from jobs import video
-from jobs.pipelines import Dag, Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.models import Job
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.gpu import ClipEmbedding, clips_embed
+from jobs.pipelines.lib import ingest as sources
+from jobs.pipelines.lib import video
+from jobs.pipelines.registry import Dag, Pipeline, Stage, register
+from jobs.services import job_files
 from omniva import outbound
 from omniva.media import artifact_local, artifact_save, job_artifact_name, media_reference
 from omniva.models import Clip, ClipStatus, Creator, Project
 from omniva.services import clip_ingest, clip_update, sha256_hex
 from publishing.models import Destination
-from publishing.pipelines import PublishingOutcome, clip_publish_everywhere
+from publishing.pipelines.publish import PublishingOutcome, clip_publish_everywhere
 
 DEFAULT_MAX_CLIPS = 10
 MAX_CLIPS_LIMIT = 100
@@ -91,8 +94,6 @@ def _as_uuid(value: Any) -> uuid.UUID | None:
 def _project_and_creator(ctx: StageContext) -> tuple[Project, Creator | None]:
     """The job's project (or, for a job without one, its creator's); a creator must
     belong to the job's project and be active."""
-    from jobs.models import Job
-
     job = Job.objects.select_related("project").get(pk=ctx.job_id)
     creator = None
     if ctx.params.get("creator"):
@@ -123,8 +124,6 @@ def _stage_media(
 ) -> tuple[dict[str, str], Path]:
     """Where the entry's media is kept for the later stages, and a local path to it now:
     a folder's file stays where it is; remote media is fetched into the job's files."""
-    from jobs.services import job_files
-
     if entry.path is not None:
         return {"path": entry.path}, sources.local_file(entry.path)
     body = source.body if source.body is not None else sources.fetch(entry.source_url).body
@@ -237,8 +236,6 @@ def ingest(ctx: StageContext) -> dict[str, Any]:
 
 def embed_many(contexts: list[StageContext]) -> list[Any]:
     """The new clips of every job in the batch, in one forward pass."""
-    from jobs.gpu import ClipEmbedding, clips_embed
-
     wanted = [
         [str(i) for i in (ctx.inputs.get("ingest") or {}).get("ingested") or []] for ctx in contexts
     ]
@@ -353,8 +350,6 @@ def _edited_entry(clip: Clip) -> dict[str, Any]:
 
 
 def edit(ctx: StageContext) -> dict[str, Any]:
-    from jobs.services import job_files
-
     found = ctx.inputs.get("analyze") or {}
     duplicates = {item["clip_id"] for item in found.get("duplicates") or []}
     ids = [clip_id for clip_id in found.get("analyzed") or [] if clip_id not in duplicates]

@@ -10,8 +10,7 @@ OmnivaError codes turned into gRPC status codes by one table (`STATUS_OF_ERROR`)
 
 The servicer is synchronous: each call runs on a thread of the server's pool with a
 Django database connection of its own, closed when the call ends. The protobuf modules
-are generated from protos/ by jobs/grpc_codegen.py (run by `make`, and here when they
-are missing or older than the .proto).
+are generated from protos/ by jobs/grpc/codegen.py, run by `make` (never on import).
 """
 
 from __future__ import annotations
@@ -33,10 +32,10 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import close_old_connections
 from django.utils import timezone
 
-from jobs import pipelines, selectors, services
+from jobs import selectors, services
 from jobs.api.serializers import MAX_TIMEOUT_S
-from jobs.grpc_codegen import generate_code
 from jobs.models import FINISHED_STATUSES, Job, JobStatus, StageRun, StageStatus
+from jobs.pipelines import registry as pipelines
 from omniva import selectors as core_selectors
 from omniva import services as core_services
 from omniva.api.throttling import rate_limit_spend
@@ -48,9 +47,13 @@ from omniva.row_ids import row_id
 
 logger = logging.getLogger("omniva.grpc")
 
-generate_code()
-
-from grpc_services.generated import orchestrator_pb2, orchestrator_pb2_grpc  # noqa: E402
+try:
+    from grpc_services.generated import orchestrator_pb2, orchestrator_pb2_grpc
+except ImportError as exc:  # a checkout where make never ran
+    raise ImportError(
+        "The gRPC code is generated from protos/ by `make grpc` (jobs/grpc/codegen.py); "
+        "run it first."
+    ) from exc
 
 # --- mappings ------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ the DAG shape (`report_stages`):
   once, `embed` after the text one → data_analysis → synthesis.
 
 `embed` (only when there are text inputs) runs on the gpu queue, batched across jobs
-like jobs/gpu.py's, so data_analysis can cluster the texts by topic. Images come inline
+like jobs/pipelines/gpu.py's, so data_analysis can cluster the texts by topic. Images come inline
 (base64 or a data: URL), from an http(s) URL (through omniva.outbound) or as a media
-file name, and are decoded and classified with jobs.imaging. synthesis stores
+file name, and are decoded and classified with jobs.pipelines.lib.imaging. synthesis stores
 `report.md`, `report.html` (the Markdown rendered, every piece of input text escaped)
 and `summary.json` as the job's artifacts. `data_analysis` is the same ingest and
-analysis without the report; statistics are computed in jobs/analysis.py.
+analysis without the report; statistics are computed in jobs/pipelines/lib/analysis.py.
 
 `api_call` makes one outbound HTTP request (omniva.outbound.request: SSRF guard, size
 and time limits) with GET, HEAD, POST, PUT, PATCH or DELETE, retrying connection
@@ -41,17 +41,17 @@ from typing import Any
 
 from django.conf import settings
 
-from jobs.analysis import (
+from jobs.pipelines.context import StageContext, StageError
+from jobs.pipelines.gpu import EMBED_TEXT_MAX_CHARS, read_input
+from jobs.pipelines.gpu import embed_many as embed_texts_many
+from jobs.pipelines.lib.analysis import (
     image_statistics,
     json_statistics,
     text_clusters,
     text_counts,
     text_statistics,
 )
-from jobs.gpu import EMBED_TEXT_MAX_CHARS, read_input
-from jobs.gpu import embed_many as embed_texts_many
-from jobs.pipelines import Pipeline, Stage, register
-from jobs.stages import StageContext, StageError
+from jobs.pipelines.registry import Pipeline, Stage, register
 from omniva import outbound
 from omniva.media import artifact_save, job_artifact_name, media_reference
 
@@ -331,7 +331,8 @@ def _image_bytes(input_id: str, data: str) -> tuple[bytes, str]:
 
 
 def _image_record(input_id: str, data: Any) -> dict[str, Any]:
-    from jobs.imaging import classify_image, decode_image
+    # torch: only a worker that reads an image loads it
+    from jobs.pipelines.lib.imaging import classify_image, decode_image
 
     if not isinstance(data, str):
         raise StageError(
@@ -357,7 +358,7 @@ def _texts_of(params: Any) -> list[tuple[str, str]]:
 
 
 def embed_many(contexts: list[StageContext]) -> list[Any]:
-    """The text inputs of every context in one forward pass (jobs.gpu.embed_many);
+    """The text inputs of every context in one forward pass (jobs.pipelines.gpu.embed_many);
     one output ({model, dim, vectors, input_ids}) or StageError per context."""
     outcomes: list[Any] = [None] * len(contexts)
     proxies: list[StageContext] = []

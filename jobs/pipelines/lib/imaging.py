@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from jobs.stages import StageError
+from jobs.pipelines.context import StageError
 
 INVALID_IMAGE = "INVALID_IMAGE"
 IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
