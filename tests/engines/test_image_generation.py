@@ -18,11 +18,11 @@ import pytest
 from django.core.management import CommandError, call_command
 from PIL import Image
 
-from engines import image_generation
-from engines.client import EngineClient
-from engines.handlers import HandlerError, get_handler
-from engines.image_generation import ComfyUIClient, ComfyUIConfig, comfyui_handler, procedural
 from engines.models import Event, EventStatus
+from engines.sdk import image_generation
+from engines.sdk.client import EngineClient
+from engines.sdk.handlers import HandlerError, get_handler
+from engines.sdk.image_generation import ComfyUIClient, ComfyUIConfig, comfyui_handler, procedural
 from omniva import services as omniva_services
 from omniva.models import Scope
 from tests.conftest import ProcessGroup, free_port, start_daphne, wait_for

@@ -22,8 +22,8 @@ from django.test import override_settings
 from PIL import Image, ImageChops, ImageStat
 
 from engines import services as engines
-from engines.client import EngineClient
-from engines.handlers import get_handler
+from engines.sdk.client import EngineClient
+from engines.sdk.handlers import get_handler
 from jobs import services as job_services
 from jobs.models import Job, JobStatus
 from omniva import services as omniva_services

@@ -1,11 +1,11 @@
-"""`manage.py run_engine --type T --url URL [--key KEY]`: an engine process (engines/runner.py).
+"""`manage.py run_engine --type T --url URL [--key KEY]`: an engine process (engines/sdk/runner.py).
 
 The key may come from OMNIVA_ENGINE_KEY instead of --key (a key on the command line is
 visible to every user of the machine). SIGTERM or Ctrl-C drains, a second one stops at
 once; either way the engine deregisters and exits 0.
 
 `--comfyui-url` (or OMNIVA_COMFYUI_URL) makes `image_generation` events go to that
-ComfyUI server instead of the procedural generator (engines/image_generation.py).
+ComfyUI server instead of the procedural generator (engines/sdk/image_generation.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from engines.handlers import handler_names, register_handler
-from engines.runner import RunnerConfig, run_engine
+from engines.sdk.handlers import handler_names, register_handler
+from engines.sdk.runner import RunnerConfig, run_engine
 
 KEY_ENV = "OMNIVA_ENGINE_KEY"
 COMFYUI_URL_ENV = "OMNIVA_COMFYUI_URL"
@@ -91,7 +91,7 @@ class Command(BaseCommand):
             sys.exit(code)
 
     def _use_comfyui(self, url: str) -> None:
-        from engines import image_generation
+        from engines.sdk import image_generation
 
         try:
             comfyui = image_generation.ComfyUIConfig.from_environment(url)

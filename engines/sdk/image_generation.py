@@ -10,7 +10,7 @@ Two generators answer the same request with the same result shape:
   `POST /prompt`, polled with `GET /history/{id}` until it has outputs or a deadline
   passes, and the image fetched with `GET /view`.
 
-The request: a stage event (engines/handlers.py) finds it under `requests[<stage>]` in
+The request: a stage event (engines/sdk/handlers.py) finds it under `requests[<stage>]` in
 one of its parents' outputs (pod_design's `prompt` stage makes one per generate stage);
 any other event's data is the request itself. Fields: `prompt`, `negative_prompt`?,
 `seed`?, `width`?, `height`?. The result: `{"image_png_base64", "width", "height",
@@ -44,7 +44,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from engines.handlers import Handler, HandlerError, ProgressFn, is_stage_event
+from engines.sdk.handlers import Handler, HandlerError, ProgressFn, is_stage_event
 
 EVENT_TYPE = "image_generation"
 
@@ -397,7 +397,7 @@ class ComfyUIClient:
 
     The URL is the operator's engine configuration, not a user's input, and is usually
     a private address (ComfyUI listens on 127.0.0.1:8188): it is called directly with
-    urllib like the engine's own API client (engines/client.py), not through the
+    urllib like the engine's own API client (engines/sdk/client.py), not through the
     server's SSRF-guarded omniva/outbound.py, which also drops the error bodies whose
     ComfyUI explanation (a checkpoint not found) the event's error should carry.
     """

@@ -86,10 +86,10 @@ def sleep(data: dict[str, Any], report_progress: ProgressFn) -> dict[str, Any]:
 
 
 def image_generation(data: dict[str, Any], report_progress: ProgressFn) -> dict[str, Any]:
-    """Text to image (engines/image_generation.py): ComfyUI when OMNIVA_COMFYUI_URL names
+    """Text to image (engines/sdk/image_generation.py): ComfyUI when OMNIVA_COMFYUI_URL names
     one, else the procedural generator. Imported on first use, so that engines of other
     types never load Pillow (and that module can import this one)."""
-    from engines.image_generation import handler_from_environment
+    from engines.sdk.image_generation import handler_from_environment
 
     return handler_from_environment()(data, report_progress)
 
