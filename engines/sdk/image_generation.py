@@ -18,8 +18,10 @@ any other event's data is the request itself. Fields: `prompt`, `negative_prompt
 does not share the server's storage, so the image travels in the result.
 
 ComfyUI is configured by the engine's environment: OMNIVA_COMFYUI_URL (its presence
-selects ComfyUI over the procedural generator), OMNIVA_COMFYUI_CHECKPOINT,
-OMNIVA_COMFYUI_STEPS, OMNIVA_COMFYUI_TIMEOUT_S.
+selects ComfyUI over the procedural generator; `run_engine --comfyui-url` overrides it),
+OMNIVA_COMFYUI_CHECKPOINT, OMNIVA_COMFYUI_STEPS, OMNIVA_COMFYUI_TIMEOUT_S. `manage.py
+run_engine` reads them once at start and hands the choice to `register_builtin_handlers`
+(engines/sdk/builtin.py).
 """
 
 from __future__ import annotations
@@ -557,10 +559,3 @@ def comfyui_handler(client: ComfyUIClient) -> Handler:
         return result
 
     return comfyui
-
-
-def handler_from_environment() -> Handler:
-    """ComfyUI when OMNIVA_COMFYUI_URL names one, else the procedural generator."""
-    if os.environ.get(COMFYUI_URL_ENV, "").strip():
-        return comfyui_handler(ComfyUIClient(ComfyUIConfig.from_environment()))
-    return procedural
