@@ -36,17 +36,12 @@ from typing import Any
 from django.utils import timezone
 from PIL import Image, ImageDraw
 
-from engines.sdk.image_generation import (
-    DEFAULT_EDGE,
-    MAX_EDGE,
-    ImageCheckError,
-    encode_png,
-    open_png,
-)
+from engines.sdk.image_generation import DEFAULT_EDGE
 from engines.sdk.image_generation import EVENT_TYPE as IMAGE_GENERATION
 from jobs.models import Job
 from jobs.pipelines import Dag, Pipeline, Stage, register
 from jobs.stages import StageContext, StageError
+from omniva.images import MAX_EDGE, ImageCheckError, encode_png, open_png
 from omniva.media import artifact_save, job_artifact_name, media_reference
 from publishing.models import Destination
 from publishing.pipelines import PublishingOutcome

@@ -30,7 +30,6 @@ import base64
 import colorsys
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -44,24 +43,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from engines.sdk.handlers import Handler, HandlerError, ProgressFn, is_stage_event
+from omniva.images import MAX_EDGE, ImageCheckError, encode_png, open_png
 
 EVENT_TYPE = "image_generation"
 
+# A request's width and height: DEFAULT_EDGE when it names none, from MIN_EDGE to
+# omniva.images.MAX_EDGE (the largest picture a pipeline takes back).
 DEFAULT_EDGE = 512
 MIN_EDGE = 64
-MAX_EDGE = 1024
 # Latent diffusion works on 8x8 pixel blocks: other sizes are silently cropped.
 EDGE_MULTIPLE = 8
 PROMPT_MAX_CHARS = 2000
 SEED_MAX = 2**32 - 1
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 INVALID_DATA = "INVALID_DATA"
-INVALID_IMAGE = "INVALID_IMAGE"
-IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
 COMFYUI_UNAVAILABLE = "COMFYUI_UNAVAILABLE"  # not reachable, or a 5xx: a retry may work
 COMFYUI_REJECTED = "COMFYUI_REJECTED"  # the workflow was refused (a missing checkpoint)
 COMFYUI_FAILED = "COMFYUI_FAILED"  # the workflow ran and failed
@@ -133,42 +131,6 @@ def image_request(data: dict[str, Any]) -> ImageRequest:
         height=height,
         negative_prompt=negative,
     )
-
-
-# --- PNG checks (also used by the pipeline on what an engine sent back) ----------------
-
-
-class ImageCheckError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def open_png(data: bytes, *, max_edge: int = MAX_EDGE) -> Image.Image:
-    """Decode `data` as a PNG of at most `max_edge` pixels a side; the size is checked
-    from the header before any pixel is decoded. Raises ImageCheckError."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise ImageCheckError(INVALID_IMAGE, "the image is not a PNG")
-    try:
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
-        width, height = image.size
-        if not (0 < width <= max_edge and 0 < height <= max_edge):
-            raise ImageCheckError(
-                IMAGE_TOO_LARGE, f"the image is {width}x{height}; at most {max_edge} a side"
-            )
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, ImageCheckError):
-            raise
-        raise ImageCheckError(INVALID_IMAGE, f"the PNG could not be decoded: {exc}") from exc
-    return image
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _result(request: ImageRequest, png: bytes, image: Image.Image, generator: str) -> dict:
