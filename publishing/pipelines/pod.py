@@ -7,7 +7,7 @@ Stages (count = `count`, 1 by default):
 - `prompt` (default queue): the text and seed of each design: `params.prompt`, or one
   built from theme, style and niche; with count > 1 every design gets its own seed
   (and a built prompt its own composition), so no two ask for the same picture.
-- `generate_<i>`: an `image_generation` engine (engines/image_generation.py: procedural
+- `generate_<i>`: an `image_generation` engine (engines/sdk/image_generation.py: procedural
   Pillow art, or ComfyUI) draws design i and sends it back as a base64 PNG.
 - `mockups` (default queue): each image is checked (a PNG, within the size limits),
   stored as the print file, and composited on a t-shirt and/or hoodie silhouette drawn
@@ -36,17 +36,12 @@ from typing import Any
 from django.utils import timezone
 from PIL import Image, ImageDraw
 
-from engines.image_generation import (
-    DEFAULT_EDGE,
-    MAX_EDGE,
-    ImageCheckError,
-    encode_png,
-    open_png,
-)
-from engines.image_generation import EVENT_TYPE as IMAGE_GENERATION
+from engines.sdk.image_generation import DEFAULT_EDGE
+from engines.sdk.image_generation import EVENT_TYPE as IMAGE_GENERATION
 from jobs.models import Job
 from jobs.pipelines.context import StageContext, StageError
 from jobs.pipelines.registry import Dag, Pipeline, Stage, register
+from omniva.images import MAX_EDGE, ImageCheckError, encode_png, open_png
 from omniva.media import artifact_save, job_artifact_name, media_reference
 from publishing.models import Destination
 from publishing.pipelines.publish import PublishingOutcome
@@ -102,7 +97,7 @@ def _base_seed(ctx: StageContext) -> int:
 
 
 def prompts(ctx: StageContext) -> dict[str, Any]:
-    """One image request per generate stage (engines/image_generation.py reads
+    """One image request per generate stage (engines/sdk/image_generation.py reads
     `requests[<stage>]`)."""
     params = ctx.params
     count = int(params.get("count", 1))

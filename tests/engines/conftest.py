@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from engines import services
-from engines.client import EngineClient
 from engines.models import EngineInstance, EventType
+from engines.sdk.client import EngineClient
 from omniva import services as omniva_services
 from omniva.models import Scope
 from tests.conftest import ProcessGroup, Server, free_port, start_daphne, wait_for

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from engines.client import EngineApiError, EngineClient
 from engines.models import EngineInstance, Event, EventStatus
+from engines.sdk.client import EngineApiError, EngineClient
 from omniva.models import Activity
 from tests.conftest import wait_for
 from tests.engines.conftest import Engine

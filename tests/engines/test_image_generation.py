@@ -18,11 +18,11 @@ import pytest
 from django.core.management import CommandError, call_command
 from PIL import Image
 
-from engines import image_generation
-from engines.client import EngineClient
-from engines.handlers import HandlerError, get_handler
-from engines.image_generation import ComfyUIClient, ComfyUIConfig, comfyui_handler, procedural
 from engines.models import Event, EventStatus
+from engines.sdk.builtin import register_builtin_handlers
+from engines.sdk.client import EngineClient
+from engines.sdk.handlers import HandlerError, get_handler
+from engines.sdk.image_generation import ComfyUIClient, ComfyUIConfig, comfyui_handler, procedural
 from omniva import services as omniva_services
 from omniva.models import Scope
 from tests.conftest import ProcessGroup, free_port, start_daphne, wait_for
@@ -291,22 +291,25 @@ def test_an_unreachable_comfyui_is_comfyui_unavailable() -> None:
 # --- selection --------------------------------------------------------------------------
 
 
-def test_the_registered_handler_is_procedural_unless_a_comfyui_url_is_set(
-    comfyui: FakeComfyUI, monkeypatch: pytest.MonkeyPatch
+def test_image_generation_is_procedural_unless_the_engine_is_given_a_comfyui_server(
+    comfyui: FakeComfyUI,
 ) -> None:
-    handler = get_handler("image_generation")
-    assert handler is not None
-    monkeypatch.delenv(image_generation.COMFYUI_URL_ENV, raising=False)
-    assert handler({"prompt": "x", "width": 64, "height": 64}, no_progress)["generator"] == (
-        "procedural"
-    )
-    assert comfyui.prompts == []
+    request = {"prompt": "x", "width": 64, "height": 64}
+    try:
+        register_builtin_handlers()
+        handler = get_handler("image_generation")
+        assert handler is not None
+        assert handler(request, no_progress)["generator"] == "procedural"
+        assert comfyui.prompts == []
 
-    monkeypatch.setenv(image_generation.COMFYUI_URL_ENV, comfyui.url)
-    comfyui.empty_polls = 0
-    result = handler({"prompt": "x", "width": 64, "height": 64}, no_progress)
-    assert result["generator"] == "comfyui"
-    assert len(comfyui.prompts) == 1
+        comfyui.empty_polls = 0
+        register_builtin_handlers(comfyui=ComfyUIConfig(url=comfyui.url, poll_s=0.01))
+        handler = get_handler("image_generation")
+        assert handler is not None
+        assert handler(request, no_progress)["generator"] == "comfyui"
+        assert len(comfyui.prompts) == 1
+    finally:
+        register_builtin_handlers()  # procedural again, as an engine without ComfyUI
 
 
 def test_run_engine_refuses_a_comfyui_url_that_is_not_http() -> None:

@@ -1,5 +1,5 @@
 """Engines as real processes: `manage.py run_engine` against a daphne serving the test
-database, and the client (engines/client.py) and runner (engines/runner.py) against it."""
+database, and the client (engines/sdk/client.py) and runner (engines/sdk/runner.py) against it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from engines import services
-from engines.client import EngineApiError, EngineClient, EngineUnavailable
 from engines.models import EngineInstance, Event, EventStatus
-from engines.runner import EngineRunner, RunnerConfig
+from engines.sdk.client import EngineApiError, EngineClient, EngineUnavailable
+from engines.sdk.runner import EngineRunner, RunnerConfig
 from omniva.models import AuditRecord
 from tests.conftest import (
     ProcessGroup,

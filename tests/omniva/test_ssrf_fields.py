@@ -21,7 +21,7 @@ Not user URLs, so not guarded (and not here):
 - the ComfyUI URL (OMNIVA_COMFYUI_URL, `run_engine --comfyui-url`): the operator's
   engine configuration, usually a private address on purpose (ComfyUI listens on
   127.0.0.1:8188). An event's data cannot name it: the request takes `prompt`,
-  `negative_prompt`, `seed`, `width` and `height` only (engines/image_generation.py).
+  `negative_prompt`, `seed`, `width` and `height` only (engines/sdk/image_generation.py).
 - the engine's server URL (`run_engine --server`) and the media bucket's endpoint
   (OMNIVA_S3_ENDPOINT_URL): operator settings.
 - a clip's `media_url` and a publication's `url`: never fetched by the server; a remote

@@ -22,8 +22,9 @@ from django.test import override_settings
 from PIL import Image, ImageChops, ImageStat
 
 from engines import services as engines
-from engines.client import EngineClient
-from engines.handlers import get_handler
+from engines.sdk.builtin import register_builtin_handlers
+from engines.sdk.client import EngineClient
+from engines.sdk.handlers import get_handler
 from jobs import services as job_services
 from jobs.models import Job, JobStatus
 from omniva import services as omniva_services
@@ -64,6 +65,7 @@ def submit(params: dict[str, Any], **kwargs: Any) -> Job:
 def run_engine_events(handler: Any = None) -> int:
     """One in-process image_generation engine: claim every waiting event, run the
     registered handler (or `handler`), report completion. The number of events run."""
+    register_builtin_handlers()  # as the engine process does when it starts
     handler = handler or get_handler("image_generation")
     engine = engines.engine_register(engine_type="image_generation")
     ran = 0

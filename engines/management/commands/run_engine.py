@@ -1,11 +1,11 @@
-"""`manage.py run_engine --type T --url URL [--key KEY]`: an engine process (engines/runner.py).
+"""`manage.py run_engine --type T --url URL [--key KEY]`: an engine process (engines/sdk/runner.py).
 
 The key may come from OMNIVA_ENGINE_KEY instead of --key (a key on the command line is
 visible to every user of the machine). SIGTERM or Ctrl-C drains, a second one stops at
 once; either way the engine deregisters and exits 0.
 
 `--comfyui-url` (or OMNIVA_COMFYUI_URL) makes `image_generation` events go to that
-ComfyUI server instead of the procedural generator (engines/image_generation.py).
+ComfyUI server instead of the procedural generator (engines/sdk/image_generation.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from engines.handlers import handler_names, register_handler
-from engines.runner import RunnerConfig, run_engine
+from engines.sdk.builtin import register_builtin_handlers
+from engines.sdk.handlers import handler_names
+from engines.sdk.image_generation import COMFYUI_URL_ENV, ComfyUIConfig
+from engines.sdk.runner import RunnerConfig, run_engine
 
 KEY_ENV = "OMNIVA_ENGINE_KEY"
-COMFYUI_URL_ENV = "OMNIVA_COMFYUI_URL"
 
 
 def _positive_int(value: str) -> int:
@@ -70,8 +71,8 @@ class Command(BaseCommand):
         if options["batch_size"] > 10:
             raise CommandError("--batch-size must be 10 at most.")
         comfyui_url = options["comfyui_url"] or os.environ.get(COMFYUI_URL_ENV, "")
-        if comfyui_url.strip():
-            self._use_comfyui(comfyui_url)
+        comfyui = self._comfyui_config(comfyui_url) if comfyui_url.strip() else None
+        register_builtin_handlers(comfyui=comfyui)
         config = RunnerConfig(
             url=options["url"],
             api_key=key,
@@ -90,15 +91,12 @@ class Command(BaseCommand):
         if code:
             sys.exit(code)
 
-    def _use_comfyui(self, url: str) -> None:
-        from engines import image_generation
-
+    def _comfyui_config(self, url: str) -> ComfyUIConfig:
         try:
-            comfyui = image_generation.ComfyUIConfig.from_environment(url)
+            comfyui = ComfyUIConfig.from_environment(url)
         except ValueError as error:
             raise CommandError(str(error)) from error
-        client = image_generation.ComfyUIClient(comfyui)
-        register_handler(image_generation.EVENT_TYPE, image_generation.comfyui_handler(client))
         self.stderr.write(
             f"image_generation: ComfyUI at {comfyui.url} (checkpoint {comfyui.checkpoint})"
         )
+        return comfyui

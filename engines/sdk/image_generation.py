@@ -10,7 +10,7 @@ Two generators answer the same request with the same result shape:
   `POST /prompt`, polled with `GET /history/{id}` until it has outputs or a deadline
   passes, and the image fetched with `GET /view`.
 
-The request: a stage event (engines/handlers.py) finds it under `requests[<stage>]` in
+The request: a stage event (engines/sdk/handlers.py) finds it under `requests[<stage>]` in
 one of its parents' outputs (pod_design's `prompt` stage makes one per generate stage);
 any other event's data is the request itself. Fields: `prompt`, `negative_prompt`?,
 `seed`?, `width`?, `height`?. The result: `{"image_png_base64", "width", "height",
@@ -18,8 +18,10 @@ any other event's data is the request itself. Fields: `prompt`, `negative_prompt
 does not share the server's storage, so the image travels in the result.
 
 ComfyUI is configured by the engine's environment: OMNIVA_COMFYUI_URL (its presence
-selects ComfyUI over the procedural generator), OMNIVA_COMFYUI_CHECKPOINT,
-OMNIVA_COMFYUI_STEPS, OMNIVA_COMFYUI_TIMEOUT_S.
+selects ComfyUI over the procedural generator; `run_engine --comfyui-url` overrides it),
+OMNIVA_COMFYUI_CHECKPOINT, OMNIVA_COMFYUI_STEPS, OMNIVA_COMFYUI_TIMEOUT_S. `manage.py
+run_engine` reads them once at start and hands the choice to `register_builtin_handlers`
+(engines/sdk/builtin.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import base64
 import colorsys
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -42,24 +43,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
-from engines.handlers import Handler, HandlerError, ProgressFn, is_stage_event
+from engines.sdk.handlers import Handler, HandlerError, ProgressFn, is_stage_event
+from omniva.images import MAX_EDGE, ImageCheckError, encode_png, open_png
 
 EVENT_TYPE = "image_generation"
 
+# A request's width and height: DEFAULT_EDGE when it names none, from MIN_EDGE to
+# omniva.images.MAX_EDGE (the largest picture a pipeline takes back).
 DEFAULT_EDGE = 512
 MIN_EDGE = 64
-MAX_EDGE = 1024
 # Latent diffusion works on 8x8 pixel blocks: other sizes are silently cropped.
 EDGE_MULTIPLE = 8
 PROMPT_MAX_CHARS = 2000
 SEED_MAX = 2**32 - 1
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 INVALID_DATA = "INVALID_DATA"
-INVALID_IMAGE = "INVALID_IMAGE"
-IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
 COMFYUI_UNAVAILABLE = "COMFYUI_UNAVAILABLE"  # not reachable, or a 5xx: a retry may work
 COMFYUI_REJECTED = "COMFYUI_REJECTED"  # the workflow was refused (a missing checkpoint)
 COMFYUI_FAILED = "COMFYUI_FAILED"  # the workflow ran and failed
@@ -131,42 +131,6 @@ def image_request(data: dict[str, Any]) -> ImageRequest:
         height=height,
         negative_prompt=negative,
     )
-
-
-# --- PNG checks (also used by the pipeline on what an engine sent back) ----------------
-
-
-class ImageCheckError(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def open_png(data: bytes, *, max_edge: int = MAX_EDGE) -> Image.Image:
-    """Decode `data` as a PNG of at most `max_edge` pixels a side; the size is checked
-    from the header before any pixel is decoded. Raises ImageCheckError."""
-    if not data.startswith(PNG_SIGNATURE):
-        raise ImageCheckError(INVALID_IMAGE, "the image is not a PNG")
-    try:
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
-        width, height = image.size
-        if not (0 < width <= max_edge and 0 < height <= max_edge):
-            raise ImageCheckError(
-                IMAGE_TOO_LARGE, f"the image is {width}x{height}; at most {max_edge} a side"
-            )
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        if isinstance(exc, ImageCheckError):
-            raise
-        raise ImageCheckError(INVALID_IMAGE, f"the PNG could not be decoded: {exc}") from exc
-    return image
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _result(request: ImageRequest, png: bytes, image: Image.Image, generator: str) -> dict:
@@ -397,7 +361,7 @@ class ComfyUIClient:
 
     The URL is the operator's engine configuration, not a user's input, and is usually
     a private address (ComfyUI listens on 127.0.0.1:8188): it is called directly with
-    urllib like the engine's own API client (engines/client.py), not through the
+    urllib like the engine's own API client (engines/sdk/client.py), not through the
     server's SSRF-guarded omniva/outbound.py, which also drops the error bodies whose
     ComfyUI explanation (a checkpoint not found) the event's error should carry.
     """
@@ -557,10 +521,3 @@ def comfyui_handler(client: ComfyUIClient) -> Handler:
         return result
 
     return comfyui
-
-
-def handler_from_environment() -> Handler:
-    """ComfyUI when OMNIVA_COMFYUI_URL names one, else the procedural generator."""
-    if os.environ.get(COMFYUI_URL_ENV, "").strip():
-        return comfyui_handler(ComfyUIClient(ComfyUIConfig.from_environment()))
-    return procedural

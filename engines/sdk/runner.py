@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.client import EngineApiError, EngineClient, EngineUnavailable
-from engines.handlers import HandlerError, get_handler
+from engines.sdk.client import EngineApiError, EngineClient, EngineUnavailable
+from engines.sdk.handlers import HandlerError, get_handler
 
 logger = logging.getLogger("omniva.engines.runner")
 

@@ -5,18 +5,19 @@ result must be JSON-able, `report_progress(percent)` tells the server how far it
 (0-100; it also keeps the lease alive). Raising `HandlerError` (or anything else)
 fails the event. Events made by the orchestrator for a job stage carry
 `{"job_id", "pipeline", "stage", "params", "inputs"}` as their data.
+
+This module is the registry only: it registers nothing itself. The built-in handlers
+(engines/sdk/builtin.py) are registered by `register_builtin_handlers()`, which the
+engine process calls once when it starts.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 ProgressFn = Callable[[float], None]
 Handler = Callable[[dict[str, Any], ProgressFn], Any]
-
-SLEEP_MAX_S = 60.0
 
 _HANDLERS: dict[str, Handler] = {}
 
@@ -57,43 +58,3 @@ def is_stage_event(data: Any) -> bool:
 def event_params(data: dict[str, Any]) -> dict[str, Any]:
     """The parameters of the work: a job's params for a stage event, else the data."""
     return data["params"] if is_stage_event(data) else data
-
-
-# --- built-in handlers ---------------------------------------------------------------
-
-
-def echo(data: dict[str, Any], report_progress: ProgressFn) -> dict[str, Any]:
-    """The `echo` message param of a job stage; any other event's whole data."""
-    return {"echo": data["params"].get("message") if is_stage_event(data) else data}
-
-
-def sleep(data: dict[str, Any], report_progress: ProgressFn) -> dict[str, Any]:
-    """Sleep `seconds` (60 at most), reporting progress every second."""
-    raw = event_params(data).get("seconds", 0)
-    try:
-        seconds = float(raw or 0)
-    except (TypeError, ValueError):
-        raise HandlerError(f"seconds must be a number, not {raw!r}", "INVALID_DATA") from None
-    if not 0 <= seconds < float("inf"):
-        raise HandlerError(f"seconds must be 0 or more, not {raw!r}", "INVALID_DATA")
-    seconds = min(seconds, SLEEP_MAX_S)
-    started = time.monotonic()
-    deadline = started + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        time.sleep(min(1.0, left))
-        report_progress(min(100.0, 100.0 * (time.monotonic() - started) / seconds))
-    return {"slept_s": seconds}
-
-
-def image_generation(data: dict[str, Any], report_progress: ProgressFn) -> dict[str, Any]:
-    """Text to image (engines/image_generation.py): ComfyUI when OMNIVA_COMFYUI_URL names
-    one, else the procedural generator. Imported on first use, so that engines of other
-    types never load Pillow (and that module can import this one)."""
-    from engines.image_generation import handler_from_environment
-
-    return handler_from_environment()(data, report_progress)
-
-
-register_handler("echo", echo)
-register_handler("sleep", sleep)
-register_handler("image_generation", image_generation)
