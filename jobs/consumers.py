@@ -38,10 +38,10 @@ from django.utils import timezone
 
 from jobs import selectors
 from jobs.api.serializers import JobLogSerializer, JobSerializer
-from omniva import live
+from omniva import access, live
+from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Activity, Project, Scope
 from omniva.row_ids import row_id
-from omniva.selectors import api_key_for_secret
 
 TOPICS = {"jobs", "engines", "events", "metrics"}
 # Which topic each kind of row belongs to.
@@ -61,6 +61,14 @@ SNAPSHOT_LOGS = 200
 MAX_REPLAY = 10_000
 
 
+# How a refused key closes the socket (docs/live.md).
+CLOSE_CODE_OF_ERROR = {
+    ErrorCode.UNAUTHENTICATED: 4001,
+    ErrorCode.PERMISSION_DENIED: 4003,
+    ErrorCode.RATE_LIMITED: 4029,
+}
+
+
 class Refused(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
@@ -74,11 +82,11 @@ class Caller:
 @database_sync_to_async
 def _caller(scope: dict[str, Any], token: str | None) -> Caller:
     if token:
-        key = api_key_for_secret(token)
-        if key is None or not key.is_active:
-            raise Refused(4001)
-        if not key.has_scope(Scope.JOBS_READ):
-            raise Refused(4003)
+        try:
+            key = access.api_key_authenticate(raw=token)
+            access.api_key_admit(key=key, scope=Scope.JOBS_READ)
+        except OmnivaError as error:
+            raise Refused(CLOSE_CODE_OF_ERROR.get(error.code, 4001)) from None
         return Caller(key.project)
     user = scope.get("user")
     if user is None or not user.is_authenticated:

@@ -10,6 +10,7 @@ from rest_framework import serializers
 from jobs import selectors, services
 from jobs.models import PRIORITY_WORDS, Job, JobLog, JobStatus, StageRun
 from omniva.api.serializers import FieldsBuiltOnce
+from omniva.errors import OmnivaError
 
 MAX_TIMEOUT_S = 7 * 86400
 
@@ -23,11 +24,10 @@ class PriorityField(serializers.Field):
     default_error_messages = {"invalid": "Give 0-10 or one of low, normal, high, urgent."}
 
     def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, str) and data.strip().lower() in PRIORITY_WORDS:
-            return PRIORITY_WORDS[data.strip().lower()]
-        if isinstance(data, bool) or not isinstance(data, int) or not 0 <= data <= 10:
+        try:
+            return services.parse_priority(data)  # the one rule, as gRPC and the CLI get it
+        except OmnivaError:
             self.fail("invalid")
-        return data
 
     def to_representation(self, value: int) -> int:
         return value

@@ -36,9 +36,7 @@ from jobs import selectors, services
 from jobs.api.serializers import MAX_TIMEOUT_S
 from jobs.models import FINISHED_STATUSES, Job, JobStatus, StageRun, StageStatus
 from jobs.pipelines import registry as pipelines
-from omniva import selectors as core_selectors
-from omniva import services as core_services
-from omniva.api.throttling import rate_limit_spend
+from omniva import access
 from omniva.errors import ErrorCode, OmnivaError, http_status_for
 from omniva.models import ACTIVITY_CHANNEL, Activity, ApiKey, Scope
 from omniva.notifications import Listener
@@ -148,22 +146,8 @@ def caller_key(context: grpc.ServicerContext, scope: str) -> ApiKey:
             ErrorCode.UNAUTHENTICATED,
             "Send an API key in the x-api-key or the authorization (Bearer) metadata.",
         )
-    key = core_selectors.api_key_for_secret(raw)
-    if key is None:
-        raise OmnivaError(ErrorCode.UNAUTHENTICATED, "The API key is not valid.")
-    if not key.is_active:
-        raise OmnivaError(ErrorCode.UNAUTHENTICATED, "The API key has been revoked.")
-    core_services.api_key_mark_used(key=key)
-    if not key.has_scope(scope):
-        raise OmnivaError(ErrorCode.PERMISSION_DENIED, f"This key lacks the scope {scope}.")
-    # REST's bucket of the key (omniva.api.throttling): one allowance over both APIs.
-    wait = rate_limit_spend(f"key:{key.pk}")
-    if wait is not None:
-        raise OmnivaError(
-            ErrorCode.RATE_LIMITED,
-            "Too many requests for this key; slow down.",
-            retry_after_s=max(1, math.ceil(wait)),
-        )
+    key = access.api_key_authenticate(raw=raw)
+    access.api_key_admit(key=key, scope=scope)
     return key
 
 

@@ -9,7 +9,8 @@ from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import AuthenticationFailed
 from rest_framework.request import Request
 
-from omniva import selectors, services
+from omniva import access
+from omniva.errors import OmnivaError
 from omniva.models import ApiKey
 
 
@@ -48,12 +49,10 @@ class ApiKeyAuthentication(BaseAuthentication):
         raw = presented_key(request)
         if raw is None:
             return None
-        key = selectors.api_key_for_secret(raw)
-        if key is None:
-            raise AuthenticationFailed("The API key is not valid.")
-        if not key.is_active:
-            raise AuthenticationFailed("The API key has been revoked.")
-        services.api_key_mark_used(key=key)
+        try:
+            key = access.api_key_authenticate(raw=raw)
+        except OmnivaError as error:
+            raise AuthenticationFailed(error.message) from None
         return ApiKeyPrincipal(key), key
 
     def authenticate_header(self, request: Request) -> str:

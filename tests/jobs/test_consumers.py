@@ -18,8 +18,9 @@ from channels.testing import WebsocketCommunicator
 from jobs import services
 from omniva import live
 from omniva.asgi import application
-from omniva.models import Project, Scope
-from omniva.services import api_key_create
+from omniva.models import ApiKey, Project, Scope
+from omniva.rate_limits import allowances
+from omniva.services import api_key_create, api_key_revoke
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -204,6 +205,42 @@ def test_callers_without_a_valid_key_or_scope_are_refused(query: str, code: int)
         ws = connect("/ws/events" + query.format(engines=engines_only))
         await ws.connect(timeout=TIMEOUT)
         assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": code}
+
+    run(scenario)
+
+
+def test_a_socket_opened_with_a_key_marks_it_used_and_spends_its_rate_limit(
+    settings: Any,
+) -> None:
+    """The websockets check a key as REST and gRPC do (omniva/access.py): its use is
+    recorded, and a key over its rate limit is refused with 4029."""
+    settings.OMNIVA_RATE_LIMIT = 0.01  # one connection per 100 s
+    settings.OMNIVA_RATE_BURST = 1
+    allowances.forget()
+    secret = key(Scope.JOBS_READ)
+    assert ApiKey.objects.get().last_used_at is None
+
+    async def scenario() -> None:
+        first = connect(f"/ws/events?token={secret}")
+        assert (await first.connect(timeout=TIMEOUT))[0]
+        await first.disconnect()
+        second = connect(f"/ws/events?token={secret}")
+        await second.connect(timeout=TIMEOUT)
+        closed = await second.receive_output(timeout=TIMEOUT)
+        assert closed == {"type": "websocket.close", "code": 4029}
+
+    run(scenario)
+    assert ApiKey.objects.get().last_used_at is not None
+
+
+def test_a_revoked_key_opens_no_socket() -> None:
+    secret = key(Scope.JOBS_READ)
+    api_key_revoke(name=ApiKey.objects.get().name)
+
+    async def scenario() -> None:
+        ws = connect(f"/ws/events?token={secret}")
+        await ws.connect(timeout=TIMEOUT)
+        assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4001}
 
     run(scenario)
 

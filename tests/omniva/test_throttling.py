@@ -7,8 +7,8 @@ import time
 import pytest
 
 from omniva import services
-from omniva.api.throttling import Allowances
 from omniva.models import Scope
+from omniva.rate_limits import Allowances
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
