@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from django.test.utils import override_settings
 
-from omniva.benchmarks import BenchError, table_lines
+from omniva.bench.harness import BenchError, table_lines
 
 BATCH_SIZES = (1, 8, 32, 128)
 TARGET_OF_RAW = 0.70
