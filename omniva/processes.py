@@ -131,7 +131,8 @@ def accepts_connections(port: int, *, host: str = LOOPBACK, timeout_s: float = 1
 
 class ManagedProcess:
     """One child process (see the module's docstring). `log_path` None: the child
-    writes to this process's own output; `stderr_path`: its stderr apart from the log."""
+    writes to this process's own output; `stderr_path`: its stderr apart from the log.
+    Logs are appended to, unless `truncate_logs` (a log of this start only)."""
 
     def __init__(
         self,
@@ -144,6 +145,7 @@ class ManagedProcess:
         cwd: Path | None = None,
         pass_fds: Sequence[int] = (),
         stop_grace_s: float = STOP_GRACE_S,
+        truncate_logs: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.env = dict(env)
@@ -153,6 +155,7 @@ class ManagedProcess:
         self.cwd = cwd
         self.pass_fds = tuple(pass_fds)
         self.stop_grace_s = stop_grace_s
+        self.log_mode = "wb" if truncate_logs else "ab"
         self.popen: subprocess.Popen[bytes] | None = None
         self._files: list[IO[bytes]] = []
         self._terminated = False
@@ -170,11 +173,11 @@ class ManagedProcess:
         stdout: IO[bytes] | None = None
         stderr: IO[bytes] | int | None = None
         if self.log_path is not None:
-            stdout = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop and kill)
+            stdout = open(self.log_path, self.log_mode)  # noqa: SIM115 (closed in stop and kill)
             self._files.append(stdout)
             stderr = subprocess.STDOUT
         if self.stderr_path is not None:
-            stderr = open(self.stderr_path, "ab")  # noqa: SIM115 (closed in stop and kill)
+            stderr = open(self.stderr_path, self.log_mode)  # noqa: SIM115 (closed in stop and kill)
             self._files.append(stderr)
         self.popen = subprocess.Popen(
             self.argv,

@@ -233,7 +233,8 @@ class ProcessGroup:
         stderr: Path | None = None,
         name: str = "the process",
     ) -> ManagedProcess:
-        """Start `argv` (output to `log`, else nowhere; stderr to `stderr` if given)."""
+        """Start `argv` (output to `log`, else nowhere; stderr to `stderr` if given).
+        A log holds the output of its last start only (a restart begins it anew)."""
         child = ManagedProcess(
             argv,
             env={**self.base_env, **(env or {})},
@@ -241,6 +242,7 @@ class ProcessGroup:
             stderr_path=stderr,
             name=name,
             cwd=REPO_ROOT,
+            truncate_logs=True,
         )
         self.children.append(child.start())
         return child
