@@ -7,12 +7,9 @@ killed (its pid is gone) is swept at the next start.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +26,14 @@ from django.db import connections
 from omniva import services
 from omniva.embedded_db import EmbeddedServer
 from omniva.models import ApiKey, Project, Scope
+from omniva.processes import (
+    ManagedProcess,
+    daphne_argv,
+    django_env,
+    manage_argv,
+    qcluster_argv,
+)
+from omniva.processes import free_port as free_port  # the tests import it from here
 
 TEST_SERVER_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 TEST_ROOT = Path(settings.VAR_DIR) / "test-pg"
@@ -158,12 +163,6 @@ def api(client: Any, admin_key: KeyHandle) -> Any:
 # --- Real processes --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, what: str = ""
 ) -> Any:
@@ -206,49 +205,67 @@ def try_http_get(url: str, **kwargs: Any) -> HttpResult | None:
         return None
 
 
-class ProcessGroup:
-    """Processes a test starts; every one is stopped (with its children) at teardown."""
-
-    def __init__(self, base_env: dict[str, str]) -> None:
-        self.base_env = base_env
-        self.processes: list[subprocess.Popen] = []
-
-    def start(
-        self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None
-    ) -> subprocess.Popen:
-        output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (closed with the process)
-        process = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env={**self.base_env, **(env or {})},
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        return process
-
-    def manage(self, *args: str, **kwargs: Any) -> subprocess.Popen:
-        return self.start([sys.executable, str(REPO_ROOT / "manage.py"), *args], **kwargs)
-
-    def stop_all(self) -> None:
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, 9)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
+def process_env(**overrides: str) -> dict[str, str]:
+    """The environment of a process a test starts: this one's, less what points at
+    pytest's own database or changes the platform (OMNIVA_*), then `overrides`."""
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("PYTEST_", "DATABASE_URL", "OMNIVA_"))
     }
-    env["DJANGO_SETTINGS_MODULE"] = "omniva.settings"
-    env["PYTHONUNBUFFERED"] = "1"
-    group = ProcessGroup(env)
+    return django_env(env, DJANGO_SETTINGS_MODULE="omniva.settings", **overrides)
+
+
+class ProcessGroup:
+    """Processes a test starts (omniva.processes.ManagedProcess); at teardown each is
+    killed with its group, at once (a test's processes need no orderly stop)."""
+
+    def __init__(self, base_env: dict[str, str]) -> None:
+        self.base_env = base_env
+        self.children: list[ManagedProcess] = []
+
+    def spawn(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        stderr: Path | None = None,
+        name: str = "the process",
+    ) -> ManagedProcess:
+        """Start `argv` (output to `log`, else nowhere; stderr to `stderr` if given).
+        A log holds the output of its last start only (a restart begins it anew)."""
+        child = ManagedProcess(
+            argv,
+            env={**self.base_env, **(env or {})},
+            log_path=log or Path(os.devnull),
+            stderr_path=stderr,
+            name=name,
+            cwd=REPO_ROOT,
+            truncate_logs=True,
+        )
+        self.children.append(child.start())
+        return child
+
+    def start(
+        self, argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        """spawn(), for a test that handles the process itself (poll, wait, signals)."""
+        popen = self.spawn(argv, env=env, log=log).popen
+        assert popen is not None
+        return popen
+
+    def manage(self, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return self.start(manage_argv(*args), **kwargs)
+
+    def stop_all(self) -> None:
+        for child in self.children:
+            child.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[ProcessGroup]:
+    group = ProcessGroup(process_env())
     yield group
     group.stop_all()
 
@@ -258,8 +275,13 @@ class Server:
     """A daphne process serving the app."""
 
     url: str
-    process: subprocess.Popen
+    managed: ManagedProcess
     log: Path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.managed.popen is not None
+        return self.managed.popen
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
@@ -275,32 +297,28 @@ def start_daphne(
 ) -> Server:
     """daphne serving the app on `database_url`, as `manage.py serve` runs each web
     process (`env`: OMNIVA_* overrides); returns once it answers /v1/health."""
-    process = processes.start(
-        [
-            sys.executable, "-m", "daphne",
-            "--bind", "127.0.0.1", "--port", str(port),
-            "omniva.asgi:application",
-        ],
+    daphne = processes.spawn(
+        daphne_argv(port=port),
         env={"DATABASE_URL": database_url, **(env or {})},
         log=log,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def answering() -> bool:
-        assert process.poll() is None, log.read_text()
-        return try_http_get(f"{url}/v1/health", timeout=5) is not None
-
-    wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
-    return Server(url, process, log)
+        name="daphne",
+    )
+    daphne.wait_answering(port, "/v1/health", timeout_s=30)
+    return Server(f"http://127.0.0.1:{port}", daphne, log)
 
 
-def start_worker(processes: ProcessGroup, database_url: str, log: Path, **env: str) -> Any:
+def start_worker(
+    processes: ProcessGroup, database_url: str, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
     """A `qcluster` of the default cluster on `database_url` (env: OMNIVA_* overrides)."""
-    return processes.manage(
-        "qcluster",
+    worker = processes.spawn(
+        qcluster_argv(),
         env={"DATABASE_URL": database_url, "Q_CLUSTER_NAME": "default", **env},
         log=log,
+        name="qcluster",
     )
+    assert worker.popen is not None
+    return worker.popen
 
 
 def cut_connection(database_url: str) -> None:

@@ -27,7 +27,7 @@ from jobs.services.core import (
     _lease_until,
     _parent_outputs,
 )
-from omniva import services as core_services
+from omniva.models import ACTIVITY_CHANNEL
 
 # The common case of a start in one statement, as a queue's claim is: a queued stage of
 # a job that is neither finished, cancelled nor out of time. It locks the job row first
@@ -115,7 +115,7 @@ def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list
                 "now": now,
                 "lease": _lease_until(now),
                 "worker": worker[:200],
-                "activity_channel": core_services.ACTIVITY_CHANNEL,
+                "activity_channel": ACTIVITY_CHANNEL,
             },
         )
         rows = cursor.fetchall()
@@ -273,7 +273,7 @@ def stages_complete_sole(completions: list[Completion]) -> set[int]:
                 "pipelines": pipelines.single_stage_pipelines(),
                 "now": timezone.now(),
                 "channel": JOB_DONE_CHANNEL,
-                "activity_channel": core_services.ACTIVITY_CHANNEL,
+                "activity_channel": ACTIVITY_CHANNEL,
             },
         )
         return {row[0] for row in cursor.fetchall()}

@@ -30,7 +30,7 @@ from jobs.services.core import (
 )
 from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
-from omniva.models import Project
+from omniva.models import ACTIVITY_CHANNEL, Project
 from omniva.rows import ModelRows
 
 
@@ -176,7 +176,7 @@ def _job_insert(job: Job, runs: list[StageRun], queued: list[StageRun]) -> None:
                     stage_run_id=run.pk,
                 )
         channels = [
-            core_services.ACTIVITY_CHANNEL,
+            ACTIVITY_CHANNEL,
             *sorted({broker.channel_for(run.queue) for run in on_queues}),
         ]
         sql = _JOB_INSERT_SQL.format(

@@ -1,5 +1,8 @@
-"""Benchmark suites of `manage.py bench` that compose every app (see LAYOUT.md: `omniva/bench/`).
+"""Every benchmark suite of `manage.py bench`, in the composition layer (see LAYOUT.md:
+like urls.py, it may import every app).
 
-`web` lives here (web.py, with its reference app in reference/); the older suites
-still live beside the code they measure and move here as they are touched.
+harness.py holds what the suites share (BenchError, the suite's database and work
+folder, the table); each suite is a module: api.py, queue.py, events.py, live.py,
+gpu.py, web.py (with its reference app in reference/) and soak.py. The processes they
+start are omniva.processes.ManagedProcess, as for `serve` and the tests.
 """

@@ -63,7 +63,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -72,13 +71,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from engines.benchmarks import ApiClient, Tally
-from omniva.benchmarks import BenchError, SuiteProcess, table_lines
-from omniva.processes import die_with_parent
+from omniva.bench.events import ApiClient, Tally
+from omniva.bench.harness import HOST, BenchError, SuiteFailed, percentile, suite_env, table_lines
+from omniva.processes import ManagedProcess, die_with_parent, free_port, manage_argv
 
-HOST = "127.0.0.1"
 WRK_THREADS = 2
 WRK_CONNECTIONS = 32
 WRK_TIMEOUT_S = 10
@@ -124,17 +122,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]
-
-
 def is_uuid(value: str) -> bool:
     try:
         uuid.UUID(value)
@@ -143,105 +130,53 @@ def is_uuid(value: str) -> bool:
     return True
 
 
-def suite_env(database_url: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "omniva.settings"),
-        "DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def http_status(port: int, path: str, *, headers: dict[str, str] | None = None) -> int | None:
-    """One GET on a connection of its own; its status, None when it failed."""
-    connection = http.client.HTTPConnection(HOST, port, timeout=5)
-    try:
-        connection.request("GET", path, headers=headers or {})
-        response = connection.getresponse()
-        response.read()
-        return response.status
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        connection.close()
-
-
 # --- the servers ------------------------------------------------------------------------------
 
 
-@dataclass
-class Reference(SuiteProcess):
-    """gunicorn serving the reference app, 2 x cores sync workers, in its own group."""
+class Reference(ManagedProcess):
+    """gunicorn serving the reference app, 2 x cores sync workers."""
 
-    title = "gunicorn (the reference)"
-
-    database_url: str
-    log_path: Path
-    workers: int = field(default_factory=lambda: 2 * (os.cpu_count() or 1))
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        env = {
-            **suite_env(self.database_url),
-            "DJANGO_SETTINGS_MODULE": "omniva.bench.reference.settings",
-        }
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        self.workers = 2 * (os.cpu_count() or 1)
+        self.port = free_port()
         argv = [
             sys.executable, "-m", "gunicorn",
             "--workers", str(self.workers), "--worker-class", "sync",
             "--bind", f"{HOST}:{self.port}", "--log-level", "warning",
             "omniva.bench.reference.wsgi:application",
         ]  # fmt: skip
-        self.spawn(argv, env)
+        env = suite_env(database_url, DJANGO_SETTINGS_MODULE="omniva.bench.reference.settings")
+        super().__init__(argv, env=env, log_path=log_path, name="gunicorn (the reference)")
 
     def wait_ready(self) -> None:
         from omniva.bench.reference.urls import PATH
 
-        self.wait_until(
-            lambda: http_status(self.port, PATH) == 200,
-            what=f"answer {PATH}",
-            timeout_s=READY_TIMEOUT_S,
-        )
+        self.wait_answering(self.port, PATH, status=200, timeout_s=READY_TIMEOUT_S)
 
 
-@dataclass
-class Serve(SuiteProcess):
+class Serve(ManagedProcess):
     """`manage.py serve` as `make run` starts it: no gRPC, a `default` worker only."""
 
-    title = "manage.py serve"
-
-    database_url: str
-    log_path: Path
-    var_dir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
+    def __init__(self, database_url: str, log_path: Path, var_dir: Path) -> None:
         from django.conf import settings
 
-        env = {
-            **suite_env(self.database_url),
+        self.port = free_port()
+        argv = manage_argv(
+            "serve",
+            "--host", HOST, "--port", str(self.port), "--grpc-port", "0", "--queues", "default",
+        )  # fmt: skip
+        env = suite_env(
+            database_url,
             **SERVER_RATE_ENV,
-            "OMNIVA_VAR_DIR": str(self.var_dir),
+            OMNIVA_VAR_DIR=str(var_dir),
             # The var folder holds the generated secret key: keep this process's, so
             # that what serve and the suite sign agrees.
-            "SECRET_KEY": settings.SECRET_KEY,
-        }
-        manage = str(Path(settings.BASE_DIR) / "manage.py")
-        argv = [
-            sys.executable, manage, "serve",
-            "--host", HOST, "--port", str(self.port), "--grpc-port", "0", "--queues", "default",
-        ]  # fmt: skip
-        self.spawn(argv, env)
+            SECRET_KEY=settings.SECRET_KEY,
+        )
+        super().__init__(argv, env=env, log_path=log_path, name="manage.py serve")
 
     def wait_ready(self) -> None:
-        self.wait_until(
-            lambda: http_status(self.port, "/v1/health") == 200,
-            what="answer /v1/health",
-            timeout_s=READY_TIMEOUT_S,
-        )
+        self.wait_answering(self.port, "/v1/health", status=200, timeout_s=READY_TIMEOUT_S)
 
 
 # --- wrk --------------------------------------------------------------------------------------
@@ -690,7 +625,7 @@ class WebBench:
         fails the suite there) instead of hiding what the others measured."""
         try:
             measure()
-        except BenchError as exc:
+        except SuiteFailed as exc:
             self.problems.append(f"{name}: {exc}")
             self.say(f"  {name} could not be measured: {exc}")
             return False

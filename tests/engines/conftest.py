@@ -16,7 +16,8 @@ from engines.models import EngineInstance, EventType
 from engines.sdk.client import EngineClient
 from omniva import services as omniva_services
 from omniva.models import Scope
-from tests.conftest import ProcessGroup, Server, free_port, start_daphne, wait_for
+from omniva.processes import manage_argv
+from tests.conftest import ProcessGroup, Server, free_port, start_daphne
 
 
 @pytest.fixture(autouse=True)
@@ -76,23 +77,26 @@ def start_engine(
 ) -> Any:
     def start(engine_type: str, *args: str) -> Engine:
         log = tmp_path / f"engine-{engine_type}.log"
-        process = processes.manage(
-            "run_engine",
-            "--type", engine_type,
-            "--url", daphne.url,
-            "--heartbeat-s", "1",
-            "--wait-s", "5",
-            *args,
+        child = processes.spawn(
+            manage_argv(
+                "run_engine",
+                "--type", engine_type,
+                "--url", daphne.url,
+                "--heartbeat-s", "1",
+                "--wait-s", "5",
+                *args,
+            ),
             env={"OMNIVA_ENGINE_KEY": engine_secret},
             log=log,
+            name=f"run_engine {engine_type}",
         )  # fmt: skip
-        engine = Engine(process, log)
-
-        def registered() -> bool:
-            assert process.poll() is None, engine.output()
-            return f"registered {engine_type} engine" in engine.output()
-
-        wait_for(registered, timeout=30, interval=0.1, what="the engine to register")
+        assert child.popen is not None
+        engine = Engine(child.popen, log)
+        child.wait_until(
+            lambda: f"registered {engine_type} engine" in engine.output(),
+            what="register",
+            timeout_s=30,
+        )
         return engine
 
     return start

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from django.utils import timezone
 from jobs import services
 from jobs.management.commands.submit import parse_param
 from jobs.models import Job, JobStatus, StageRun, StageStatus
-from tests.conftest import REPO_ROOT, ProcessGroup, wait_for
+from omniva.processes import manage_argv
+from tests.conftest import ProcessGroup, start_worker, wait_for
 
 
 @dataclass
@@ -157,16 +157,15 @@ class SubmitProcess:
         self, processes: ProcessGroup, database_url: str, folder: Path, *args: str
     ) -> None:
         self.out_path, self.err_path = folder / "submit.out", folder / "submit.err"
-        with self.out_path.open("wb") as out, self.err_path.open("wb") as err:
-            self.process = subprocess.Popen(
-                [sys.executable, str(REPO_ROOT / "manage.py"), "submit", *args],
-                cwd=REPO_ROOT,
-                env={**processes.base_env, "DATABASE_URL": database_url},
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        processes.processes.append(self.process)  # stopped at teardown if still running
+        child = processes.spawn(
+            manage_argv("submit", *args),
+            env={"DATABASE_URL": database_url},
+            log=self.out_path,
+            stderr=self.err_path,
+            name="manage.py submit",
+        )
+        assert child.popen is not None
+        self.process = child.popen
 
     def wait(self, timeout: float) -> int:
         try:
@@ -194,11 +193,7 @@ def test_submit_wait_exits_zero_when_a_worker_completes_the_job(
     processes: ProcessGroup, test_database_url: str, tmp_path: Path
 ) -> None:
     worker_log = tmp_path / "qcluster.log"
-    processes.manage(
-        "qcluster",
-        env={"DATABASE_URL": test_database_url, "Q_CLUSTER_NAME": "default"},
-        log=worker_log,
-    )
+    start_worker(processes, test_database_url, worker_log)
     submit = SubmitProcess(
         processes,
         test_database_url,

@@ -39,15 +39,13 @@ def test_a_gpu_worker_process_upscales_a_picture_and_reports_its_device(
 ) -> None:
     media = tmp_path / "media"
     draw_picture(media / "drawn" / "square.png")
-    worker = processes.manage(
-        "qcluster",
-        env={
-            "DATABASE_URL": test_database_url,
-            "Q_CLUSTER_NAME": "gpu",
-            "OMNIVA_MEDIA_ROOT": str(media),
-            "OMNIVA_DEVICE": "cpu",
-        },
-        log=tmp_path / "qcluster.log",
+    worker = start_worker(
+        processes,
+        test_database_url,
+        tmp_path / "qcluster.log",
+        Q_CLUSTER_NAME="gpu",
+        OMNIVA_MEDIA_ROOT=str(media),
+        OMNIVA_DEVICE="cpu",
     )
 
     def log() -> str:

@@ -30,7 +30,7 @@ from jobs.models import Job, JobStatus
 from omniva import services as core_services
 from omniva.errors import ErrorCode
 from omniva.models import Project, Scope
-from tests.conftest import KeyHandle, ProcessGroup, free_port, wait_for
+from tests.conftest import KeyHandle, ProcessGroup, free_port, process_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -561,27 +561,13 @@ class RunningServer:
     log: Path
 
 
-def _process_env(database_url: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTEST_", "DATABASE_URL", "OMNIVA_"))
-    }
-    return {
-        **env,
-        "DJANGO_SETTINGS_MODULE": "omniva.settings",
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": database_url,
-    }
-
-
 @pytest.fixture(scope="module")
 def grpcserver_with_worker(
     test_database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningServer]:
     """One grpcserver and one `default` qcluster for the module's process tests."""
     logs = tmp_path_factory.mktemp("grpcserver")
-    group = ProcessGroup(_process_env(test_database_url))
+    group = ProcessGroup(process_env(DATABASE_URL=test_database_url))
     port = free_port()
     group.manage("grpcserver", "--port", str(port), log=logs / "grpcserver.log")
     group.manage("qcluster", env={"Q_CLUSTER_NAME": "default"}, log=logs / "qcluster.log")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from omniva.models import Scope
+from omniva.processes import daphne_argv, http_status, qcluster_argv
 from omniva.services import api_key_create
-from tests.conftest import ProcessGroup, free_port, try_http_get, wait_for
+from tests.conftest import ProcessGroup, free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -80,26 +80,26 @@ class Platform:
 def platform(processes: ProcessGroup, test_database_url: str, tmp_path: Path) -> Platform:
     port = free_port()
     env = {"DATABASE_URL": test_database_url}
-    daphne = processes.start(
-        [
-            sys.executable, "-m", "daphne",
-            "--bind", "127.0.0.1", "--port", str(port),
-            "omniva.asgi:application",
-        ],
-        env=env,
-        log=tmp_path / "daphne.log",
-    )  # fmt: skip
-    worker = processes.manage(
-        "qcluster", env={**env, "Q_CLUSTER_NAME": "default"}, log=tmp_path / "qcluster.log"
+    # Both start at once; daphne is waited for, the worker must stay up meanwhile.
+    daphne = processes.spawn(
+        daphne_argv(port=port), env=env, log=tmp_path / "daphne.log", name="daphne"
     )
+    worker = processes.spawn(
+        qcluster_argv(),
+        env={**env, "Q_CLUSTER_NAME": "default"},
+        log=tmp_path / "qcluster.log",
+        name="qcluster",
+    )
+    assert daphne.popen is not None
+    assert worker.popen is not None
     _key, secret = api_key_create(name="live", scopes=[Scope.JOBS_READ, Scope.JOBS_WRITE])
-    running = Platform(f"http://127.0.0.1:{port}", secret, daphne, worker, tmp_path)
+    running = Platform(f"http://127.0.0.1:{port}", secret, daphne.popen, worker.popen, tmp_path)
 
     def answering() -> bool:
         running.check_alive()
-        return try_http_get(f"{running.url}/v1/health", timeout=5) is not None
+        return http_status(port, "/v1/health") is not None
 
-    wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
+    daphne.wait_until(answering, what="answer /v1/health", timeout_s=30)
     return running
 
 

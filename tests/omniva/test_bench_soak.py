@@ -1,4 +1,4 @@
-"""`manage.py bench soak` (omniva/soak_benchmark.py), shortened to seconds.
+"""`manage.py bench soak` (omniva/bench/soak.py), shortened to seconds.
 
 As a real process against the test database, it starts the platform, holds its load and
 prints a table whose rows are every process of the platform: daphne, grpcserver, the
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from omniva.soak_benchmark import MIB, Track, growth_bound, judge
+from omniva.bench.soak import MIB, Track, growth_bound, judge
 from tests.conftest import ProcessGroup, wait_for
 
 ROW = re.compile(

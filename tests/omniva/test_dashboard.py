@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,7 +29,15 @@ from playwright.sync_api import Locator, Page, WebSocket, expect, sync_playwrigh
 
 from omniva import services
 from omniva.models import Scope
-from tests.conftest import HttpResult, ProcessGroup, free_port, try_http_get, wait_for
+from tests.conftest import (
+    HttpResult,
+    ProcessGroup,
+    Server,
+    free_port,
+    start_daphne,
+    start_worker,
+    wait_for,
+)
 
 # Playwright's expectations wait for their condition; on a loaded 2-core machine (the
 # whole suite running, workers starting) 5 s is not always enough for a poll to come round.
@@ -106,31 +112,16 @@ class Site:
     database_url: str
     processes: ProcessGroup
     logs: Path
-    daphne: subprocess.Popen | None = None
+    daphne: Server | None = None
 
     def start_daphne(self) -> None:
-        log = self.logs / "daphne.log"
-        process = self.processes.start(
-            [
-                sys.executable, "-m", "daphne",
-                "--bind", "127.0.0.1", "--port", str(self.port),
-                "omniva.asgi:application",
-            ],
-            env={"DATABASE_URL": self.database_url},
-            log=log,
-        )  # fmt: skip
-
-        def answering() -> bool:
-            assert process.poll() is None, log.read_text(errors="replace")
-            return try_http_get(f"{self.url}/v1/health", timeout=5) is not None
-
-        wait_for(answering, timeout=30, interval=0.1, what="daphne to answer")
-        self.daphne = process
+        self.daphne = start_daphne(
+            self.processes, self.database_url, self.port, self.logs / "daphne.log"
+        )
 
     def stop_daphne(self) -> None:
         assert self.daphne is not None
-        os.killpg(self.daphne.pid, 9)
-        self.daphne.wait(timeout=10)
+        self.daphne.managed.kill()
 
     def post(self, path: str, body: dict[str, Any]) -> HttpResult:
         request = urllib.request.Request(
@@ -182,11 +173,7 @@ def site(
     )
     port = free_port()
     site = Site(f"http://127.0.0.1:{port}", port, secret, test_database_url, processes, tmp_path)
-    processes.manage(
-        "qcluster",
-        env={"DATABASE_URL": test_database_url, "Q_CLUSTER_NAME": "default"},
-        log=tmp_path / "qcluster.log",
-    )
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log")
     site.start_daphne()
     yield site
     print(site.output())  # shown by pytest when the test failed

@@ -7,7 +7,7 @@ from django.core.cache import cache
 from django.test import override_settings
 
 from omniva import health
-from tests.conftest import wait_for
+from tests.conftest import start_worker, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,9 +46,7 @@ def test_health_probes_over_plain_http_are_not_redirected_to_https(client, path:
 def test_a_running_worker_cluster_makes_it_healthy(
     client, processes, test_database_url, tmp_path
 ) -> None:
-    processes.manage(
-        "qcluster", env={"DATABASE_URL": test_database_url}, log=tmp_path / "qcluster.log"
-    )
+    start_worker(processes, test_database_url, tmp_path / "qcluster.log")
 
     report = wait_for(
         lambda: (r := _health(client))["status"] == "healthy" and r,

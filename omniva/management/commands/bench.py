@@ -2,6 +2,9 @@
 
 With no suite named, every suite runs (`make bench`).
 
+The suites live in omniva/bench/, one module each; this command parses the options,
+checks them, starts the embedded database unless DATABASE_URL is set, and runs them.
+
 `api` measures what the /v1 conventions cost a request: the same authenticated GET
 served by the full middleware stack, without the audit middleware, and without the
 rate limiter, in interleaved rounds so that machine noise hits every variant alike.
@@ -9,23 +12,23 @@ It runs in-process (Django's test client), so the audit row is written before th
 call returns; in a web process it joins a batch, so these figures are the upper bound
 of what a client can see. It also times each convention as a web process pays it: the
 rate limit charged in chunks, the API key looked up and cached, the audit row alone and
-in a batch of 100.
+in a batch of 100 (see omniva/bench/api.py).
 
 `queue` measures the job engine against real `qcluster` processes: our PostgreSQL
-broker beside django-q2's stock ORM broker (see jobs/benchmarks.py).
+broker beside django-q2's stock ORM broker (see omniva/bench/queue.py).
 
 `events` measures the leased event queue through the HTTP API of a real daphne
 server: events claimed and completed per second by concurrent engine clients, beside
-the GET /v1/health requests per second of the same server (see engines/benchmarks.py).
+the GET /v1/health requests per second of the same server (see omniva/bench/events.py).
 
 `gpu` measures the gpu queue's stages in this process: embed_texts jobs run per item
 and batched across jobs at batch 1, 8, 32, 128 beside the raw forward pass, and the
-upscale's megapixels per second (see jobs/gpu_benchmark.py). Stop gpu workers on the
+upscale's megapixels per second (see omniva/bench/gpu.py). Stop gpu workers on the
 same database first, or they take some of its jobs.
 
 `live` measures the live stream: websocket clients of one daphne on /ws/events, and
 the time from a state change committed by a `qcluster` worker to its arrival at every
-client, p50 and p99 (see jobs/live_benchmark.py).
+client, p50 and p99 (see omniva/bench/live.py).
 
 `web` measures Omniva's web tier against the setup a Django user would pick, in one
 run and under one load generator (wrk, 2 threads, 32 connections, `--duration` seconds
@@ -44,7 +47,7 @@ queue, and an `echo` engine) under a steady load for 10 minutes (`--soak-s`): jo
 mixed pipelines over HTTP at a fixed rate, websocket clients, API reads. It samples the
 RSS of every process (a cluster's forked processes too) and fails when one grew over
 its bound from the end of the warm-up, exited, or when a job was lost (see
-omniva/soak_benchmark.py). It runs last.
+omniva/bench/soak.py). It runs last.
 """
 
 from __future__ import annotations
@@ -52,8 +55,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,18 +62,10 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
-from django.test import Client
-from django.test.utils import override_settings, setup_test_environment
-from django.utils import timezone
 
-from omniva import selectors as core_selectors
-from omniva import services
-from omniva.api.throttling import Allowances
-from omniva.benchmarks import BenchError
+from omniva.bench.harness import SuiteFailed, bench_database, work_folder
 from omniva.embedded_db import EmbeddedServer
-from omniva.models import ApiKey, AuditRecord, Scope
 
-AUDIT = "omniva.api.middleware.AuditMiddleware"
 SUITES = ["api", "queue", "events", "live", "gpu", "web", "soak"]
 DEFAULT_ROUNDS = {"api": 5, "queue": 2, "events": 3, "live": 1, "gpu": 1, "web": 1, "soak": 1}
 
@@ -270,72 +263,12 @@ class Command(BaseCommand):
                 database.stop()
 
     def bench_api(self, requests: int, rounds: int) -> None:
-        setup_test_environment()  # lets the test client use the 'testserver' host
-        key, secret = services.api_key_create(name=f"bench-{time.time_ns()}", scopes=[Scope.ADMIN])
-        stack = list(settings.MIDDLEWARE)
-        variants = {
-            "full stack": stack,
-            "without audit": [m for m in stack if m != AUDIT],
-        }
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        # A rate limit high enough never to refuse the benchmark itself.
-        with override_settings(OMNIVA_RATE_LIMIT=1e9, OMNIVA_RATE_BURST=10**9):
-            for _ in range(rounds):
-                for name, middleware in variants.items():
-                    with override_settings(MIDDLEWARE=middleware):
-                        # A new client builds its middleware chain from the setting.
-                        client = Client(HTTP_AUTHORIZATION=f"Bearer {secret}")
-                        client.get("/v1/projects")
-                        samples[name].append(requests / self._time(client, requests))
-            take_ms = self._per_call_ms(
-                lambda: services.rate_limit_take(bucket="bench", rate_per_s=1e9, burst=10**9),
-                requests,
-            )
-            # What a web process pays for each convention (omniva/handler.py): the
-            # limiter charged in chunks, the key cached, the audit row batched.
-            allowances = Allowances()
-            spend_ms = self._per_call_ms(
-                lambda: allowances.take("bench-chunked", rate_per_s=1e6, burst=10**6), requests
-            )
-        lookup_ms = self._per_call_ms(
-            lambda: (core_selectors.api_keys_forget(), core_selectors.api_key_for_secret(secret)),
-            requests,
-        )
-        cached_ms = self._per_call_ms(lambda: core_selectors.api_key_for_secret(secret), requests)
-        row = {
-            "request_id": "bench-audit", "at": timezone.now(), "api_key": key,
-            "key_name": key.name, "user": None, "method": "GET", "path": "/v1/projects",
-            "status": 200, "duration_ms": 1.0, "remote_addr": "127.0.0.1", "entity_ids": [],
-        }  # fmt: skip
-        single_ms = self._per_call_ms(lambda: services.audit_record_write(**row), requests)
-        batched_ms = (
-            self._per_call_ms(
-                lambda: services.audit_records_write(records=[row] * 100), max(1, requests // 100)
-            )
-            / 100
-        )
-        AuditRecord.objects.filter(request_id="bench-audit").delete()
-        audited = AuditRecord.objects.filter(api_key=key).count()
-        AuditRecord.objects.filter(api_key=key).delete()
-        ApiKey.objects.filter(pk=key.pk).delete()
+        from omniva.bench.api import ApiBench
 
-        base = statistics.median(samples["full stack"])
-        self.stdout.write(f"\nbench api: GET /v1/projects, {rounds} rounds x {requests} requests")
-        self.stdout.write(f"{'variant':<22}{'req/s (median)':>16}{'ms/request':>12}{'vs full':>9}")
-        for name, values in samples.items():
-            rate = statistics.median(values)
-            self.stdout.write(f"{name:<22}{rate:>16.0f}{1000 / rate:>12.2f}{rate / base:>8.2f}x")
-        self.stdout.write(f"rate-limit check (one UPSERT): {take_ms:.3f} ms per request")
-        self.stdout.write("what a web process pays per request for each convention:")
-        for name, value in (
-            ("rate limit, charged in chunks (Allowances)", spend_ms),
-            ("API key, looked up (cache forgotten)", lookup_ms),
-            ("API key, cached", cached_ms),
-            ("audit row, written alone (COPY + commit)", single_ms),
-            ("audit row, in a batch of 100 (web process)", batched_ms),
-        ):
-            self.stdout.write(f"  {name:<46}{value:>8.3f} ms")
-        self.stdout.write(f"audit rows written by the full-stack rounds: {audited}")
+        bench = ApiBench(requests=requests, rounds=rounds)
+        bench.run()
+        for line in bench.report():
+            self.stdout.write(line)
 
     @staticmethod
     def _queue_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -367,8 +300,6 @@ class Command(BaseCommand):
         build: Callable[[str, Any], Any],
     ) -> None:
         """Run a suite that starts processes of its own, in a database of its own."""
-        from jobs.benchmarks import bench_database, work_folder
-
         if database is None:
             self._say(
                 f"bench {suite} runs in the database of DATABASE_URL: {shared_database_warning}"
@@ -377,7 +308,7 @@ class Command(BaseCommand):
             bench = build(url, folder)
             try:
                 bench.run()
-            except BenchError as exc:
+            except SuiteFailed as exc:
                 raise CommandError(f"bench {suite} failed: {exc}") from None
             for line in bench.report():
                 self.stdout.write(line)
@@ -390,7 +321,7 @@ class Command(BaseCommand):
     def bench_queue(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from jobs.benchmarks import QueueBench
+        from omniva.bench.queue import QueueBench
 
         self._run_suite(
             "queue",
@@ -413,7 +344,7 @@ class Command(BaseCommand):
     def bench_events(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from engines.benchmarks import EventsBench
+        from omniva.bench.events import EventsBench
 
         self._run_suite(
             "events",
@@ -432,7 +363,7 @@ class Command(BaseCommand):
     def bench_live(
         self, database: EmbeddedServer | None, rounds: int, options: dict[str, Any]
     ) -> None:
-        from jobs.live_benchmark import LiveBench
+        from omniva.bench.live import LiveBench
 
         self._run_suite(
             "live",
@@ -483,7 +414,7 @@ class Command(BaseCommand):
             raise CommandError("--soak-ws-clients must be at least 1")
 
     def bench_soak(self, database: EmbeddedServer | None, options: dict[str, Any]) -> None:
-        from omniva.soak_benchmark import SoakBench
+        from omniva.bench.soak import SoakBench
 
         self._run_suite(
             "soak",
@@ -505,28 +436,12 @@ class Command(BaseCommand):
         )
 
     def bench_gpu(self, options: dict[str, Any]) -> None:
-        from jobs.gpu_benchmark import GpuBench
+        from omniva.bench.gpu import GpuBench
 
         bench = GpuBench(jobs_per_size=options["gpu_jobs"], say=self._say)
         try:
             bench.run()
-        except BenchError as exc:
+        except SuiteFailed as exc:
             raise CommandError(f"bench gpu failed: {exc}") from None
         for line in bench.report():
             self.stdout.write(line)
-
-    @staticmethod
-    def _time(client: Client, requests: int) -> float:
-        started = time.perf_counter()
-        for _ in range(requests):
-            response = client.get("/v1/projects")
-        elapsed = time.perf_counter() - started
-        assert response.status_code == 200, response.content
-        return elapsed
-
-    @staticmethod
-    def _per_call_ms(call: Callable[[], Any], repeat: int) -> float:
-        started = time.perf_counter()
-        for _ in range(repeat):
-            call()
-        return (time.perf_counter() - started) * 1000 / repeat

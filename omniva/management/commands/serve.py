@@ -20,12 +20,9 @@ never pretends to be up.
 
 from __future__ import annotations
 
-import contextlib
-import http.client as http_client
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,9 +38,16 @@ from django.db import connections
 
 from omniva import services
 from omniva.embedded_db import EmbeddedServer
-from omniva.processes import die_with_parent
+from omniva.processes import (
+    STOP_GRACE_S,
+    ManagedProcess,
+    accepts_connections,
+    daphne_argv,
+    http_status,
+    manage_argv,
+    qcluster_argv,
+)
 
-STOP_GRACE_S = 15
 ADMIN_USERNAME = "admin"
 
 
@@ -62,7 +66,7 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    process: subprocess.Popen | None = None
+    process: ManagedProcess | None = None
     # A web process: a listening socket of its own, made anew for each start.
     listen: Callable[[], socket.socket] | None = None
     listening: socket.socket | None = None
@@ -81,17 +85,9 @@ class Child:
             fd = self.listening.fileno()
             argv = [str(fd) if arg == FD_PLACEHOLDER else arg for arg in argv]
             pass_fds = (fd,)
-        # Its own process group, so that stopping it reaches every process it forks
-        # (qcluster's workers), and so that a terminal's Ctrl-C reaches only `serve`.
+        # Its output is serve's own (no log file).
         self.started_at = time.monotonic()
-        self.process = subprocess.Popen(
-            argv,
-            env=self.env,
-            cwd=settings.BASE_DIR,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-            pass_fds=pass_fds,
-        )
+        self.process = ManagedProcess(argv, env=self.env, name=self.name, pass_fds=pass_fds).start()
 
     def close_socket(self) -> None:
         if self.listening is not None:
@@ -106,10 +102,8 @@ class Child:
             self.quick_deaths = 0
         return self.quick_deaths < QUICK_DEATHS_TOLERATED
 
-    def terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
+    def exit_code(self) -> int | None:
+        return self.process.poll() if self.process is not None else None
 
 
 class Command(BaseCommand):
@@ -253,36 +247,30 @@ class Command(BaseCommand):
         children = [
             Child(
                 f"web:{number}",
-                [
-                    sys.executable, "-m", "daphne",
-                    "--fd", FD_PLACEHOLDER,
-                    # No access log: daphne formats each entry even for /dev/null
-                    # (7% of its own work per request); errors still reach the log.
-                    "-v", "0",
-                    "omniva.asgi:application",
-                ],
+                # No access log: daphne formats each entry even for /dev/null (7% of
+                # its own work per request); errors still reach the log.
+                daphne_argv(fd=FD_PLACEHOLDER, options=["-v", "0"]),
                 env,
                 listen=partial(self._listen, options["host"], options["port"]),
                 restartable=True,
             )
             for number in range(1, max(1, self._web_processes) + 1)
-        ]  # fmt: skip
+        ]
         if options["grpc_port"]:
             children.append(
                 Child(
                     "grpc",
-                    [
-                        sys.executable, str(settings.BASE_DIR / "manage.py"), "grpcserver",
-                        "--host", options["host"], "--port", str(options["grpc_port"]),
-                    ],
+                    manage_argv(
+                        "grpcserver", "--host", options["host"], "--port", str(options["grpc_port"])
+                    ),
                     env,
                 )
-            )  # fmt: skip
+            )
         for queue in filter(None, (q.strip() for q in options["queues"].split(","))):
             children.append(
                 Child(
                     f"worker:{queue}",
-                    [sys.executable, str(settings.BASE_DIR / "manage.py"), "qcluster"],
+                    qcluster_argv(),
                     {**env, "Q_CLUSTER_NAME": queue},
                 )
             )
@@ -294,7 +282,7 @@ class Command(BaseCommand):
             connect_host = "::1"
         waiting = list(ports)
         while not self._stop_requested.is_set():
-            if any(child.process and child.process.poll() is not None for child in children):
+            if any(child.exit_code() is not None for child in children):
                 return False
             for port in list(waiting):
                 if self._answers(connect_host, port, http=port == ports[0]):
@@ -309,24 +297,14 @@ class Command(BaseCommand):
         # The web port is bound by `serve` itself and accepts before any web process is
         # ready; it is up when a web process answers.
         if not http:
-            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-                return True
-            return False
-        connection = http_client.HTTPConnection(host, port, timeout=1)
-        try:
-            connection.request("GET", "/health")  # no key, no audit row
-            connection.getresponse().read()
-            return True
-        except (OSError, http_client.HTTPException):
-            return False
-        finally:
-            connection.close()
+            return accepts_connections(port, host=host, timeout_s=0.5)
+        # /health: no key, no audit row.
+        return http_status(port, "/health", host=host, timeout_s=1) is not None
 
     def _supervise(self, children: list[Child]) -> int:
         while not self._stop_requested.wait(0.2):
             for child in children:
-                assert child.process is not None
-                code = child.process.poll()
+                code = child.exit_code()
                 if code is None:
                     continue
                 child.close_socket()
@@ -339,28 +317,21 @@ class Command(BaseCommand):
         return 0
 
     def _stop_children(self, children: list[Child]) -> None:
-        running = [c for c in children if c.process is not None and c.process.poll() is None]
+        running = [c for c in children if c.process is not None and c.process.running]
         if not running:
             return
         self._say("Stopping " + ", ".join(c.name for c in running) + "…")
-        for child in running:
-            # Only the leader: qcluster stops its own workers in order, and signalling
-            # them too makes its sentinel wait for processes that are already gone.
-            child.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        # Every leader is told at once, then each has what is left of one shared grace:
+        # stopping them one after the other would add up their graces.
         for child in running:
             assert child.process is not None
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        # Whatever is left in a group (a child that ignored SIGTERM, or a worker
-        # whose parent already exited) is killed.
+            child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        # stop() does not signal a leader twice, and kills whatever is left of each
+        # group (a child that ignored SIGTERM, or a worker whose parent already exited).
         for child in children:
-            if child.process is None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.process.wait(timeout=5)
+            if child.process is not None:
+                child.process.stop(grace_s=max(0.1, deadline - time.monotonic()))
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -40,9 +40,9 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from engines.benchmarks import HOST, Server
-from jobs.benchmarks import Cluster, percentile
-from omniva.benchmarks import BenchError, table_lines
+from omniva.bench.events import Server
+from omniva.bench.harness import HOST, BenchError, percentile, table_lines
+from omniva.bench.queue import Cluster
 
 PIPELINE = "noop"
 SUBMIT_INTERVAL_S = 0.2

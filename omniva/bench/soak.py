@@ -2,11 +2,11 @@
 ten minutes, and the memory of every one of its processes (docs/benchmarks.md).
 
 The processes are those `manage.py serve` (`make run`) starts, on the suite's database,
-each started by the helpers the other suites use: daphne (`engines.benchmarks.Server`),
-`grpcserver`, one `qcluster` per queue of `OMNIVA_QUEUES` (`jobs.benchmarks.Cluster`:
-`default` and `gpu`), and an engine process (`run_engine --type echo`). Every one runs
-in its own process group and dies with this one; daphne with the rate limit lifted, as
-in the other suites.
+each started by the helpers the other suites use: daphne (`omniva.bench.events.Server`),
+`grpcserver`, one `qcluster` per queue of `OMNIVA_QUEUES` (`omniva.bench.queue.Cluster`:
+`default` and `gpu`), and an engine process (`run_engine --type echo`). Every one is an
+omniva.processes.ManagedProcess (its own process group, dying with this one); daphne
+with the rate limit lifted, as in the other suites.
 
 Before the clock starts, one job of each pipeline of the mix goes through, so that
 what each path loads once (imports, the gpu worker's model, caches) is loaded. Then,
@@ -40,9 +40,7 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -50,16 +48,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psutil
 from tqdm import tqdm
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
-from engines.benchmarks import HOST, READY_TIMEOUT_S, Client, Server, Tally, free_port
-from jobs.benchmarks import Cluster
-from omniva.benchmarks import BenchError, SuiteProcess, table_lines
+from omniva.bench.events import READY_TIMEOUT_S, Client, Server, Tally
+from omniva.bench.harness import HOST, BenchError, suite_env, table_lines
+from omniva.bench.queue import Cluster
+from omniva.processes import ManagedProcess, accepts_connections, free_port, manage_argv
 
 MIB = 1024 * 1024
 SOAK_S = 600.0
@@ -123,75 +122,42 @@ def mib(value: float) -> str:
 # --- the processes --------------------------------------------------------------------------
 
 
-def _suite_env(database_url: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "omniva.settings"),
-        "DATABASE_URL": database_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+class GrpcServer(ManagedProcess):
+    """`manage.py grpcserver`, as `manage.py serve` starts it, on its own port."""
 
-
-@dataclass
-class GrpcServer(SuiteProcess):
-    """`manage.py grpcserver`, as `manage.py serve` starts it, in its own group."""
-
-    title = "grpcserver"
-
-    database_url: str
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        from django.conf import settings
-
-        manage = str(Path(settings.BASE_DIR) / "manage.py")
-        argv = [sys.executable, manage, "grpcserver", "--host", HOST, "--port", str(self.port)]
-        self.spawn(argv, _suite_env(self.database_url))
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        self.port = free_port()
+        argv = manage_argv("grpcserver", "--host", HOST, "--port", str(self.port))
+        super().__init__(argv, env=suite_env(database_url), log_path=log_path, name="grpcserver")
 
     def wait_ready(self) -> None:
-        def listening() -> bool:
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), 1):
-                return True
-            return False
-
-        self.wait_until(listening, what="listen", timeout_s=READY_TIMEOUT_S)
+        self.wait_until(
+            lambda: accepts_connections(self.port), what="listen", timeout_s=READY_TIMEOUT_S
+        )
 
 
-@dataclass
-class Engine(SuiteProcess):
+class Engine(ManagedProcess):
     """`manage.py run_engine --type echo` against the suite's server, its key in the
     environment (not on the command line)."""
 
-    title = "the engine"
-
-    database_url: str
-    log_path: Path
-    url: str
-    secret: str
-    name: str
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-        from django.conf import settings
-
-        manage = str(Path(settings.BASE_DIR) / "manage.py")
-        argv = [
-            sys.executable, manage, "run_engine",
-            "--type", ENGINE_TYPE, "--url", self.url, "--name", self.name,
+    def __init__(
+        self, database_url: str, log_path: Path, *, url: str, secret: str, name: str
+    ) -> None:
+        self.engine_name = name
+        argv = manage_argv(
+            "run_engine",
+            "--type", ENGINE_TYPE, "--url", url, "--name", name,
             "--wait-s", str(ENGINE_WAIT_S),
-        ]  # fmt: skip
-        self.spawn(argv, {**_suite_env(self.database_url), "OMNIVA_ENGINE_KEY": self.secret})
+        )  # fmt: skip
+        env = suite_env(database_url, OMNIVA_ENGINE_KEY=secret)
+        super().__init__(argv, env=env, log_path=log_path, name="the engine")
 
     def wait_ready(self) -> None:
         """Until the engine has registered."""
         from engines.models import EngineInstance
 
         self.wait_until(
-            lambda: EngineInstance.objects.filter(name=self.name).exists(),
+            lambda: EngineInstance.objects.filter(name=self.engine_name).exists(),
             what="register",
             timeout_s=READY_TIMEOUT_S,
         )
@@ -278,14 +244,15 @@ class Sampler:
     """The RSS and descriptors of every process under each root, by (pid, start time)."""
 
     def __init__(self) -> None:
-        self.roots: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.roots: list[tuple[str, int]] = []
         self.tracks: dict[tuple[int, float], Track] = {}
         # Workers are numbered in the order they were first seen, per cluster: the
         # cluster's own list shifts when it replaces one.
         self.workers_seen: Counter[str] = Counter()
 
-    def add(self, name: str, process: subprocess.Popen[bytes]) -> None:
-        self.roots.append((name, process))
+    def add(self, name: str, process: ManagedProcess) -> None:
+        assert process.pid is not None, f"{process.name} was not started"
+        self.roots.append((name, process.pid))
 
     @staticmethod
     def cluster_roles() -> dict[int, dict[int, str]]:
@@ -306,13 +273,13 @@ class Sampler:
     def sample(self, at: float) -> None:
         roles = self.cluster_roles()
         seen: set[tuple[int, float]] = set()
-        for name, root in self.roots:
+        for name, root_pid in self.roots:
             try:
-                leader = psutil.Process(root.pid)
+                leader = psutil.Process(root_pid)
                 members = [leader, *leader.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-            named = roles.get(root.pid, {root.pid: ""})
+            named = roles.get(root_pid, {root_pid: ""})
             for member in members:
                 try:
                     with member.oneshot():
@@ -323,7 +290,7 @@ class Sampler:
                         fds = member.num_fds()
                 except (psutil.NoSuchProcess, psutil.ZombieProcess):
                     continue
-                role = named.get(member.pid, "child" if member.pid != root.pid else "")
+                role = named.get(member.pid, "child" if member.pid != root_pid else "")
                 track = self.tracks.get(key)
                 if track is None or (track.label.endswith(": child") and role != "child"):
                     # New, or named by its cluster since it was first seen.
@@ -507,10 +474,10 @@ class SoakBench:
         self.keys = [key, engine_key]
         self.server = Server(self.database_url, self.work_dir / "daphne.log")
         self.server.start()
-        self.sampler.add("daphne", self._popen(self.server))
+        self.sampler.add("daphne", self.server)
         self.grpc = GrpcServer(self.database_url, self.work_dir / "grpcserver.log")
         self.grpc.start()
-        self.sampler.add("grpcserver", self._popen(self.grpc))
+        self.sampler.add("grpcserver", self.grpc)
         for queue in settings.OMNIVA_QUEUES:
             cluster = Cluster(
                 queue=queue,
@@ -520,7 +487,7 @@ class SoakBench:
             )
             self.clusters.append(cluster)
             cluster.start()
-            self.sampler.add(f"qcluster {queue}", self._popen(cluster))
+            self.sampler.add(f"qcluster {queue}", cluster)
         self.server.wait_ready()
         self.grpc.wait_ready()
         self.engine = Engine(
@@ -531,13 +498,8 @@ class SoakBench:
             name=f"{self.run_id}-echo",
         )
         self.engine.start()
-        self.sampler.add(f"run_engine {ENGINE_TYPE}", self._popen(self.engine))
+        self.sampler.add(f"run_engine {ENGINE_TYPE}", self.engine)
         self.engine.wait_ready()
-
-    @staticmethod
-    def _popen(process: SuiteProcess) -> subprocess.Popen[bytes]:
-        assert process.process is not None
-        return process.process
 
     def teardown(self) -> None:
         from engines.models import EngineInstance

@@ -42,24 +42,22 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from omniva.benchmarks import BenchError, SuiteProcess, table_lines
+from omniva.bench.harness import BenchError, percentile, suite_env, table_lines
+from omniva.processes import ManagedProcess, qcluster_argv
 
-NOOP = "jobs.benchmarks.bench_noop"
-STAMP = "jobs.benchmarks.bench_stamp"
-LONG = "jobs.benchmarks.bench_long"
+NOOP = "omniva.bench.queue.bench_noop"
+STAMP = "omniva.bench.queue.bench_stamp"
+LONG = "omniva.bench.queue.bench_long"
 LONG_TASK_S = 1.0
 
-BENCH_DATABASE = "omniva_bench"
 BENCH_QUEUE = "omniva_bench"  # raw tasks go here; jobs of the noop pipeline go to `default`
 JOBS_QUEUE = "default"
 LOW_PRIORITY = 2
@@ -238,49 +236,29 @@ class StockOrmQueue(QueueUnderTest):
 # --- clusters as child processes --------------------------------------------------------
 
 
-@dataclass
-class Cluster(SuiteProcess):
-    """One `qcluster` serving `queue`, in its own process group."""
+class Cluster(ManagedProcess):
+    """One `qcluster` serving `queue` (with Q_CLUSTER changed by `q_cluster`)."""
 
-    queue: str
-    workers: int
-    database_url: str
-    log_path: Path
-    q_cluster: dict[str, Any] | None = None
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def argv(self) -> list[str]:
-        from django.conf import settings
-
-        if self.q_cluster:
-            return [sys.executable, "-c", BOOTSTRAP, json.dumps(self.q_cluster)]
-        return [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "qcluster"]
-
-    def start(self) -> None:
-
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "omniva.settings"),
-            "DATABASE_URL": self.database_url,
-            "Q_CLUSTER_NAME": self.queue,
-            "OMNIVA_WORKERS": str(self.workers),
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.spawn(self.argv(), env)
-
-    @property
-    def title(self) -> str:
-        return f"qcluster for {self.queue!r}"
+    def __init__(
+        self,
+        *,
+        queue: str,
+        workers: int,
+        database_url: str,
+        log_path: Path,
+        q_cluster: dict[str, Any] | None = None,
+    ) -> None:
+        self.queue = queue
+        argv = (
+            [sys.executable, "-c", BOOTSTRAP, json.dumps(q_cluster)]
+            if q_cluster
+            else qcluster_argv()
+        )
+        env = suite_env(database_url, Q_CLUSTER_NAME=queue, OMNIVA_WORKERS=str(workers))
+        super().__init__(argv, env=env, log_path=log_path, name=f"qcluster for {queue!r}")
 
 
 # --- the measurements -------------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 @dataclass
@@ -359,33 +337,32 @@ class QueueBench:
         self, remaining: Callable[[], int], total: int, cluster: Cluster, timeout_s: float
     ) -> float:
         """Seconds from the first finished task seen to none left (polled)."""
-        first_seen: float | None = None
-        deadline = time.monotonic() + timeout_s
-        while True:
+        first_seen = drained_at = 0.0
+
+        def drained() -> bool:
+            nonlocal first_seen, drained_at
             left = remaining()
             now = time.perf_counter()
-            if first_seen is None and left < total:
+            if not first_seen and left < total:
                 first_seen = now
-            if left == 0:
-                assert first_seen is not None
-                return now - first_seen
-            cluster.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"{left} of {total} still not done after {timeout_s:.0f} s:\n"
-                    + cluster.log_tail()
-                )
-            time.sleep(DEPTH_POLL_S)
+            drained_at = now
+            return left == 0
 
-    def wait_stamp(self, path: Path, cluster: Cluster, timeout_s: float) -> float:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        cluster.wait_until(
+            drained, what=f"run all {total}", timeout_s=timeout_s, interval_s=DEPTH_POLL_S
+        )
+        return drained_at - first_seen
+
+    @staticmethod
+    def wait_stamp(path: Path, cluster: Cluster, timeout_s: float) -> float:
+        def stamped() -> float | None:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 return float(path.read_text())
-            cluster.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"no task start within {timeout_s:.0f} s:\n" + cluster.log_tail())
-            time.sleep(STAMP_POLL_S)
+            return None
+
+        return cluster.wait_until(
+            stamped, what="start the task", timeout_s=timeout_s, interval_s=STAMP_POLL_S
+        )
 
     def stamp_path(self) -> Path:
         return self.work_dir / f"stamp-{uuid.uuid4().hex}"
@@ -405,15 +382,12 @@ class QueueBench:
     def wait_ready(self, under_test: QueueUnderTest, cluster: Cluster) -> None:
         path, _, _ = self.enqueue_stamp(under_test, cluster.queue, 5)
         self.wait_stamp(path, cluster, READY_TIMEOUT_S)
-        self.wait_until(lambda: under_test.depth(cluster.queue) == 0, cluster, 30)
-
-    def wait_until(self, condition: Callable[[], bool], cluster: Cluster, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            cluster.check_alive()
-            if time.monotonic() > deadline:
-                raise BenchError(f"condition not met in {timeout_s} s:\n" + cluster.log_tail())
-            time.sleep(DEPTH_POLL_S)
+        cluster.wait_until(
+            lambda: under_test.depth(cluster.queue) == 0,
+            what="empty its queue",
+            timeout_s=30,
+            interval_s=DEPTH_POLL_S,
+        )
 
     # --- 1. raw task rate ---------------------------------------------------------------
 
@@ -506,7 +480,12 @@ class QueueBench:
 
     def urgent(self, under_test: QueueUnderTest, cluster: Cluster) -> None:
         under_test.load_backlog(BENCH_QUEUE, self.backlog, priority=LOW_PRIORITY)
-        self.wait_until(lambda: under_test.depth(BENCH_QUEUE) < self.backlog, cluster, 60)
+        cluster.wait_until(
+            lambda: under_test.depth(BENCH_QUEUE) < self.backlog,
+            what="start on the backlog",
+            timeout_s=60,
+            interval_s=DEPTH_POLL_S,
+        )
         samples = self.urgent_samples if under_test.has_priority else 1
         latencies: list[float] = []
         after_commit: list[float] = []
@@ -541,7 +520,12 @@ class QueueBench:
         with transaction.atomic():
             for _ in range(backlog):
                 under_test.enqueue(BENCH_QUEUE, LONG, (), priority=LOW_PRIORITY)
-        self.wait_until(lambda: under_test.depth(BENCH_QUEUE) < backlog, cluster, 60)
+        cluster.wait_until(
+            lambda: under_test.depth(BENCH_QUEUE) < backlog,
+            what="start on the backlog",
+            timeout_s=60,
+            interval_s=DEPTH_POLL_S,
+        )
         samples = self.urgent_samples if under_test.has_priority else 1
         latencies: list[float] = []
         for _ in range(samples):
@@ -676,56 +660,3 @@ class QueueBench:
             f"p50 from the enqueue's commit (not the call) to the start: {after_commit}",
             f"urgent samples, ms (low-priority tasks left): {urgent}",
         ]
-
-
-@contextlib.contextmanager
-def bench_database(server: Any | None) -> Iterator[str]:
-    """The database URL the suite runs in; the Django connection points at it meanwhile.
-
-    With the embedded server (`server`), a database of its own, migrated, dropped at
-    the end; with DATABASE_URL, that database.
-    """
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import connections
-
-    if server is None:
-        yield settings.DATABASE_URL
-        return
-    import psycopg
-    from psycopg import sql
-
-    server.ensure_database(BENCH_DATABASE)
-    connections.close_all()
-    database = connections["default"].settings_dict
-    previous = database["NAME"]
-    database["NAME"] = BENCH_DATABASE
-    try:
-        call_command("migrate", interactive=False, verbosity=0)
-        yield server.url(BENCH_DATABASE)
-    finally:
-        connections.close_all()
-        database["NAME"] = previous
-        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(BENCH_DATABASE)
-                )
-            )
-
-
-@contextlib.contextmanager
-def work_folder(suite: str = "queue") -> Iterator[Path]:
-    """Stamp files and process logs; kept (and named) only when the suite fails."""
-    import shutil
-
-    folder = Path(tempfile.mkdtemp(prefix="omniva-bench-"))
-    try:
-        yield folder
-    except Exception:
-        print(f"bench {suite}: process logs kept in {folder}", file=sys.stderr)
-        raise
-    except BaseException:  # interrupted: nothing to look at
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)

@@ -29,24 +29,21 @@ import http.client
 import json
 import math
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from omniva.benchmarks import BenchError, SuiteProcess, table_lines
+from omniva.bench.harness import HOST, BenchError, suite_env, table_lines
+from omniva.processes import ManagedProcess, daphne_argv, free_port
 
 BENCH_NAME = "bench"  # the event type and the engine type
 BATCH_SIZE = 10
 TARGET_RATIO = 0.5
-HOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
 WARMUP_REQUESTS = 20  # per client, of each kind, before the first round
@@ -55,60 +52,21 @@ ERROR_SAMPLES = 5
 SERVER_RATE_ENV = {"OMNIVA_RATE_LIMIT": "1000000000", "OMNIVA_RATE_BURST": "1000000000"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 # --- the server ---------------------------------------------------------------------------
 
 
-@dataclass
-class Server(SuiteProcess):
-    """daphne serving the platform, as `manage.py serve` starts it, in its own group."""
+class Server(ManagedProcess):
+    """daphne serving the platform, as `manage.py serve` starts it, on its own port."""
 
-    title = "the server"
-
-    database_url: str
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def start(self) -> None:
-
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "omniva.settings"),
-            "DATABASE_URL": self.database_url,
-            "PYTHONUNBUFFERED": "1",
-            **SERVER_RATE_ENV,
-        }
-        argv = [
-            sys.executable, "-m", "daphne",
-            "--bind", HOST, "--port", str(self.port),
-            "--access-log", os.devnull,
-            "omniva.asgi:application",
-        ]  # fmt: skip
-        self.spawn(argv, env)
+    def __init__(self, database_url: str, log_path: Path) -> None:
+        self.port = free_port()
+        argv = daphne_argv(port=self.port, options=["--access-log", os.devnull])
+        env = suite_env(database_url, **SERVER_RATE_ENV)
+        super().__init__(argv, env=env, log_path=log_path, name="the server")
 
     def wait_ready(self) -> None:
         """Until GET /v1/health answers 200."""
-
-        def healthy() -> bool:
-            connection = http.client.HTTPConnection(HOST, self.port, timeout=5)
-            try:
-                connection.request("GET", "/v1/health")
-                response = connection.getresponse()
-                response.read()
-                return response.status == 200
-            except (OSError, http.client.HTTPException):
-                return False
-            finally:
-                connection.close()
-
-        self.wait_until(healthy, what="answer /v1/health", timeout_s=READY_TIMEOUT_S)
+        self.wait_answering(self.port, "/v1/health", status=200, timeout_s=READY_TIMEOUT_S)
 
 
 # --- the clients ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from django.test.utils import override_settings
 from jobs import services, testing
 from jobs.models import Job
 from jobs.pipelines.lib.inference import models
-from omniva.benchmarks import BenchError, table_lines
+from omniva.bench.harness import BenchError, table_lines
 
 BATCH_SIZES = (1, 8, 32, 128)
 TARGET_OF_RAW = 0.70
