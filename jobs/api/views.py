@@ -61,16 +61,6 @@ def idempotency_key(request: Request, body_key: str | None) -> str | None:
     return body_key
 
 
-def refuse_foreign_idempotency_match(request: Request, job: Job, created: bool) -> None:
-    """A known idempotency key returns its job, unless that job is another project's: a
-    key bound to a project must not learn of it (nor reuse its key)."""
-    bound = bound_project(request)
-    if not created and bound is not None and job.project_id != bound.pk:
-        raise OmnivaError(
-            ErrorCode.CONFLICT, "This idempotency key is already used outside this project."
-        )
-
-
 def render_job(
     job: Job, *, status: int = http.HTTP_200_OK, reload: bool = True
 ) -> EnvelopeResponse:
@@ -123,8 +113,7 @@ class JobListView(JobsView, generics.ListAPIView):
         sync, sync_timeout_s = wanted.pop("sync"), wanted.pop("sync_timeout_s")
         wanted["project"] = submit_project(request, wanted.pop("project", None))
         wanted["idempotency_key"] = idempotency_key(request, wanted.get("idempotency_key"))
-        job, created = services.job_submit(**wanted)
-        refuse_foreign_idempotency_match(request, job, created)
+        job, created = services.job_submit(**wanted, bound_project=bound_project(request))
         note_entities(request, job.pk)
         pending_status = http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK
         response = render_job(
@@ -171,8 +160,8 @@ class JobBatchView(JobsView, APIView):
             max_retries=wanted.get("max_retries"),
             project=submit_project(request, wanted.get("project")),
             idempotency_key=idempotency_key(request, wanted.get("idempotency_key")),
+            bound_project=bound_project(request),
         )
-        refuse_foreign_idempotency_match(request, parent, created)
         note_entities(request, parent.pk)
         return render_job(parent, status=http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK)
 

@@ -583,12 +583,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             timeout_s=timeout_s_of(request),
             project=key.project,
             idempotency_key=task_id or None,
+            bound_project=key.project,
         )
-        if not created and key.project is not None and job.project_id != key.project.pk:
-            # As on REST: a bound key must not learn of another project's task.
-            raise OmnivaError(
-                ErrorCode.CONFLICT, "This task_id is already used outside this key's project."
-            )
         message = (
             "Task submitted."
             if created

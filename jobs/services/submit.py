@@ -46,6 +46,23 @@ def parse_priority(value: Any) -> int:
     return value
 
 
+def _known_job(idempotency_key: str | None, bound_project: Project | None) -> Job | None:
+    """The job `idempotency_key` first created, if any. A caller bound to a project must
+    not learn of another project's job (nor reuse its key): CONFLICT."""
+    if not idempotency_key:
+        return None
+    existing = Job.objects.filter(idempotency_key=idempotency_key).first()
+    if (
+        existing is not None
+        and bound_project is not None
+        and existing.project_id != bound_project.pk
+    ):
+        raise OmnivaError(
+            ErrorCode.CONFLICT, "This idempotency key is already used outside this project."
+        )
+    return existing
+
+
 def job_submit(
     *,
     pipeline: str,
@@ -56,19 +73,20 @@ def job_submit(
     queue_timeout_s: int | None = None,
     project: Project | None = None,
     idempotency_key: str | None = None,
+    bound_project: Project | None = None,
     parent: Job | None = None,
 ) -> tuple[Job, bool]:
     """Create a job and enqueue its root stages; (job, created). A known idempotency key
-    returns the job it first created, never a second one."""
+    returns the job it first created, never a second one; to a caller bound to a project
+    (`bound_project`, its API key's), only when that job is its project's."""
     definition = pipeline_named(pipeline)
     params = {} if params is None else params
     errors = definition.validation_errors(params)
     if errors:
         raise OmnivaError(ErrorCode.VALIDATION_ERROR, "The params are not valid.", details=errors)
-    if idempotency_key:
-        existing = Job.objects.filter(idempotency_key=idempotency_key).first()
-        if existing is not None:
-            return existing, False
+    existing = _known_job(idempotency_key, bound_project)
+    if existing is not None:
+        return existing, False
     dag = definition.dag(params)
     queue_guard({dag.stage(name).queue for name in dag.roots() if not dag.stage(name).engine_type})
     now = timezone.now()
@@ -110,10 +128,9 @@ def job_submit(
             for run in engine_roots:
                 _enqueue_stage(job, run, dag.stage(run.name), saved=True)
     except IntegrityError:
-        if idempotency_key:
-            existing = Job.objects.filter(idempotency_key=idempotency_key).first()
-            if existing is not None:
-                return existing, False
+        existing = _known_job(idempotency_key, bound_project)
+        if existing is not None:
+            return existing, False
         raise
     # The response renders the job as created, with its stages, without reading it back
     # (`stage_list`, as job_for_caller reads it).
@@ -199,12 +216,13 @@ def job_submit_batch(
     max_retries: int | None = None,
     project: Project | None = None,
     idempotency_key: str | None = None,
+    bound_project: Project | None = None,
 ) -> tuple[Job, bool]:
-    """A parent job whose children run independently; it ends when all of them have."""
-    if idempotency_key:
-        existing = Job.objects.filter(idempotency_key=idempotency_key).first()
-        if existing is not None:
-            return existing, False
+    """A parent job whose children run independently; it ends when all of them have. A
+    known idempotency key returns its batch, as job_submit does."""
+    existing = _known_job(idempotency_key, bound_project)
+    if existing is not None:
+        return existing, False
     batch_priority = 5 if priority is None else parse_priority(priority)
     now = timezone.now()
     try:
@@ -240,9 +258,8 @@ def job_submit_batch(
             _log(parent, f"batch of {len(items)} jobs submitted")
             _job_changed(parent)
     except IntegrityError:
-        if idempotency_key:
-            existing = Job.objects.filter(idempotency_key=idempotency_key).first()
-            if existing is not None:
-                return existing, False
+        existing = _known_job(idempotency_key, bound_project)
+        if existing is not None:
+            return existing, False
         raise
     return parent, True
