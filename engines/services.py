@@ -46,7 +46,7 @@ from engines.models import (
     EventType,
 )
 from engines.selectors import event_engine_types, held_events_filter
-from omniva.errors import ErrorCode, OmnivaError
+from omniva.errors import ErrorCode, FailureCode, OmnivaError
 from omniva.models import ACTIVITY_CHANNEL
 from omniva.notifications import Listener
 from omniva.services import activity_record, prune_in_batches
@@ -152,7 +152,7 @@ def retry_backoff_s(retry_number: int) -> int:
     return backoff[min(retry_number - 1, len(backoff) - 1)] if backoff else 0
 
 
-def _error(error: Any, default_code: str = "ENGINE_ERROR") -> dict[str, Any]:
+def _error(error: Any, default_code: str = FailureCode.ENGINE_ERROR) -> dict[str, Any]:
     if isinstance(error, dict):
         return {
             **error,
@@ -425,7 +425,7 @@ def _dead_letter_exhausted(
         ):
             return False
         error = {
-            "code": "LEASE_EXPIRED",
+            "code": FailureCode.LEASE_EXPIRED,
             "message": f"The lease ran out on the last of {event.max_retries} retries.",
         }
         _to_dead_letter(event, error, now, retry_count=event.retry_count + 1)
@@ -465,7 +465,10 @@ def _expire_if_overdue(event: Event, now: datetime) -> bool:
         event.refresh_from_db()  # the orchestrator dead-ended it, or moved its deadline
         if not ended or event.status not in (EventStatus.PENDING, EventStatus.LEASED):
             return ended
-    error = {"code": "DEADLINE_PASSED", "message": f"Not done by its deadline ({event.deadline})."}
+    error = {
+        "code": FailureCode.DEADLINE_PASSED,
+        "message": f"Not done by its deadline ({event.deadline}).",
+    }
     _to_dead_letter(event, error, now)
     return True
 
@@ -888,7 +891,10 @@ def event_dead_letter(*, event_id: Any, reason: str = "") -> Event:
                 ErrorCode.CONFLICT,
                 f"Event {event.pk} is {event.status}; only pending or leased events move.",
             )
-        error = {"code": "DEAD_LETTERED", "message": reason or "moved to the dead letter queue"}
+        error = {
+            "code": FailureCode.DEAD_LETTERED,
+            "message": reason or "moved to the dead letter queue",
+        }
         _to_dead_letter(event, error, timezone.now())
         return event
 
@@ -907,7 +913,7 @@ def events_dead_end_for_stages(*, stage_run_ids: list[int], reason: str) -> int:
     )
     for event in ended:
         event.status = EventStatus.DEAD_LETTERED
-        event.error = {"code": "STAGE_ENDED", "message": reason[:2000]}
+        event.error = {"code": FailureCode.STAGE_ENDED, "message": reason[:2000]}
         event.lease_token = None
         event.lock_until = None
         event.finished_at = now

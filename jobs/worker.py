@@ -51,7 +51,7 @@ from jobs.pipelines.context import (
     StageTimedOut,
 )
 from jobs.pipelines.lib.inference import GPU_QUEUE
-from omniva.errors import OmnivaError
+from omniva.errors import FailureCode, OmnivaError
 
 logger = logging.getLogger("omniva.jobs.worker")
 
@@ -309,14 +309,14 @@ def _stage_of(claim: services.StageClaim) -> pipelines.Stage | StageError:
     definition = pipelines.get(claim.pipeline)
     if definition is None:
         return StageError(
-            "UNKNOWN_PIPELINE",
+            FailureCode.UNKNOWN_PIPELINE,
             f"Pipeline {claim.pipeline!r} is not installed here.",
             retryable=False,
         )
     try:
         return definition.dag(claim.params).stage(claim.stage)
     except Exception as exc:
-        return StageError("UNKNOWN_STAGE", f"{claim.stage}: {exc}", retryable=False)
+        return StageError(FailureCode.UNKNOWN_STAGE, f"{claim.stage}: {exc}", retryable=False)
 
 
 def _context(claim: services.StageClaim) -> StageContext:
@@ -465,7 +465,10 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
             "".join(traceback.format_exception(outcome)),
         )
         _report_failure(
-            claim, "STAGE_FAILED", f"{outcome.__class__.__name__}: {outcome}", retryable=True
+            claim,
+            FailureCode.STAGE_FAILED,
+            f"{outcome.__class__.__name__}: {outcome}",
+            retryable=True,
         )
     else:
         try:
@@ -477,7 +480,7 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
         except (TypeError, ValueError) as exc:
             _report_failure(
                 claim,
-                "BAD_OUTPUT",
+                FailureCode.BAD_OUTPUT,
                 f"The stage returned what JSON cannot hold: {exc}",
                 retryable=False,
             )
@@ -485,7 +488,7 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
             # A value PostgreSQL does not store (U+0000 in a string): nothing was written.
             _report_failure(
                 claim,
-                "BAD_OUTPUT",
+                FailureCode.BAD_OUTPUT,
                 f"The database refused the stage's output: {str(exc).strip()[:500]}",
                 retryable=False,
             )

@@ -1,8 +1,10 @@
 """The one error type of Omniva and its stable codes.
 
 Services raise `OmnivaError(ErrorCode.X, "message")`; the API's exception handler turns
-it, and every other exception, into the envelope. Codes are part of the contract
-(API.md): add new ones, never rename one.
+it, and every other exception, into the envelope. `FailureCode` names the codes the
+platform itself writes into a failed job's, stage run's or event's `error`. Both are
+part of the contract (API.md, docs/jobs.md, docs/engines.md): add new ones, never
+rename one.
 """
 
 from __future__ import annotations
@@ -46,6 +48,58 @@ class ErrorCode(StrEnum):
     QUEUE_SATURATED = "QUEUE_SATURATED"
     SERVICE_UNAVAILABLE = "SERVICE_UNAVAILABLE"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class FailureCode(StrEnum):
+    """The codes the platform writes into a job's, stage run's or event's `error`.
+
+    A pipeline's stages and engine handlers have codes of their own for their own input
+    (INVALID_INPUT, INVALID_IMAGE, ...): those stay with the pipeline. tests/omniva/
+    test_errors.py fails on a code the platform writes that is not named here.
+    """
+
+    # Jobs and stage runs (jobs/services, jobs/worker.py).
+    # The job ran past timeout_s, was not started within queue_timeout_s, or its engine
+    # stage's deadline passed: the job ends `timed_out`, its unfinished stages with it.
+    TIMEOUT = "TIMEOUT"
+    # A running attempt's lease ran out (its worker stopped heartbeating): a failed
+    # attempt, retried while retries are left.
+    WORKER_LOST = "WORKER_LOST"
+    # The stage raised an exception that is not a StageError: retried.
+    STAGE_FAILED = "STAGE_FAILED"
+    # The stage returned what JSON or PostgreSQL cannot hold: not retried.
+    BAD_OUTPUT = "BAD_OUTPUT"
+    # The worker that took the stage has no pipeline of that name installed: not retried.
+    UNKNOWN_PIPELINE = "UNKNOWN_PIPELINE"
+    # The pipeline's DAG for the job's params has no such stage (or could not be built):
+    # not retried.
+    UNKNOWN_STAGE = "UNKNOWN_STAGE"
+    # An engine's failure report without a code: on the event, and on the engine stage
+    # its dead-lettered event fails.
+    ENGINE_ERROR = "ENGINE_ERROR"
+    # A batch's parent job, when every one of its children failed.
+    BATCH_FAILED = "BATCH_FAILED"
+
+    # Events, as they are dead-lettered (engines/services.py).
+    # The event's last allowed lease ran out.
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    # The event was still pending or leased at its deadline (one that runs no job stage;
+    # a job stage's ends with its job's TIMEOUT, as STAGE_ENDED).
+    DEADLINE_PASSED = "DEADLINE_PASSED"
+    # Moved to the dead letter queue by hand (the message is the reason given).
+    DEAD_LETTERED = "DEAD_LETTERED"
+    # The orchestrator ended the event's stage (its job was cancelled, timed out or failed).
+    STAGE_ENDED = "STAGE_ENDED"
+
+    # Events, as the engine runner reports them failed (engines' runner.py).
+    # The engine has no handler for the event's type.
+    UNKNOWN_EVENT_TYPE = "UNKNOWN_EVENT_TYPE"
+    # The handler raised an exception that is not a HandlerError with a code of its own.
+    HANDLER_ERROR = "HANDLER_ERROR"
+    # The handler returned what JSON cannot hold.
+    INVALID_RESULT = "INVALID_RESULT"
+    # The server refused a completed report's result on its own (too large, not valid).
+    RESULT_REJECTED = "RESULT_REJECTED"
 
 
 # The HTTP status each code answers with, unless a raise site says otherwise.

@@ -43,7 +43,7 @@ from jobs.services.fastpath import (
     stages_heartbeat,
     stages_start_granted,
 )
-from omniva.errors import ErrorCode, OmnivaError
+from omniva.errors import ErrorCode, FailureCode, OmnivaError
 
 
 def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) -> StageClaim | None:
@@ -84,7 +84,7 @@ def stage_start(*, stage_run_id: int, worker: str, ack_id: str | None = None) ->
                     )
                 return None
             lost = {
-                "code": "WORKER_LOST",
+                "code": FailureCode.WORKER_LOST,
                 "message": f"The worker running attempt {run.attempt} stopped responding.",
                 "stage": run.name,
             }

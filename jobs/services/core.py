@@ -30,7 +30,7 @@ from jobs.models import (
 )
 from jobs.pipelines import registry as pipelines
 from jobs.services.activity import _activity, _job_changed, _stage_changed
-from omniva.errors import ErrorCode, OmnivaError
+from omniva.errors import ErrorCode, FailureCode, OmnivaError
 
 BATCH_PIPELINE = "batch"
 
@@ -252,7 +252,7 @@ def _finish_job(
 
 def _time_out(job: Job, now: datetime, message: str, *, stage: str = "") -> None:
     """End `job` `timed_out` (seed 003's TIMEOUT), its unfinished stages with it."""
-    error = {"code": "TIMEOUT", "message": message, **({"stage": stage} if stage else {})}
+    error = {"code": FailureCode.TIMEOUT, "message": message, **({"stage": stage} if stage else {})}
     _finish_job(job, JobStatus.TIMED_OUT, now=now, error=error, stage_status=StageStatus.TIMED_OUT)
 
 
@@ -322,7 +322,7 @@ def _batch_child_finished(*, parent_id: Any, now: datetime) -> None:
     if parent.cancel_requested_at:
         _finish_job(parent, JobStatus.CANCELLED, now=now, result=result)
     elif children and not results:
-        error = {"code": "BATCH_FAILED", "message": "Every item of the batch failed."}
+        error = {"code": FailureCode.BATCH_FAILED, "message": "Every item of the batch failed."}
         _finish_job(parent, JobStatus.FAILED, now=now, result=result, error=error)
     else:
         _finish_job(parent, JobStatus.COMPLETED, now=now, result=result)

@@ -33,7 +33,7 @@ from jobs.pipelines.context import StageInterrupted
 from jobs.services.activity import _job_changed, _stage_changed
 from jobs.services.attempts import stage_complete, stage_fail, stage_report
 from jobs.services.core import _deadline, _engine_deadline, _lock_job_of_stage, _time_out
-from omniva.errors import OmnivaError
+from omniva.errors import FailureCode, OmnivaError
 
 
 def _expire_engine_job(job: Job, run: StageRun, now: datetime) -> bool:
@@ -153,7 +153,7 @@ def stage_engine_finished(
             stage_fail(
                 stage_run_id=run.pk,
                 token=token,
-                code=str(error.get("code") or "ENGINE_ERROR"),
+                code=str(error.get("code") or FailureCode.ENGINE_ERROR),
                 message=str(error.get("message") or ""),
                 retryable=False,
             )
