@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from omniva.errors import FailureCode
+
 ProgressFn = Callable[[float], None]
 Handler = Callable[[dict[str, Any], ProgressFn], Any]
 
@@ -25,7 +27,7 @@ _HANDLERS: dict[str, Handler] = {}
 class HandlerError(Exception):
     """A handler's own failure, with a stable code for the event's error."""
 
-    def __init__(self, message: str, code: str = "HANDLER_ERROR") -> None:
+    def __init__(self, message: str, code: str = FailureCode.HANDLER_ERROR) -> None:
         super().__init__(message)
         self.message = message
         self.code = code

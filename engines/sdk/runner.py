@@ -29,6 +29,7 @@ from typing import Any
 
 from engines.sdk.client import EngineApiError, EngineClient, EngineUnavailable
 from engines.sdk.handlers import HandlerError, get_handler
+from omniva.errors import FailureCode
 
 logger = logging.getLogger("omniva.engines.runner")
 
@@ -439,7 +440,7 @@ class EngineRunner:
                 event,
                 "failed",
                 error={
-                    "code": "UNKNOWN_EVENT_TYPE",
+                    "code": FailureCode.UNKNOWN_EVENT_TYPE,
                     "message": f"This engine has no handler for {event_type!r} events.",
                 },
             )
@@ -453,12 +454,16 @@ class EngineRunner:
         except Exception as error:
             logger.exception("event %s: the handler raised", event_id)
             message = f"{type(error).__name__}: {error}"
-            return _report(event, "failed", error={"code": "HANDLER_ERROR", "message": message})
+            return _report(
+                event, "failed", error={"code": FailureCode.HANDLER_ERROR, "message": message}
+            )
         try:
             json.dumps(result, allow_nan=False)
         except (TypeError, ValueError) as error:
             message = f"The handler's result is not JSON: {error}"
-            return _report(event, "failed", error={"code": "INVALID_RESULT", "message": message})
+            return _report(
+                event, "failed", error={"code": FailureCode.INVALID_RESULT, "message": message}
+            )
         return _report(event, "completed", result=result)
 
     def _progress_fn(self, event: dict[str, Any]) -> Any:
@@ -543,7 +548,7 @@ class EngineRunner:
             if report["status"] == "completed":
                 # The server refused the result itself (too large, not valid).
                 logger.error("event %s: result refused: %s", report["id"], failure)
-                error = {"code": "RESULT_REJECTED", "message": str(failure)}
+                error = {"code": FailureCode.RESULT_REJECTED, "message": str(failure)}
                 return [[{**report, "status": "failed", "result": None, "error": error}]]
         for report in chunk:
             logger.error("event %s: %s not reported: %s", report["id"], report["status"], failure)
