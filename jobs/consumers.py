@@ -36,7 +36,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http.request import validate_host
 from django.utils import timezone
 
-from jobs import selectors
+from jobs import selectors, services
 from jobs.api.serializers import JobLogSerializer, JobSerializer
 from omniva import access, live
 from omniva.errors import ErrorCode, OmnivaError
@@ -118,7 +118,7 @@ def _project(project_id: str) -> Project | None:
 @database_sync_to_async
 def _events_snapshot(project: Project | None) -> dict[str, Any]:
     jobs = selectors.job_list(project=project).prefetch_related(selectors.STAGES_IN_ORDER)
-    jobs = jobs[:SNAPSHOT_JOBS]
+    jobs = services.jobs_settle_due(jobs=jobs[:SNAPSHOT_JOBS])
     return {"jobs": JobSerializer(jobs, many=True).data}
 
 
@@ -127,6 +127,7 @@ def _job_snapshot(job_id: str, caller: Caller) -> dict[str, Any] | None:
     job = selectors.job_for_caller(job_id=job_id, project=caller.project, with_stages=True)
     if job is None:
         return None
+    [job] = services.jobs_settle_due(jobs=[job])
     logs = list(job.logs.order_by("-id")[:SNAPSHOT_LOGS])[::-1]
     return {
         "job": JobSerializer(job, context={"with_estimate": True}).data,

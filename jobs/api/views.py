@@ -96,6 +96,10 @@ class JobListView(JobsView, generics.ListAPIView):
             project=bound_project(self.request), filters=wanted
         ).prefetch_related(selectors.STAGES_IN_ORDER)
 
+    def paginate_queryset(self, queryset: Any) -> list[Job] | None:
+        page = super().paginate_queryset(queryset)
+        return None if page is None else services.jobs_settle_due(jobs=page)
+
     @extend_schema(parameters=[serializers.JobFilterSerializer], summary="Jobs, newest first")
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         return super().get(request, *args, **kwargs)
@@ -169,12 +173,9 @@ class JobBatchView(JobsView, APIView):
 class JobDetailView(JobsView, APIView):
     @extend_schema(responses=serializers.JobSerializer, summary="One job with its stages")
     def get(self, request: Request, job_id: str) -> EnvelopeResponse:
-        job = job_or_404(request, job_id, with_stages=True)
-        if services.job_may_be_due(job):
-            # Derived at read time: a queue with no worker, or an engine type with no
-            # engine, still reports the timeout.
-            job = services.job_expire_if_due(job_id=job.pk)
-            return render_job(job)
+        # A queue with no worker, or an engine type with no engine, still reports the
+        # timeout: every read settles a job past its deadline (jobs_settle_due).
+        [job] = services.jobs_settle_due(jobs=[job_or_404(request, job_id, with_stages=True)])
         return render_job(job, reload=False)
 
     @extend_schema(responses={200: None}, summary="Delete a finished job, its stages, logs, files")

@@ -600,10 +600,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @rpc(Scope.JOBS_READ)
     def GetTaskStatus(self, request: Any, context: grpc.ServicerContext, key: ApiKey) -> Any:
-        job = task_of_caller(request.task_id, key)
-        if services.job_may_be_due(job):
-            # Derived at read time, as on REST: a queue with no worker still times out.
-            job = services.job_expire_if_due(job_id=job.pk)
+        [job] = services.jobs_settle_due(jobs=[task_of_caller(request.task_id, key)])
         return task_status_response(job)
 
     @rpc(Scope.JOBS_READ)

@@ -65,6 +65,7 @@ from jobs.services.lifecycle import (
     job_files,
     job_may_be_due,
     job_retry,
+    jobs_settle_due,
     query_embedding_make,
 )
 from jobs.services.retention import (
@@ -112,6 +113,7 @@ __all__ = [
     "job_submit_batch",
     "jobs_cleanup",
     "jobs_prune",
+    "jobs_settle_due",
     "metric_tallies_advance",
     "parse_priority",
     "pipeline_named",

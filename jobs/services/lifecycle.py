@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from jobs import broker
+from jobs import broker, selectors
 from jobs.models import (
     ACTIVE_STATUSES,
     RETRYABLE_STATUSES,
@@ -244,6 +245,22 @@ def job_expire_if_due(*, job_id: Any) -> Job:
             if engine_run is not None:
                 _expire_engine_job(job, engine_run, now)
         return job
+
+
+def jobs_settle_due(*, jobs: Sequence[Job]) -> list[Job]:
+    """The jobs as every read shows them (the list, the detail, the live snapshots, gRPC,
+    the submit command): those past a deadline that no worker enforces are timed out
+    first (job_expire_if_due) and read again with their stages; the others are returned
+    as they are. Deciding costs no query (job_may_be_due), so a page with nothing due
+    costs nothing more."""
+    settled = list(jobs)
+    for index, job in enumerate(settled):
+        if job_may_be_due(job):
+            job_expire_if_due(job_id=job.pk)
+            fresh = selectors.job_for_caller(job_id=job.pk, project=None, with_stages=True)
+            if fresh is not None:
+                settled[index] = fresh
+    return settled
 
 
 # --- gpu worker status -------------------------------------------------------------------

@@ -253,6 +253,23 @@ def test_a_pending_job_past_its_queue_timeout_reads_as_timed_out(api: Any) -> No
     assert job["error"]["code"] == "TIMEOUT"
 
 
+def test_the_list_shows_a_job_past_its_queue_timeout_as_the_detail_does(api: Any) -> None:
+    """One rule for every read (services.jobs_settle_due): the list does not go on
+    showing `pending` for a job its detail reads as timed out."""
+    overdue = post(api, "/v1/jobs", {"pipeline": "noop", "queue_timeout_s": 5}).json()["data"]
+    waiting = post(api, "/v1/jobs", {"pipeline": "noop", "queue_timeout_s": 60}).json()["data"]
+    Job.objects.filter(pk__in=[overdue["id"], waiting["id"]]).update(
+        pending_since=timezone.now() - timedelta(seconds=10)
+    )
+
+    listed = {job["id"]: job for job in api.get("/v1/jobs").json()["data"]}
+
+    assert listed[overdue["id"]]["status"] == "timed_out"
+    assert listed[overdue["id"]]["error"]["code"] == "TIMEOUT"
+    assert listed[waiting["id"]]["status"] == "pending"
+    assert Job.objects.get(pk=overdue["id"]).status == JobStatus.TIMED_OUT
+
+
 # --- error codes of the Jobs section ---------------------------------------------------------
 
 

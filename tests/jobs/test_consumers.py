@@ -7,6 +7,7 @@ tests commit (transactional database); each runs its scenario on one event loop.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import channel_layers
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
 from jobs import services
+from jobs.models import Job
 from omniva import live
 from omniva.asgi import application
 from omniva.models import ApiKey, Project, Scope
@@ -241,6 +244,23 @@ def test_a_revoked_key_opens_no_socket() -> None:
         ws = connect(f"/ws/events?token={secret}")
         await ws.connect(timeout=TIMEOUT)
         assert await ws.receive_output(timeout=TIMEOUT) == {"type": "websocket.close", "code": 4001}
+
+    run(scenario)
+
+
+def test_a_snapshot_shows_a_job_past_its_queue_timeout_as_timed_out() -> None:
+    secret = key(Scope.JOBS_READ)
+    job, _ = services.job_submit(pipeline="noop", queue_timeout_s=5)
+    Job.objects.filter(pk=job.pk).update(pending_since=timezone.now() - timedelta(seconds=10))
+
+    async def scenario() -> None:
+        for path in ("/ws/events", f"/ws/jobs/{job.pk}"):
+            ws = connect(f"{path}?token={secret}")
+            await ws.connect(timeout=TIMEOUT)
+            data = (await ws.receive_json_from(timeout=TIMEOUT))["data"]
+            shown = data["jobs"][0] if "jobs" in data else data["job"]
+            assert (shown["id"], shown["status"]) == (str(job.pk), "timed_out")
+            await ws.disconnect()
 
     run(scenario)
 

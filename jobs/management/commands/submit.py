@@ -174,11 +174,8 @@ class Command(BaseCommand):
                 time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _read(self, job: Job) -> Job:
-        fresh = Job.objects.get(pk=job.pk)
-        if services.job_may_be_due(fresh):
-            # Waiting with no worker or engine to end it: the read path times it out
-            # (DESIGN.md 4).
-            fresh = services.job_expire_if_due(job_id=fresh.pk)
+        # Waiting with no worker or engine to end it: the read times it out (DESIGN.md 4).
+        [fresh] = services.jobs_settle_due(jobs=[Job.objects.get(pk=job.pk)])
         return fresh
 
 
