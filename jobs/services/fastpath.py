@@ -21,6 +21,7 @@ from jobs.models import (
     StageStatus,
 )
 from jobs.pipelines import registry as pipelines
+from jobs.services.activity import JOB_FIELDS, STAGE_FIELDS, payload_sql
 from jobs.services.core import (
     StageClaim,
     SupervisionState,
@@ -28,6 +29,14 @@ from jobs.services.core import (
     _parent_outputs,
 )
 from omniva.models import ACTIVITY_CHANNEL
+
+
+def _with_payloads(sql: str) -> str:
+    """`sql` with its activity payloads built from the field lists (activity.py)."""
+    return sql.replace("{job_payload}", payload_sql("job", JOB_FIELDS)).replace(
+        "{stage_payload}", payload_sql("run", STAGE_FIELDS)
+    )
+
 
 # The common case of a start in one statement, as a queue's claim is: a queued stage of
 # a job that is neither finished, cancelled nor out of time. It locks the job row first
@@ -37,7 +46,7 @@ from omniva.models import ACTIVITY_CHANNEL
 # earlier attempt (dropped with it) or was delivered again since starts nothing. When
 # any of that does not hold it changes nothing, and stage_start decides under the full
 # rules.
-START_SQL = """
+START_SQL = _with_payloads("""
 WITH given AS (
     SELECT * FROM unnest(%(runs)s::bigint[], %(rows)s::bigint[], %(deliveries)s::int[])
            AS g(run_id, row_id, deliveries)
@@ -76,23 +85,17 @@ WITH given AS (
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
     SELECT %(now)s, 'job:update', job.project_id, job.id,
-        jsonb_build_object(
-            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
-            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
-            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+        {job_payload}
     FROM job
     UNION ALL
     SELECT %(now)s, 'stage:update', job.project_id, job.id,
-        jsonb_build_object(
-            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
-            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
-            'error', run.error)
+        {stage_payload}
     FROM job JOIN run ON run.job_id = job.id
 )
 SELECT run.id, run.lease_token, job.id, job.pipeline, job.params, job.started_at,
        job.timeout_s, run.name, run.attempt, pg_notify(%(activity_channel)s, '')
 FROM job JOIN run ON run.job_id = job.id
-"""
+""")
 
 
 def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list[StageClaim]:
@@ -196,7 +199,7 @@ def stages_heartbeat(*, claims: list[StageClaim]) -> dict[int, SupervisionState]
 # and the job-done NOTIFY sent. Under the job's row lock like every
 # transition, and only while the attempt's token holds; otherwise it changes nothing and
 # stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
-COMPLETE_SOLE_STAGE_SQL = """
+COMPLETE_SOLE_STAGE_SQL = _with_payloads("""
 WITH given AS (
     SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
            AS g(run_id, token, output)
@@ -229,22 +232,16 @@ WITH given AS (
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
     SELECT %(now)s, 'stage:update', job.project_id, job.id,
-        jsonb_build_object(
-            'job_id', run.job_id, 'id', run.id, 'name', run.name, 'status', run.status,
-            'attempt', run.attempt, 'progress', run.progress, 'worker', run.worker,
-            'error', run.error)
+        {stage_payload}
     FROM job JOIN run ON run.job_id = job.id
     UNION ALL
     SELECT %(now)s, 'job:update', job.project_id, job.id,
-        jsonb_build_object(
-            'id', job.id, 'pipeline', job.pipeline, 'status', job.status,
-            'progress', job.progress, 'priority', job.priority, 'project_id', job.project_id,
-            'attempts', job.attempts, 'error', job.error, 'updated_at', job.updated_at)
+        {job_payload}
     FROM job
 )
 SELECT run.id, pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '')
 FROM job JOIN run ON run.job_id = job.id
-"""
+""")
 
 
 @dataclass(frozen=True)
