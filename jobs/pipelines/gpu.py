@@ -10,8 +10,8 @@ unreachable or private URL, no texts) fails the job with its code and is not ret
 only transient errors (timeouts, 5xx) are. A private `output_url` is refused by `fetch`,
 before any work.
 
-torch and Pillow are imported inside the stage functions: registering these pipelines
-costs a web process nothing.
+torch is imported inside the stage functions (with jobs/pipelines/lib/imaging.py):
+registering these pipelines does not load it into a web process.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from jobs.pipelines.lib.inference import EMBED_DIM, EMBED_MODEL, models
 from jobs.pipelines.registry import Dag, Pipeline, Stage, register
 from jobs.services import job_files
 from omniva import outbound
+from omniva.images import encode_png
 from omniva.media import artifact_save, job_artifact_name, media_name, media_reference
 from omniva.models import Clip
 from omniva.services import clip_embedding_store, sha256_hex
@@ -273,7 +274,7 @@ def classify(ctx: StageContext) -> dict[str, Any]:
 def upscale(ctx: StageContext) -> dict[str, Any]:
     """Bicubic resampling and an unsharp mask on the gpu worker's device, tiled."""
     # torch: only a gpu worker loads it
-    from jobs.pipelines.lib.imaging import UPSCALE_METHOD, encode_png
+    from jobs.pipelines.lib.imaging import UPSCALE_METHOD
     from jobs.pipelines.lib.imaging import upscale as upscale_image
 
     scale = int(ctx.params.get("scale", 2))

@@ -20,11 +20,11 @@ from jobs.pipelines.lib.imaging import (
     classify_image,
     decode_image,
     encode_image,
-    encode_png,
     psnr,
     upscale,
     upscale_halo,
 )
+from omniva.images import encode_png
 
 MAX_PIXELS = 16_000_000
 

@@ -24,9 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from jobs.pipelines.context import StageError
-
-INVALID_IMAGE = "INVALID_IMAGE"
-IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+from omniva.images import IMAGE_TOO_LARGE, INVALID_IMAGE
 
 # Only the common web formats: each of Pillow's many other decoders is attack surface
 # for bytes that arrive from users, and none of them is needed.
@@ -287,8 +285,3 @@ def encode_image(image: Image.Image, image_format: str = "PNG", *, quality: int 
     else:
         image.save(buffer, format="WEBP", quality=quality)
     return buffer.getvalue()
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """Encode `image` as PNG, the lossless format outputs are stored in."""
-    return encode_image(image, "PNG")
