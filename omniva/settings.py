@@ -219,6 +219,7 @@ if DATABASE_URL:
     if _database.get("ENGINE") != "django.db.backends.postgresql":
         raise ImproperlyConfigured("DATABASE_URL must name a PostgreSQL server (postgres://…)")
 else:
+    # Only without DATABASE_URL: a deployment on its own server never loads the launcher.
     from omniva.embedded_db import EmbeddedServer
 
     _database = EmbeddedServer(VAR_DIR / "pg").django_settings()

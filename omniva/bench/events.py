@@ -38,7 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines import services as engine_services
+from engines.models import EngineInstance, Event, EventStatus, EventType
+from omniva import services as core_services
 from omniva.bench.harness import HOST, BenchError, suite_env, table_lines
+from omniva.models import ApiKey, AuditRecord, Scope
 from omniva.processes import ManagedProcess, daphne_argv, free_port
 
 BENCH_NAME = "bench"  # the event type and the engine type
@@ -284,12 +288,7 @@ class EventsBench:
     # --- setup and teardown ---------------------------------------------------------------
 
     def setup(self) -> None:
-        from engines import services as engine_services
-        from engines.models import EventType
-        from omniva import services
-        from omniva.models import Scope
-
-        self.key, self.secret = services.api_key_create(
+        self.key, self.secret = core_services.api_key_create(
             name=f"bench-events-{time.time_ns()}", scopes=[Scope.ENGINES]
         )
         self.event_type = EventType.objects.filter(name=BENCH_NAME).first()
@@ -329,15 +328,10 @@ class EventsBench:
 
     def purge(self) -> None:
         """Delete every event of the bench type: each round starts on an empty queue."""
-        from engines.models import Event
-
         if self.event_type is not None:
             Event.objects.filter(event_type=self.event_type).delete()
 
     def teardown(self) -> None:
-        from engines.models import EngineInstance
-        from omniva.models import ApiKey, AuditRecord
-
         for client in self.client_list:
             client.close()
         if self.server is not None:
@@ -381,14 +375,11 @@ class EventsBench:
     def events_phase(self) -> None:
         from django.db import transaction
 
-        from engines import services
-        from engines.models import Event, EventStatus
-
         self.purge()
         started = time.perf_counter()
         with transaction.atomic():
             for number in range(self.events):
-                services.event_create(event_type=self.event_type, data={"n": number})
+                engine_services.event_create(event_type=self.event_type, data={"n": number})
         preload_s = time.perf_counter() - started
         self.vacuum("engines_event")
         assert self.server is not None

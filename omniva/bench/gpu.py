@@ -112,7 +112,7 @@ class GpuBench:
     def _upscale(self) -> None:
         from PIL import Image
 
-        from jobs.pipelines.lib.imaging import upscale
+        from jobs.pipelines.lib.imaging import upscale  # torch: only this suite loads it
 
         image = Image.effect_mandelbrot((768, 512), (-2.0, -1.0, 1.0, 1.0), 64).convert("RGB")
         for scale in (2, 4):

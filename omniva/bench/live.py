@@ -40,9 +40,12 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from jobs.models import Job
+from omniva import services
 from omniva.bench.events import Server
 from omniva.bench.harness import HOST, BenchError, percentile, table_lines
 from omniva.bench.queue import Cluster
+from omniva.models import Activity, ApiKey, AuditRecord, Scope
 
 PIPELINE = "noop"
 SUBMIT_INTERVAL_S = 0.2
@@ -142,9 +145,6 @@ class LiveBench:
     # --- setup and teardown ---------------------------------------------------------------
 
     def setup(self) -> None:
-        from omniva import services
-        from omniva.models import Scope
-
         self.key, self.secret = services.api_key_create(
             name=f"bench-live-{time.time_ns()}", scopes=[Scope.JOBS_READ, Scope.JOBS_WRITE]
         )
@@ -160,9 +160,6 @@ class LiveBench:
         self.server.wait_ready()
 
     def teardown(self) -> None:
-        from jobs.models import Job
-        from omniva.models import Activity, ApiKey, AuditRecord
-
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None

@@ -50,6 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs import services
+from jobs.broker import channel_for, enqueue_payload
+from jobs.models import ACTIVE_STATUSES, Job, JobStatus, QueueTask
 from omniva.bench.harness import BenchError, percentile, suite_env, table_lines
 from omniva.processes import ManagedProcess, qcluster_argv
 
@@ -160,17 +163,12 @@ class OmnivaQueue(QueueUnderTest):
     table = "jobs_queuetask"
 
     def enqueue(self, queue: str, func: str, args: tuple[Any, ...], *, priority: int) -> None:
-        from jobs.broker import enqueue_payload
-
         enqueue_payload(queue=queue, payload=package(func, args, queue), priority=priority)
 
     def load_backlog(self, queue: str, count: int, *, priority: int) -> None:
         # The rows enqueue_payload would write, in bulk (loading is not what is measured).
         from django.db import connection, transaction
         from django.utils import timezone
-
-        from jobs.broker import channel_for
-        from jobs.models import QueueTask
 
         now = timezone.now()
         rows = [
@@ -189,13 +187,9 @@ class OmnivaQueue(QueueUnderTest):
                 cursor.execute("SELECT pg_notify(%s, '')", [channel_for(queue)])
 
     def depth(self, queue: str) -> int:
-        from jobs.models import QueueTask
-
         return QueueTask.objects.filter(queue=queue).count()
 
     def purge(self, queue: str) -> None:
-        from jobs.models import QueueTask
-
         QueueTask.objects.filter(queue=queue).delete()
 
 
@@ -421,9 +415,6 @@ class QueueBench:
         from django.db import transaction
         from django.test.utils import override_settings
         from django.utils import timezone
-
-        from jobs import services
-        from jobs.models import ACTIVE_STATUSES, Job, JobStatus
 
         omniva = self.queues[0]
         services.queue_depths_forget()

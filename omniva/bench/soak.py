@@ -55,9 +55,14 @@ from tqdm import tqdm
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from engines.models import EngineInstance
+from jobs.grpc.service import orchestrator_pb2, orchestrator_pb2_grpc
+from jobs.models import FINISHED_STATUSES, Job
+from omniva import services
 from omniva.bench.events import READY_TIMEOUT_S, Client, Server, Tally
 from omniva.bench.harness import HOST, BenchError, suite_env, table_lines
 from omniva.bench.queue import Cluster
+from omniva.models import Activity, ApiKey, AuditRecord, Scope
 from omniva.processes import ManagedProcess, accepts_connections, free_port, manage_argv
 
 MIB = 1024 * 1024
@@ -154,8 +159,6 @@ class Engine(ManagedProcess):
 
     def wait_ready(self) -> None:
         """Until the engine has registered."""
-        from engines.models import EngineInstance
-
         self.wait_until(
             lambda: EngineInstance.objects.filter(name=self.engine_name).exists(),
             what="register",
@@ -462,9 +465,6 @@ class SoakBench:
     def setup(self) -> None:
         from django.conf import settings
 
-        from omniva import services
-        from omniva.models import Scope
-
         key, self.secret = services.api_key_create(
             name=f"bench-{self.run_id}", scopes=[Scope.JOBS_READ, Scope.JOBS_WRITE]
         )
@@ -502,10 +502,6 @@ class SoakBench:
         self.engine.wait_ready()
 
     def teardown(self) -> None:
-        from engines.models import EngineInstance
-        from jobs.models import Job
-        from omniva.models import Activity, ApiKey, AuditRecord
-
         self._stop_load()
         if self.watchers is not None:
             self.watchers.close()
@@ -612,8 +608,6 @@ class SoakBench:
     def start_load(self) -> None:
         import grpc
 
-        from jobs.grpc.service import orchestrator_pb2, orchestrator_pb2_grpc
-
         assert self.server is not None
         assert self.grpc is not None
         port = self.server.port
@@ -673,8 +667,6 @@ class SoakBench:
         self.counts = Counts()
 
     def _wait_ended(self, job_ids: list[str], timeout_s: float, during: str) -> None:
-        from jobs.models import FINISHED_STATUSES, Job
-
         deadline = time.monotonic() + timeout_s
         while True:
             open_ids = list(
@@ -738,8 +730,6 @@ class SoakBench:
 
     def drain(self) -> None:
         """Every accepted job to its end, and its final update to every client."""
-        from jobs.models import FINISHED_STATUSES, Job
-
         assert self.watchers is not None
         started = time.monotonic()
         deadline = started + self.drain_timeout_s

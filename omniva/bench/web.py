@@ -73,8 +73,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines import services as engine_services
+from engines.models import EngineInstance, Event, EventStatus, EventType
+from jobs.models import FINISHED_STATUSES, Job
+from omniva import services as core_services
 from omniva.bench.events import ApiClient, Tally
 from omniva.bench.harness import HOST, BenchError, SuiteFailed, percentile, suite_env, table_lines
+from omniva.bench.reference.urls import PATH
+from omniva.models import Activity, ApiKey, AuditRecord, Scope
 from omniva.processes import ManagedProcess, die_with_parent, free_port, manage_argv
 
 WRK_THREADS = 2
@@ -149,8 +155,6 @@ class Reference(ManagedProcess):
         super().__init__(argv, env=env, log_path=log_path, name="gunicorn (the reference)")
 
     def wait_ready(self) -> None:
-        from omniva.bench.reference.urls import PATH
-
         self.wait_answering(self.port, PATH, status=200, timeout_s=READY_TIMEOUT_S)
 
 
@@ -368,8 +372,6 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         import psycopg
         from psycopg import sql
-
-        from jobs.models import Job
 
         self.connection = psycopg.connect(database_url, autocommit=True)
         self.query = sql.SQL(
@@ -637,8 +639,6 @@ class WebBench:
     # --- the reference ------------------------------------------------------------------------
 
     def measure_reference(self) -> None:
-        from omniva.bench.reference.urls import PATH
-
         self.reference = Reference(self.database_url, self.work_dir / "gunicorn.log")
         self.say(f"reference: gunicorn, {self.reference.workers} sync workers, GET {PATH}")
         self.reference.start()
@@ -659,10 +659,7 @@ class WebBench:
     # --- Omniva -------------------------------------------------------------------------------
 
     def start_serve(self) -> None:
-        from omniva import services
-        from omniva.models import Scope
-
-        self.key, self.secret = services.api_key_create(
+        self.key, self.secret = core_services.api_key_create(
             name=self.run_id, scopes=[Scope.JOBS_READ, Scope.JOBS_WRITE, Scope.ENGINES]
         )
         processes = os.environ.get("OMNIVA_WEB_PROCESSES") or "serve's default"
@@ -729,8 +726,6 @@ class WebBench:
 
     def drain_default_queue(self) -> None:
         """Wait for the default worker to finish the noop jobs the POSTs queued."""
-        from jobs.models import FINISHED_STATUSES, Job
-
         assert self.serve is not None
         started = time.monotonic()
         deadline = started + DRAIN_TIMEOUT_S
@@ -762,30 +757,25 @@ class WebBench:
         return clients
 
     def purge_events(self) -> None:
-        from engines.models import Event
-
         if self.event_type is not None:
             Event.objects.filter(event_type=self.event_type).delete()
 
     def queue_events(self) -> None:
         from django.db import connection, transaction
 
-        from engines import services
-
         self.purge_events()
         with transaction.atomic():
             for number in range(self.events):
-                services.event_create(event_type=self.event_type, data={"n": number})
+                engine_services.event_create(event_type=self.event_type, data={"n": number})
         with connection.cursor() as cursor:
             cursor.execute("VACUUM ANALYZE engines_event")
 
     def measure_events(self) -> None:
-        from engines import services
-        from engines.models import EventType
-
         self.event_type = EventType.objects.filter(name=EVENT_TYPE).first()
         if self.event_type is None:
-            self.event_type = services.event_type_create(name=EVENT_TYPE, engine_type=EVENT_TYPE)
+            self.event_type = engine_services.event_type_create(
+                name=EVENT_TYPE, engine_type=EVENT_TYPE
+            )
             self.created_type = True
         clients = self.make_engines(EVENT_TYPE)
         self.check_errors("registering engines")
@@ -809,8 +799,6 @@ class WebBench:
     def events_mode(
         self, clients: list[EngineClient], label: str, *, batched: bool
     ) -> EventsResult:
-        from engines.models import Event, EventStatus
-
         assert self.serve is not None
         self.queue_events()
         deadline = time.monotonic() + self.duration_s
@@ -985,10 +973,6 @@ class WebBench:
     # --- teardown -----------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        from engines.models import EngineInstance, Event
-        from jobs.models import Job
-        from omniva.models import Activity, ApiKey, AuditRecord
-
         for client in self.engines:
             client.close()
         for process in (self.reference, self.serve):
