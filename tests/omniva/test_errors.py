@@ -24,7 +24,7 @@ PLATFORM_MODULES = [
     "jobs/gpu_worker.py",
     "jobs/selectors.py",
     "jobs/api/*.py",
-    "jobs/grpc/service.py",
+    "jobs/grpc/*.py",
     "engines/services.py",
     "engines/selectors.py",
     "engines/api/*.py",
