@@ -33,6 +33,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 schema: install
 	$(BIN)/python manage.py spectacular --validate --fail-on-warn --file /dev/null

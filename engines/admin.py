@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -25,6 +25,9 @@ from engines.models import EngineInstance, EngineStatus, Event, EventType
 from engines.selectors import with_held_events
 from omniva.errors import OmnivaError
 from omniva.row_ids import row_id
+
+if TYPE_CHECKING:
+    from engines.models import EngineWithHeldEvents
 
 # At most this many outcomes of each kind are listed one by one after an action; the
 # rest are counted.
@@ -159,7 +162,7 @@ class EngineInstanceAdmin(_ViewOnlyAdmin):
     list_filter = ["engine_type"]
     search_fields = ["name"]
     list_per_page = 50
-    fields = [
+    fields = (
         "id",
         "name",
         "engine_type",
@@ -174,7 +177,7 @@ class EngineInstanceAdmin(_ViewOnlyAdmin):
         "capabilities",
         "resource_limits",
         "registered_at",
-    ]
+    )
     readonly_fields = fields
     actions = ["deregister"]
 
@@ -190,7 +193,7 @@ class EngineInstanceAdmin(_ViewOnlyAdmin):
         return format_age(heartbeat_age_s(engine))
 
     @admin.display(description="held events", ordering="held_events")
-    def held_events(self, engine: EngineInstance) -> int:
+    def held_events(self, engine: EngineWithHeldEvents) -> int:
         return engine.held_events
 
     @admin.display(description="utilization")

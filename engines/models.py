@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, TypeAlias, TypedDict
 
 from django.conf import settings
 from django.db import models
@@ -81,6 +82,16 @@ class EngineInstance(models.Model):
     def max_concurrent_events(self) -> int | None:
         value = (self.resource_limits or {}).get("max_concurrent_events")
         return int(value) if value else None
+
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+    class HeldEvents(TypedDict):
+        held_events: int
+
+    # An engine read through engines.selectors.with_held_events.
+    EngineWithHeldEvents: TypeAlias = WithAnnotations[EngineInstance, HeldEvents]
 
 
 class EventType(models.Model):

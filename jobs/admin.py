@@ -43,7 +43,7 @@ class _ReadOnlyInline(admin.TabularInline):
 
 class StageRunInline(_ReadOnlyInline):
     model = StageRun
-    fields = [
+    fields = (
         "name",
         "status",
         "attempt",
@@ -55,7 +55,7 @@ class StageRunInline(_ReadOnlyInline):
         "finished_at",
         "duration",
         "error",
-    ]
+    )
     readonly_fields = fields
     ordering = ["position"]
 
@@ -66,7 +66,7 @@ class StageRunInline(_ReadOnlyInline):
 
 class JobLogInline(_ReadOnlyInline):
     model = JobLog
-    fields = ["at", "level", "stage", "message"]
+    fields = ("at", "level", "stage", "message")
     readonly_fields = fields
     ordering = ["id"]
     verbose_name_plural = "log"

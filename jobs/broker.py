@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 from django.conf import settings
@@ -518,26 +518,20 @@ class PostgresBroker(Broker):
         self.acknowledge(task_id)
 
     def queue_size(self) -> int:
-        return (
-            self._db()
-            .execute(
-                "SELECT count(*) FROM jobs_queuetask "
-                "WHERE queue = %s AND visible_at <= statement_timestamp()",
-                [self.queue],
-            )
-            .fetchone()[0]
+        return self._count(
+            "SELECT count(*) FROM jobs_queuetask "
+            "WHERE queue = %s AND visible_at <= statement_timestamp()"
         )
 
     def lock_size(self) -> int:
-        return (
-            self._db()
-            .execute(
-                "SELECT count(*) FROM jobs_queuetask "
-                "WHERE queue = %s AND visible_at > statement_timestamp()",
-                [self.queue],
-            )
-            .fetchone()[0]
+        return self._count(
+            "SELECT count(*) FROM jobs_queuetask "
+            "WHERE queue = %s AND visible_at > statement_timestamp()"
         )
+
+    def _count(self, sql: LiteralString) -> int:
+        row = self._db().execute(sql, [self.queue]).fetchone()
+        return row[0] if row is not None else 0
 
     def purge_queue(self) -> int:
         return (

@@ -62,9 +62,9 @@ def gather_batch(
         for claim in started:
             del rest[claim.stage_run_id]
         for stage_run_id, ack_id in rest.items():
-            claim = services.stage_start(stage_run_id=stage_run_id, worker=worker, ack_id=ack_id)
-            if claim is not None:
-                started.append(claim)
+            one = services.stage_start(stage_run_id=stage_run_id, worker=worker, ack_id=ack_id)
+            if one is not None:
+                started.append(one)
             elif ack_id:
                 broker.acknowledge_delivery(ack_id=ack_id)
         return started

@@ -99,6 +99,10 @@ class Job(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
+    # Not a column: the stages a selector read with the job, in pipeline order
+    # (jobs.selectors.job_for_caller; absent otherwise, hence getattr where it is read).
+    stage_list: list[StageRun]
+
     class Meta:
         ordering = ["-created_at"]
         constraints = [

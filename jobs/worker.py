@@ -33,6 +33,7 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -166,7 +167,7 @@ class _Supervisor(threading.Thread):
             # holder's (or dropped with the job already).
             self._interrupt(claim, StageLeaseLost, signal.SIGUSR1, acknowledge=False)
             return
-        if state.cancel_requested_at and now - state.cancel_requested_at >= timezone.timedelta(
+        if state.cancel_requested_at and now - state.cancel_requested_at >= timedelta(
             seconds=settings.OMNIVA_CANCEL_GRACE_S
         ):
             if services.stage_force_cancel(stage_run_id=claim.stage_run_id, token=claim.token):
@@ -174,7 +175,7 @@ class _Supervisor(threading.Thread):
         elif (
             # The alarm fired and the stage did not stop (native code): time out anyway.
             state.deadline
-            and now >= state.deadline + timezone.timedelta(seconds=1)
+            and now >= state.deadline + timedelta(seconds=1)
             and services.stage_force_timeout(stage_run_id=claim.stage_run_id, token=claim.token)
         ):
             self._interrupt(claim, StageTimedOut, signal.SIGUSR1)
@@ -190,16 +191,15 @@ class _Supervisor(threading.Thread):
         try:
             states = services.stages_heartbeat(claims=list(riders))
             now = timezone.now()
-            grace = timezone.timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
+            grace = timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
             for rider in riders:
                 state = states.get(rider.stage_run_id)
                 if state is None or not state.lease_held:
                     continue
-                ids = {"stage_run_id": rider.stage_run_id, "token": rider.token}
                 if state.deadline and now >= state.deadline:
-                    services.stage_force_timeout(**ids)
+                    services.stage_force_timeout(stage_run_id=rider.stage_run_id, token=rider.token)
                 elif state.cancel_requested_at and now - state.cancel_requested_at >= grace:
-                    services.stage_force_cancel(**ids)
+                    services.stage_force_cancel(stage_run_id=rider.stage_run_id, token=rider.token)
         except DatabaseError as exc:
             logger.warning("heartbeat failed: %s", exc.__class__.__name__)
             connection.close()
@@ -298,6 +298,10 @@ def execute_claim(claim: services.StageClaim) -> None:
     try:
         if isinstance(stage, StageError):
             raise stage
+        if stage.run is None:  # an engine's stage: its engine runs it, never a worker
+            raise StageError(
+                FailureCode.UNKNOWN_STAGE, f"{claim.stage}: not run by workers", retryable=False
+            )
         with supervised(claim):
             outcome = stage.run(_context(claim))
     except (StageInterrupted, Exception) as exc:
@@ -449,11 +453,10 @@ def _storable(outcome: Any) -> bool:
 
 def _settle(claim: services.StageClaim, outcome: Any) -> None:
     """The one way an attempt ends: its output, or the exception it ended with."""
-    ids = {"stage_run_id": claim.stage_run_id, "token": claim.token}
     if isinstance(outcome, StageCancelled):
-        services.stage_cancelled(**ids)
+        services.stage_cancelled(stage_run_id=claim.stage_run_id, token=claim.token)
     elif isinstance(outcome, StageTimedOut):
-        services.stage_timed_out(**ids)
+        services.stage_timed_out(stage_run_id=claim.stage_run_id, token=claim.token)
     elif isinstance(outcome, StageLeaseLost):
         logger.warning("stage %s lost its lease; its result is dropped", claim.stage)
     elif isinstance(outcome, StageError):
@@ -473,7 +476,9 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
     else:
         try:
             with _on_its_own():
-                services.stage_complete(**ids, output=outcome)
+                services.stage_complete(
+                    stage_run_id=claim.stage_run_id, token=claim.token, output=outcome
+                )
             _acknowledged(claim)
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from django.conf import settings
 from django.core import signals
@@ -37,8 +37,9 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.db import connections
-from django.http import HttpResponse
+from django.http import HttpResponseBase
 from django.urls import set_script_prefix
+from rest_framework.response import Response
 
 from omniva import audit, health
 from omniva.api.parking import PARKING_SCOPE_KEY, Parked
@@ -152,12 +153,15 @@ class PooledHTTPHandler(ASGIHandler):
         except RequestAborted:
             return
         scope = {**scope, PARKING_SCOPE_KEY: True}
-        response: HttpResponse | None = None
+        response: HttpResponseBase | None = None
         closed = False
         try:
             response, closed = await self._in_pool(self._respond, scope, body_file)
             parked: Parked | None = getattr(response, "parked", None)
-            if parked is not None and not await self._settle(response, parked, receive):
+            # Only the API's (DRF) responses park (omniva.api.parking).
+            if parked is not None and not await self._settle(
+                cast(Response, response), parked, receive
+            ):
                 return  # the client went away while it waited
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await self.send_response(response, send)
@@ -170,7 +174,7 @@ class PooledHTTPHandler(ASGIHandler):
             with self._lock:
                 self._served += 1
 
-    def _respond(self, scope: Scope, body_file: IO[bytes]) -> tuple[HttpResponse, bool]:
+    def _respond(self, scope: Scope, body_file: IO[bytes]) -> tuple[HttpResponseBase, bool]:
         """The response, and whether it is closed already: a response whose body is all
         there (neither streamed nor parked) is closed in this same hand-off, before it
         is sent, instead of in a second one after."""
@@ -179,15 +183,17 @@ class PooledHTTPHandler(ASGIHandler):
         _skip_health_checks_of_busy_connections()
         request, error_response = self.create_request(scope, body_file)
         if request is None:
+            assert error_response is not None  # create_request gives one or the other
             return error_response, False
         response = self.get_response(request)
-        response._handler_class = self.__class__
+        # As ASGIHandler does (Django reads it back); the stubs do not declare it.
+        response._handler_class = self.__class__  # type: ignore[attr-defined]
         if response.streaming or getattr(response, "parked", None) is not None:
             return response, False
         self._finish(response)
         return response, True
 
-    def _finish(self, response: HttpResponse | None) -> None:
+    def _finish(self, response: HttpResponseBase | None) -> None:
         # close() runs the response's closers (the audit row) and sends
         # request_finished, which keeps this thread's connection or drops a broken one.
         if response is not None:
@@ -198,7 +204,7 @@ class PooledHTTPHandler(ASGIHandler):
         for connection in connections.all(initialized_only=True):
             connection.omniva_request_finished_at = finished_at  # type: ignore[attr-defined]
 
-    async def _settle(self, response: HttpResponse, parked: Parked, receive: Any) -> bool:
+    async def _settle(self, response: Response, parked: Parked, receive: Any) -> bool:
         """Wait until the parked response has its answer; False if the client left."""
 
         async def attempt(last: bool) -> bool | None:
@@ -242,7 +248,8 @@ def _skip_health_checks_of_busy_connections() -> None:
             and finished_at is not None
             and now - finished_at < HEALTH_CHECK_AFTER_IDLE_S
         ):
-            connection.health_check_done = True
+            # Django's own flag (BaseDatabaseWrapper, 4.1+); the stubs lack it.
+            connection.health_check_done = True  # type: ignore[attr-defined]
 
 
 _serving: PooledHTTPHandler | None = None

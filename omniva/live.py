@@ -407,7 +407,7 @@ class ActivityFeed:
                 by_group.setdefault(group_for_project(row["project_id"]), []).append(entry)
             if row["job_id"]:
                 by_group.setdefault(group_for_job(row["job_id"]), []).append(entry)
-        layer = get_channel_layer()
+        layer = _channel_layer()
         for group, entries in by_group.items():
             for start in range(0, len(entries), ROWS_PER_MESSAGE):
                 chunk = entries[start : start + ROWS_PER_MESSAGE]
@@ -424,9 +424,14 @@ class ActivityFeed:
         except Exception as exc:  # the database is down: the next tick tries again
             logger.warning("live metrics unavailable: %s", type(exc).__name__)
             return
-        await get_channel_layer().group_send(
-            GROUP_ALL, {"type": "activity.metrics", "data": figures}
-        )
+        await _channel_layer().group_send(GROUP_ALL, {"type": "activity.metrics", "data": figures})
+
+
+def _channel_layer() -> BaseChannelLayer:
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer: settings.CHANNEL_LAYERS has no default")
+    return layer
 
 
 def _metrics_now() -> dict[str, Any]:

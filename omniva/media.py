@@ -20,14 +20,14 @@ from typing import IO, Any
 from django.conf import settings
 from django.core.files.base import ContentFile, File
 from django.core.files.storage import FileSystemStorage, Storage, storages
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponseBase, HttpResponseRedirect
 from django.views.static import serve
 
 from omniva import outbound
 from omniva.errors import ErrorCode, OmnivaError
 
 
-def media_file(request: HttpRequest, path: str) -> HttpResponse:
+def media_file(request: HttpRequest, path: str) -> HttpResponseBase:
     """`/media/<name>`: the file from MEDIA_ROOT, or a redirect to the bucket's (signed)
     URL, so `/media/<name>` is the one lasting address of an artifact either way."""
     if not is_local_storage():
@@ -36,7 +36,7 @@ def media_file(request: HttpRequest, path: str) -> HttpResponse:
         except OmnivaError as exc:
             raise Http404(exc.message) from exc
     # The root is read per request (it is a setting; tests and `serve` change it).
-    return serve(request, path, document_root=settings.MEDIA_ROOT)
+    return serve(request, path, document_root=str(settings.MEDIA_ROOT))
 
 
 def media_reference(name: str) -> str:

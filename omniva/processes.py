@@ -227,7 +227,7 @@ class ManagedProcess:
 
     def wait_until(
         self,
-        condition: Callable[[], T],
+        condition: Callable[[], T | None],
         *,
         what: str,
         timeout_s: float,

@@ -14,9 +14,15 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.models import Model
+from django.db.models import Field, Model
 
 M = TypeVar("M", bound=Model)
+
+
+def _column(field: Field) -> str:
+    if field.column is None:  # a concrete field always has one
+        raise TypeError(f"{field} has no column")
+    return field.column
 
 
 class ModelRows(Generic[M]):
@@ -28,14 +34,14 @@ class ModelRows(Generic[M]):
         self.model = model
         self.using = using
         self.table = quote(model._meta.db_table)
-        self.columns = ", ".join(quote(field.column) for field in fields)
+        self.columns = ", ".join(quote(_column(field)) for field in fields)
         self.fields = list(fields)
         self.attnames = [field.attname for field in fields]
         self.row_placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
         # JSONField (and any field with from_db_value) turns the column's value into
         # the attribute's, as the ORM's converters do.
         self.converters: list[tuple[int, Callable[..., Any], Any]] = [
-            (index, field.from_db_value, field.cached_col)  # type: ignore[attr-defined]
+            (index, field.from_db_value, field.cached_col)
             for index, field in enumerate(fields)
             if hasattr(field, "from_db_value")
         ]

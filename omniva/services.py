@@ -151,10 +151,10 @@ CLIP_FIELDS = (
 # Set by the jobs app at start (the core imports no app): queues the job that embeds a
 # clip's title and transcript, in the caller's transaction (a clip is never left
 # changed without the job that embeds it).
-_clip_embedding_hook: Callable[[Clip], None] | None = None
+_clip_embedding_hook: Callable[[Clip], object] | None = None
 
 
-def register_clip_embedding_hook(hook: Callable[[Clip], None]) -> None:
+def register_clip_embedding_hook(hook: Callable[[Clip], object]) -> None:
     """What embeds a clip whose title or transcript changed (jobs' AppConfig.ready)."""
     global _clip_embedding_hook
     _clip_embedding_hook = hook
@@ -475,7 +475,7 @@ def rate_limit_take(*, bucket: str, rate_per_s: float, burst: int, count: int = 
     """Spend `count` requests of `bucket` (all or none). None when allowed, else the
     seconds to wait for one."""
     interval = 1.0 / rate_per_s
-    params = {
+    params: dict[str, str | float] = {
         "bucket": bucket,
         "interval": interval,
         "tolerance": interval * (burst - 1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -213,7 +214,9 @@ if DATABASE_URL:
     import dj_database_url
 
     try:
-        _database = dj_database_url.parse(DATABASE_URL, conn_max_age=DB_CONN_MAX_AGE)
+        _database: dict[str, Any] = dict(
+            dj_database_url.parse(DATABASE_URL, conn_max_age=DB_CONN_MAX_AGE)
+        )
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
     if _database.get("ENGINE") != "django.db.backends.postgresql":

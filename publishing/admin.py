@@ -81,7 +81,8 @@ class ScheduleForm(forms.ModelForm):
         fields = ["project", *services.SCHEDULE_FIELDS]
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         candidate = Schedule(**{k: v for k, v in cleaned.items() if k in self.Meta.fields})
         candidate.cron = candidate.cron or ""
         try:
@@ -93,6 +94,10 @@ class ScheduleForm(forms.ModelForm):
         return cleaned
 
 
+SCHEDULE_FORM_FIELDS = ("project", *services.SCHEDULE_FIELDS)
+SCHEDULE_READONLY_FIELDS = ("next_run_at", "runs", "last_run_at", "last_job_id")
+
+
 @admin.register(Schedule)
 class ScheduleAdmin(ServiceBackedAdmin):
     """Saved through the services, which keep django-q2's schedule in step."""
@@ -102,12 +107,12 @@ class ScheduleAdmin(ServiceBackedAdmin):
     list_display = ["__str__", "project", "pipeline", "cron", "interval_s", "active", "runs"]
     list_filter = ["active", "pipeline", "project"]
     search_fields = ["name", "pipeline"]
-    fields = ["project", *services.SCHEDULE_FIELDS]
-    readonly_fields = ["next_run_at", "runs", "last_run_at", "last_job_id"]
+    fields = SCHEDULE_FORM_FIELDS
+    readonly_fields = SCHEDULE_READONLY_FIELDS
     fields_of_service = services.SCHEDULE_FIELDS
 
-    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return self.fields + (self.readonly_fields if obj is not None else [])
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return SCHEDULE_FORM_FIELDS + (SCHEDULE_READONLY_FIELDS if obj is not None else ())
 
     def create_item(self, project: Project, fields: dict[str, Any]) -> Schedule:
         return services.schedule_create(project=project, **fields)

@@ -456,7 +456,8 @@ class ComfyUIClient:
                 image = _saved_image(entry)
                 if image is not None:
                     return image
-                status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
+                reported = entry.get("status")
+                status: dict[str, Any] = reported if isinstance(reported, dict) else {}
                 if status.get("status_str") == "error":
                     raise HandlerError(
                         f"ComfyUI failed the workflow: {_execution_error(status)}", COMFYUI_FAILED

@@ -52,9 +52,11 @@ class RequestIdMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         incoming = request.META.get("HTTP_X_REQUEST_ID", "")
-        request.request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        request_id = incoming if _VALID_REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        # Our own attribute (read back with getattr: omniva.api.envelope, the audit).
+        request.request_id = request_id  # type: ignore[attr-defined]
         response = self.get_response(request)
-        response[REQUEST_ID_HEADER] = request.request_id
+        response[REQUEST_ID_HEADER] = request_id
         return response
 
 
@@ -89,6 +91,7 @@ class BodySizeLimitMiddleware:
 
     @staticmethod
     def _refuse(request: HttpRequest, code: ErrorCode, message: str) -> HttpResponse:
+        response: HttpResponse
         if is_api_path(request.path):
             response = error_response(request, code, message)
         else:
@@ -190,7 +193,10 @@ class AuditMiddleware:
         # when the response is ready (the row joins the process's batch, omniva/audit.py),
         # elsewhere after it was sent. A parked response (omniva.api.parking) is closed
         # once it has its final answer, so the status and duration are read then.
-        response._resource_closers.append(partial(_record, response, started, fields))
+        # Django's list of what close() runs; not in the stubs.
+        response._resource_closers.append(  # type: ignore[attr-defined]
+            partial(_record, response, started, fields)
+        )
         return response
 
 

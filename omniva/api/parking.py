@@ -56,7 +56,9 @@ class Parked:
         response.status_code = status
         response.data = data
         response.content = response.accepted_renderer.render(
-            data, response.accepted_media_type, response.renderer_context
+            data,
+            response.accepted_media_type,
+            response.renderer_context,  # type: ignore[attr-defined]  # stub gap: set by finalize_response
         )
         if response.has_header("Content-Length"):
             response["Content-Length"] = str(len(response.content))
@@ -64,7 +66,8 @@ class Parked:
 
 
 def _error_outcome(exc: Exception, response: Response) -> Outcome:
-    handled = envelope_exception_handler(exc, dict(response.renderer_context or {}))
+    context = response.renderer_context  # type: ignore[attr-defined]  # stub gap, as above
+    handled = envelope_exception_handler(exc, dict(context or {}))
     for name, value in handled.headers.items():
         response[name] = value
     return handled.status_code, handled.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from rest_framework.renderers import BrowsableAPIRenderer, JSONRenderer
@@ -31,7 +32,7 @@ class EnvelopeResponse(Response):
         self.envelope_error = error
 
 
-def wrap(data: Any, renderer_context: dict[str, Any] | None) -> dict[str, Any]:
+def wrap(data: Any, renderer_context: Mapping[str, Any] | None) -> dict[str, Any]:
     context = renderer_context or {}
     response = context.get("response")
     request = context.get("request")
@@ -55,7 +56,7 @@ class EnvelopeJSONRenderer(JSONRenderer):
         self,
         data: Any,
         accepted_media_type: str | None = None,
-        renderer_context: dict[str, Any] | None = None,
+        renderer_context: Mapping[str, Any] | None = None,
     ) -> bytes:
         return super().render(wrap(data, renderer_context), accepted_media_type, renderer_context)
 

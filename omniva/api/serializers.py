@@ -30,7 +30,9 @@ def _fresh_copy(field: serializers.Field) -> serializers.Field:
     serializer is deep-copied: its child must not be shared between two parents."""
     if isinstance(field, serializers.BaseSerializer):
         return copy.deepcopy(field)
-    return field.__class__(*field._args, **field._kwargs)
+    # Field.__new__ keeps them; the stubs do not declare them.
+    args, kwargs = field._args, field._kwargs  # type: ignore[attr-defined]
+    return field.__class__(*args, **kwargs)
 
 
 class ProjectSerializer(serializers.ModelSerializer):
@@ -39,7 +41,7 @@ class ProjectSerializer(serializers.ModelSerializer):
         fields = ["id", "name", "description", "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
         # Uniqueness is the service's to check, inside its transaction.
-        extra_kwargs = {"name": {"validators": []}}
+        extra_kwargs: dict[str, dict[str, Any]] = {"name": {"validators": []}}
 
 
 class BoundProjectFields:
@@ -124,7 +126,7 @@ class AuditRecordSerializer(serializers.ModelSerializer):
         ]  # fmt: skip
 
     def get_user(self, record: AuditRecord) -> str | None:
-        return record.user.get_username() if record.user_id else None
+        return record.user.get_username() if record.user is not None else None
 
 
 class AuditFilterSerializer(serializers.Serializer):

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from omniva.api import views
 from omniva.api.renderers import EnvelopeJSONRenderer
 
 
-class EnvelopedErrors:
+class EnvelopedErrors(APIView):
     """The schema and docs render YAML or HTML; their errors are enveloped JSON all the same."""
 
-    def handle_exception(self, exc: Exception):
+    def handle_exception(self, exc: Exception) -> Response:
         response = super().handle_exception(exc)
         self.request.accepted_renderer = EnvelopeJSONRenderer()
         self.request.accepted_media_type = EnvelopeJSONRenderer.media_type

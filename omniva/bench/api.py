@@ -87,10 +87,12 @@ class ApiBench:
             spend_ms = per_call_ms(
                 lambda: allowances.take("bench-chunked", rate_per_s=1e6, burst=10**6), requests
             )
-        lookup_ms = per_call_ms(
-            lambda: (core_selectors.api_keys_forget(), core_selectors.api_key_for_secret(secret)),
-            requests,
-        )
+
+        def forget_and_look_up() -> None:
+            core_selectors.api_keys_forget()
+            core_selectors.api_key_for_secret(secret)
+
+        lookup_ms = per_call_ms(forget_and_look_up, requests)
         cached_ms = per_call_ms(lambda: core_selectors.api_key_for_secret(secret), requests)
         row = {
             "request_id": "bench-audit", "at": timezone.now(), "api_key": key,

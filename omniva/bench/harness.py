@@ -33,7 +33,7 @@ SuiteFailed = (BenchError, ProcessFailed)
 
 def suite_env(database_url: str, **overrides: str) -> dict[str, str]:
     """The environment of a process a suite starts: this one's, on the suite's database."""
-    return django_env(DATABASE_URL=database_url, **overrides)
+    return {**django_env(), "DATABASE_URL": database_url, **overrides}
 
 
 def table_lines(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

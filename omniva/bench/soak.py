@@ -534,7 +534,7 @@ class SoakBench:
 
     # --- the load -------------------------------------------------------------------------
 
-    def _loop(self, per_s: float, step: Callable[[int], None]) -> Callable[[], None]:
+    def _loop(self, per_s: float, step: Callable[[int], object]) -> Callable[[], None]:
         """A thread's body: `step(n)` at a fixed rate until the load stops."""
 
         def body() -> None:

@@ -481,11 +481,12 @@ async def sync_waiter(port: int, request: bytes, timeout_s: float) -> Answer:
     """One client: its own connection, one sync submission, the answer."""
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(
+        reader, opened = await asyncio.wait_for(
             asyncio.open_connection(HOST, port), CONNECT_TIMEOUT_S
         )
-        writer.write(request)
-        await writer.drain()
+        writer = opened
+        opened.write(request)
+        await opened.drain()
         status, body = await asyncio.wait_for(read_response(reader), timeout_s)
     except (
         OSError,
@@ -1041,7 +1042,7 @@ class WebBench:
 
         if r.events:
             lines.append("")
-            rows = [
+            event_rows = [
                 (
                     f"{result.label}",
                     "-" if result.error else f"{result.rate:.0f}",
@@ -1059,7 +1060,7 @@ class WebBench:
                     "events",
                     "events/s vs reference req/s",
                 ),
-                rows,
+                event_rows,
             )
             lines += [f"{result.label}: {result.error}" for result in r.events if result.error]
 
@@ -1070,7 +1071,7 @@ class WebBench:
             counts["errors"] = w.answers.get("error", 0)
             probe_idle = self._probe_cell(w.probe_idle)
             probe_wait = self._probe_cell(w.probe_wait)
-            rows = [
+            waiter_rows = [
                 ("answers 200 / 202 / 503 / other / errors",
                  " / ".join(str(n) for n in counts.values())),
                 ("answered before the engines started", str(w.answered_before_release)),
@@ -1086,7 +1087,7 @@ class WebBench:
                 ("probe requests failed or not 200", str(w.probe_failures)),
                 ("engine requests failed or refused while releasing", str(w.engine_errors)),
             ]  # fmt: skip
-            lines += table_lines((f"{w.waiters} sync waiters ({w.release})", "value"), rows)
+            lines += table_lines((f"{w.waiters} sync waiters ({w.release})", "value"), waiter_rows)
             lines += w.other_samples + [f"engine: {e}" for e in w.engine_error_samples]
 
         lines.append("")

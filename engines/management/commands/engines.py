@@ -4,16 +4,20 @@ events by engine type and status."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.core.management.base import BaseCommand, CommandParser
-from django.db.models import Count
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from engines.admin import engine_status, format_age, heartbeat_age_s
 from engines.models import EngineInstance, EngineStatus, Event, EventStatus, offline_before
 from engines.selectors import with_held_events
+
+if TYPE_CHECKING:
+    from engines.models import EngineWithHeldEvents
 
 
 class Command(BaseCommand):
@@ -30,7 +34,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         now = timezone.now()
-        engines = with_held_events(EngineInstance.objects.order_by("engine_type", "name"))
+        engines = cast(
+            "QuerySet[EngineWithHeldEvents]",
+            with_held_events(EngineInstance.objects.order_by("engine_type", "name")),
+        )
         events = Event.objects.all()
         if options["engine_type"]:
             engines = engines.filter(engine_type=options["engine_type"])
@@ -96,7 +103,7 @@ class Command(BaseCommand):
             )
         self._table(summary)
 
-    def _table(self, rows: list[tuple[str, ...]]) -> None:
+    def _table(self, rows: Sequence[tuple[str, ...]]) -> None:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
             self.stdout.write(
@@ -106,7 +113,7 @@ class Command(BaseCommand):
             )
 
 
-def _engine_json(engine: EngineInstance, now: datetime) -> dict[str, Any]:
+def _engine_json(engine: EngineWithHeldEvents, now: datetime) -> dict[str, Any]:
     return {
         "id": str(engine.pk),
         "name": engine.name,

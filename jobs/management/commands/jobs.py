@@ -28,12 +28,12 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["limit"] < 1:
             raise CommandError("--limit is at least 1.")
-        jobs = Job.objects.order_by("-created_at")
+        query = Job.objects.order_by("-created_at")
         if options["statuses"]:
-            jobs = jobs.filter(status__in=options["statuses"])
+            query = query.filter(status__in=options["statuses"])
         if options["pipeline"]:
-            jobs = jobs.filter(pipeline=options["pipeline"])
-        jobs = list(jobs[: options["limit"]])
+            query = query.filter(pipeline=options["pipeline"])
+        jobs = list(query[: options["limit"]])
         if not jobs:
             self.stdout.write("No jobs.")
             return

@@ -16,7 +16,7 @@ import io
 import math
 import struct
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         # here it is refused like ours instead of slipping through as a log line.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=_open_formats())
+            image: Image.Image = Image.open(io.BytesIO(data), formats=_open_formats())
             width, height = image.size
             if width * height > max_pixels:
                 raise too_large
@@ -158,7 +158,9 @@ def _dominant_colors(image: Image.Image) -> list[dict[str, Any]]:
     counts: dict[str, int] = {}
     # getcolors gives (count, palette index) for the indices actually used; two
     # indices can hold the same colour, so merge by colour.
-    for count, index in quantized.getcolors(maxcolors=256) or []:
+    # A "P" image's colours are palette indices (the stubs also allow RGB tuples).
+    used = cast("list[tuple[int, int]]", quantized.getcolors(maxcolors=256) or [])
+    for count, index in used:
         red, green, blue = palette[3 * index : 3 * index + 3]
         key = f"#{red:02x}{green:02x}{blue:02x}"
         counts[key] = counts.get(key, 0) + count

@@ -75,7 +75,8 @@ class Child:
     quick_deaths: int = 0
 
     def start(self) -> None:
-        argv, pass_fds = self.argv, ()
+        argv = self.argv
+        pass_fds: tuple[int, ...] = ()
         if self.listen is not None:
             # A dead process's socket would keep its share of new connections waiting
             # in its backlog until a replacement accepts them: it goes (what waits in
