@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import django_filters
 from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from engines.models import EngineInstance, EngineStatus, Event, EventStatus, offline_before
+from omniva.api.filters import ValidatedFilterSet
 from omniva.selectors import counts_bounded
 
 
@@ -32,26 +34,37 @@ def with_held_events(engines: QuerySet[EngineInstance]) -> QuerySet[EngineInstan
     )
 
 
+class EngineFilter(ValidatedFilterSet):
+    """GET /v1/engines's filters (engines.api.serializers.EngineFilterSerializer)."""
+
+    engine_type = django_filters.CharFilter()
+    # An engine's status is derived from time: one whose heartbeat is older than the
+    # offline threshold is offline whatever it last reported, and the others are what
+    # they reported. Not a column lookup, so a method of its own.
+    status = django_filters.ChoiceFilter(choices=EngineStatus.choices, method="filter_status")
+
+    def filter_status(self, engines: QuerySet, name: str, status: str) -> QuerySet:
+        if status == EngineStatus.OFFLINE:
+            return engines.filter(last_heartbeat__lt=offline_before())
+        return engines.filter(reported_status=status, last_heartbeat__gte=offline_before())
+
+
 def engine_list(*, filters: dict[str, Any]) -> QuerySet[EngineInstance]:
     engines = with_held_events(EngineInstance.objects.order_by("engine_type", "name"))
-    if filters.get("engine_type"):
-        engines = engines.filter(engine_type=filters["engine_type"])
-    status = filters.get("status")
-    if status == EngineStatus.OFFLINE:
-        engines = engines.filter(last_heartbeat__lt=offline_before())
-    elif status:
-        engines = engines.filter(reported_status=status, last_heartbeat__gte=offline_before())
-    return engines
+    return EngineFilter.apply(engines, filters)
+
+
+class EventFilter(ValidatedFilterSet):
+    """GET /v1/events's filters (engines.api.serializers.EventFilterSerializer)."""
+
+    status = django_filters.ChoiceFilter(choices=EventStatus.choices)
+    engine_type = django_filters.CharFilter()
+    event_type = django_filters.CharFilter(field_name="event_type__name")
 
 
 def event_list(*, filters: dict[str, Any]) -> QuerySet[Event]:
     events = Event.objects.select_related("event_type").order_by("-id")
-    for field in ("status", "engine_type"):
-        if filters.get(field):
-            events = events.filter(**{field: filters[field]})
-    if filters.get("event_type"):
-        events = events.filter(event_type__name=filters["event_type"])
-    return events
+    return EventFilter.apply(events, filters)
 
 
 # The engine types events hold, one step down an index per type (a loose index scan):

@@ -8,6 +8,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
+import django_filters
 from django.conf import settings
 from django.db import DatabaseError, connection
 from django.db.models import Avg, Max, Prefetch, QuerySet
@@ -25,6 +26,7 @@ from jobs.models import (
 )
 from jobs.pipelines import registry as pipelines
 from jobs.pipelines.lib.inference import REPORT_STALE_S
+from omniva.api.filters import ValidatedFilterSet
 from omniva.models import Project
 from omniva.rows import ModelRows
 from omniva.selectors import counts_bounded
@@ -33,26 +35,23 @@ from omniva.selectors import counts_bounded
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 
+class JobFilter(ValidatedFilterSet):
+    """GET /v1/jobs's filters (jobs.api.serializers.JobFilterSerializer validates them)."""
+
+    status = django_filters.MultipleChoiceFilter(choices=JobStatus.choices)
+    pipeline = django_filters.CharFilter()
+    project = django_filters.UUIDFilter(field_name="project_id")
+    parent = django_filters.UUIDFilter(field_name="parent_id")
+    priority_min = django_filters.NumberFilter(field_name="priority", lookup_expr="gte")
+    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+
+
 def job_list(*, project: Project | None = None, filters: dict[str, Any] | None = None) -> QuerySet:
     jobs = Job.objects.select_related("project").order_by("-created_at", "-id")
     if project is not None:
         jobs = jobs.filter(project=project)
-    filters = filters or {}
-    if filters.get("status"):
-        jobs = jobs.filter(status__in=filters["status"])
-    if "pipeline" in filters:
-        jobs = jobs.filter(pipeline=filters["pipeline"])
-    if "project" in filters:
-        jobs = jobs.filter(project_id=filters["project"])
-    if "parent" in filters:
-        jobs = jobs.filter(parent_id=filters["parent"])
-    if "priority_min" in filters:
-        jobs = jobs.filter(priority__gte=filters["priority_min"])
-    if "created_after" in filters:
-        jobs = jobs.filter(created_at__gte=filters["created_after"])
-    if "created_before" in filters:
-        jobs = jobs.filter(created_at__lt=filters["created_before"])
-    return jobs
+    return JobFilter.apply(jobs, filters or {})
 
 
 # A job's stages in their pipeline's order. (StageRun's own ordering starts with `job`,

@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from omniva import selectors, services
 from omniva.api import serializers
 from omniva.api.envelope import error_body, error_response
+from omniva.api.filters import AuditFilter, ClipFilter, ProjectContentFilter, ValidatedFilterSet
 from omniva.api.middleware import is_api_path
 from omniva.api.permissions import bound_project
 from omniva.api.renderers import EnvelopeResponse
@@ -141,7 +142,7 @@ class ContentQueryset:
 
     request: Request
     model: Any
-    filters: tuple[str, ...] = ()
+    filterset_class: type[ValidatedFilterSet] = ProjectContentFilter
 
     def get_queryset(self) -> Any:
         items = self.model.objects.all()
@@ -150,10 +151,7 @@ class ContentQueryset:
             items = items.filter(project=bound)
         wanted = serializers.ContentFilterSerializer(data=self.request.query_params)
         wanted.is_valid(raise_exception=True)
-        for name, value in wanted.validated_data.items():
-            if name in ("project", *self.filters):
-                items = items.filter(**{name: value})
-        return items
+        return self.filterset_class.apply(items, wanted.validated_data)
 
     def get_serializer_context(self) -> dict[str, Any]:
         context = super().get_serializer_context()  # type: ignore[misc]
@@ -215,7 +213,7 @@ class CreatorDetailView(ContentDetailView):
 
 class ClipListView(ContentListView):
     model = Clip
-    filters = ("creator", "status")
+    filterset_class = ClipFilter
     serializer_class = serializers.ClipSerializer
     create_item = staticmethod(services.clip_create)
 
@@ -272,17 +270,8 @@ class AuditListView(generics.ListAPIView):
     def get_queryset(self) -> Any:
         filters = serializers.AuditFilterSerializer(data=self.request.query_params)
         filters.is_valid(raise_exception=True)
-        wanted = filters.validated_data
         records = AuditRecord.objects.select_related("user")
-        if "request_id" in wanted:
-            records = records.filter(request_id=wanted["request_id"])
-        if "path" in wanted:
-            records = records.filter(path=wanted["path"])
-        if "status" in wanted:
-            records = records.filter(status=wanted["status"])
-        if "key" in wanted:
-            records = records.filter(key_name=wanted["key"])
-        return records
+        return AuditFilter.apply(records, filters.validated_data)
 
     @extend_schema(parameters=[serializers.AuditFilterSerializer])
     def get(self, request: Request, *args: Any, **kwargs: Any) -> Any:

@@ -13,6 +13,7 @@ from omniva.errors import ErrorCode
 from omniva.models import Scope
 from publishing import services
 from publishing.api import serializers
+from publishing.api.filters import PublicationFilter
 from publishing.models import Destination, Publication, Schedule
 
 
@@ -42,7 +43,7 @@ class PublicationQueryset:
             publications = publications.filter(destination__project=bound)
         wanted = serializers.PublicationFilterSerializer(data=self.request.query_params)
         wanted.is_valid(raise_exception=True)
-        return publications.filter(**wanted.validated_data)
+        return PublicationFilter.apply(publications, wanted.validated_data)
 
 
 class PublicationListView(PublicationQueryset, generics.ListAPIView):

@@ -49,6 +49,10 @@ from tests.conftest import (
     start_worker,
     wait_for,
 )
+from tests.jobs.conftest import (  # noqa: F401 (the autouse fixtures of tests/jobs/)
+    fresh_saturation_cache,
+    stop_job_listener,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -20,6 +20,10 @@ from omniva.models import Scope
 from omniva.processes import daphne_argv, http_status, qcluster_argv
 from omniva.services import api_key_create
 from tests.conftest import ProcessGroup, free_port, wait_for
+from tests.jobs.conftest import (  # noqa: F401 (the autouse fixtures of tests/jobs/)
+    fresh_saturation_cache,
+    stop_job_listener,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

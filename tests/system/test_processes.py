@@ -23,6 +23,8 @@ from omniva.processes import (
 )
 from tests.conftest import REPO_ROOT, wait_for
 
+pytestmark = pytest.mark.slow
+
 
 def python(code: str, log: Path, *, name: str = "the child") -> ManagedProcess:
     return ManagedProcess(

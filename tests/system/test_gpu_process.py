@@ -21,6 +21,10 @@ from jobs.models import GpuWorkerReport, Job, JobLog, JobStatus, QueueTask, Stag
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Activity
 from tests.conftest import ProcessGroup, start_worker, wait_for
+from tests.jobs.conftest import (  # noqa: F401 (the autouse fixtures of tests/jobs/)
+    fresh_saturation_cache,
+    stop_job_listener,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -14,7 +14,11 @@ from jobs.models import Job, JobStatus
 from omniva.models import Clip, Project
 from publishing.models import Publication, PublicationStatus
 from tests.conftest import ProcessGroup, start_worker, wait_for
-from tests.publishing.conftest import FakeWebhook, hook_for
+from tests.publishing.conftest import (
+    FakeWebhook,
+    hook_for,
+    stop_job_listener,  # noqa: F401 (autouse, as in tests/publishing/)
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -20,6 +20,10 @@ from websockets.sync.client import ClientConnection, connect
 from omniva.models import Scope
 from omniva.services import activity_record, api_key_create
 from tests.conftest import ProcessGroup, free_port, try_http_get, wait_for
+from tests.jobs.conftest import (  # noqa: F401 (the autouse fixtures of tests/jobs/)
+    fresh_saturation_cache,
+    stop_job_listener,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -25,7 +25,8 @@ from tests.conftest import (
     start_daphne,
     wait_for,
 )
-from tests.engines.conftest import Engine
+from tests.engines.conftest import stop_event_listener  # noqa: F401 (autouse, as in tests/engines/)
+from tests.system.conftest import Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

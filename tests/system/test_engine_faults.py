@@ -21,7 +21,8 @@ from engines.models import EngineInstance, Event, EventStatus
 from engines.sdk.client import EngineApiError, EngineClient
 from omniva.models import Activity
 from tests.conftest import wait_for
-from tests.engines.conftest import Engine
+from tests.engines.conftest import stop_event_listener  # noqa: F401 (autouse, as in tests/engines/)
+from tests.system.conftest import Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
