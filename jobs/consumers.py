@@ -120,8 +120,8 @@ def _project(project_id: str) -> Project | None:
 
 @database_sync_to_async
 def _events_snapshot(project: Project | None) -> dict[str, Any]:
-    jobs = selectors.job_list(project=project).prefetch_related(selectors.STAGES_IN_ORDER)
-    jobs = services.jobs_settle_due(jobs=jobs[:SNAPSHOT_JOBS])
+    listed = selectors.job_list(project=project).prefetch_related(selectors.STAGES_IN_ORDER)
+    jobs = services.jobs_settle_due(jobs=list(listed[:SNAPSHOT_JOBS]))
     return {"jobs": JobSerializer(jobs, many=True).data}
 
 

@@ -11,8 +11,9 @@ from jobs.models import JobStatus, StageStatus
 from omniva.errors import ErrorCode, http_status_for
 
 try:
-    # orchestrator_pb2_grpc: the servicer (service.py) and clients import it from here.
-    from grpc_services.generated import orchestrator_pb2, orchestrator_pb2_grpc  # noqa: F401
+    # Re-exported (`as`): the servicer, the messages and the stream import them from here.
+    from grpc_services.generated import orchestrator_pb2 as orchestrator_pb2
+    from grpc_services.generated import orchestrator_pb2_grpc as orchestrator_pb2_grpc
 except ImportError as exc:  # a checkout where make never ran
     raise ImportError(
         "The gRPC code is generated from protos/ by `make grpc` (jobs/grpc/codegen.py); "
@@ -36,7 +37,8 @@ DEFAULT_PRIORITY = 5
 TASK_ID_MAX_CHARS = 200
 
 
-STATUS_OF_JOB = {
+# Keyed by the status a row holds (a str; JobStatus and StageStatus are str choices).
+STATUS_OF_JOB: dict[str, orchestrator_pb2.TaskStatus] = {
     JobStatus.PENDING: orchestrator_pb2.PENDING,
     JobStatus.RUNNING: orchestrator_pb2.RUNNING,
     JobStatus.RETRYING: orchestrator_pb2.RETRYING,
@@ -47,7 +49,7 @@ STATUS_OF_JOB = {
 }
 
 
-STATUS_OF_STAGE = {
+STATUS_OF_STAGE: dict[str, orchestrator_pb2.TaskStatus] = {
     StageStatus.WAITING: orchestrator_pb2.PENDING,
     StageStatus.QUEUED: orchestrator_pb2.PENDING,
     StageStatus.RUNNING: orchestrator_pb2.RUNNING,

@@ -4,6 +4,7 @@ as TaskUpdates, resumed after any sequence it sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +42,10 @@ activity_listener = Listener(ACTIVITY_CHANNEL)
 class TaskState:
     """The task's status and progress as of the last job row a stream went past."""
 
-    status: int
+    status: orchestrator_pb2.TaskStatus
     progress: int
 
-    def follow(self, row: dict[str, Any]) -> None:
+    def follow(self, row: Mapping[str, Any]) -> None:
         if row["kind"] in JOB_KINDS:
             self.status = STATUS_OF_JOB.get(row["data"].get("status"), self.status)
             self.progress = round(float(row["data"].get("progress") or 0))
@@ -66,7 +67,7 @@ def _task_state_at(job: Job, sequence: int) -> TaskState:
     return state
 
 
-def _rows_after(job_id: Any, sequence: int) -> tuple[bool, list[dict[str, Any]]]:
+def _rows_after(job_id: Any, sequence: int) -> tuple[bool, Sequence[Mapping[str, Any]]]:
     """(the job has finished and these are its last rows, its rows after `sequence`).
 
     The status is read first: the rows a finishing transition wrote committed with it,
@@ -84,7 +85,7 @@ def _rows_after(job_id: Any, sequence: int) -> tuple[bool, list[dict[str, Any]]]
     return ended, rows
 
 
-def task_update(job: Job, row: dict[str, Any], state: TaskState) -> Any:
+def task_update(job: Job, row: Mapping[str, Any], state: TaskState) -> Any:
     """The TaskUpdate of one activity row; `state` has followed the row already."""
     data = row["data"]
     update = orchestrator_pb2.TaskUpdate(
@@ -141,7 +142,7 @@ def final_update(job: Job, sequence: int) -> Any:
 def _resume_after(request: Any, context: grpc.ServicerContext) -> int:
     sequence: Any = request.after_sequence
     if not sequence:
-        metadata = {item.key: item.value for item in context.invocation_metadata() or ()}
+        metadata = dict(context.invocation_metadata() or ())
         raw = metadata.get(LAST_EVENT_ID_METADATA, "0")
         sequence = row_id(raw.strip()) if isinstance(raw, str) else None
         if sequence is None:
