@@ -13,7 +13,9 @@ class JobsConfig(AppConfig):
 
         from engines import services as engine_services
         from jobs import broker, metrics, selectors, services, worker
-        from jobs.pipelines import builtin, gpu, reports  # noqa: F401  (they register pipelines)
+
+        # The declarations register their pipelines when imported.
+        from jobs.pipelines import api_call, builtin, data_analysis, gpu, reports  # noqa: F401
         from omniva import selectors as core_selectors
         from omniva import services as core_services
         from omniva.health import register_check

@@ -16,6 +16,7 @@ from django.utils import timezone
 from engines import services
 from engines.admin import format_age, format_utilization
 from engines.models import EngineInstance, Event, EventStatus, EventType
+from omniva.errors import OmnivaError
 
 pytestmark = pytest.mark.django_db
 
@@ -401,7 +402,7 @@ def test_dead_letter_action_moves_pending_and_leased_events_and_refuses_finished
     assert done.status == EventStatus.COMPLETED
     assert done.result == {"ok": True}
     # The engine that held the leased one hears that it lost it.
-    with pytest.raises(services.OmnivaError) as lost:
+    with pytest.raises(OmnivaError) as lost:
         services.event_update_status(
             event_id=leased.pk, status="completed", lease_token=leased.lease_token
         )

@@ -734,7 +734,7 @@ def test_loopback_is_refused_without_the_setting_and_not_retried(
 def test_a_body_over_the_cap_fails_without_a_retry(
     drain: Callable[..., Any], fake_api: Callable[[], FakeApi]
 ) -> None:
-    from jobs.pipelines.reports import API_CALL_MAX_RESPONSE_BYTES
+    from jobs.pipelines.api_call import API_CALL_MAX_RESPONSE_BYTES
 
     server = fake_api()
     server.default = (200, {"Content-Type": "text/plain"}, b"x" * (API_CALL_MAX_RESPONSE_BYTES + 1))
