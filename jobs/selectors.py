@@ -210,6 +210,7 @@ def _median_run_ms(pipeline: str, *, sample: int) -> float | None:
         )
         .order_by("-finished_at")
         .values_list("started_at", "finished_at")[:sample]
+        if started is not None and finished is not None
     ]
     return statistics.median(durations) if durations else None
 

@@ -396,9 +396,9 @@ class EngineRunner:
             return events
         lost: dict[Any, str] = {}
         for answer in answers if isinstance(answers, list) else []:
-            error = answer.get("error") or {}
-            if not answer.get("ok") and error.get("code") in (LEASE_LOST, EVENT_NOT_FOUND):
-                lost[answer.get("id")] = str(error.get("message") or error.get("code"))
+            refusal = answer.get("error") or {}
+            if not answer.get("ok") and refusal.get("code") in (LEASE_LOST, EVENT_NOT_FOUND):
+                lost[answer.get("id")] = str(refusal.get("message") or refusal.get("code"))
         for event_id, message in lost.items():
             logger.warning("event %s: %s; not run", event_id, message)
         return [event for event in events if event["id"] not in lost]

@@ -3,6 +3,7 @@ long poll that waits for one."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -181,7 +182,7 @@ def events_claim_now(
             for event in events:
                 if event.stage_run_id is not None:
                     transaction.on_commit(
-                        lambda run=event.stage_run_id: _stage_claimed(run, worker)
+                        functools.partial(_stage_claimed, event.stage_run_id, worker)
                     )
     events.sort(key=lambda event: (-event.priority, event.pk))
     return events

@@ -63,7 +63,8 @@ class BatchItemSerializer(serializers.Serializer):
 
 
 class JobBatchSerializer(serializers.Serializer):
-    items = BatchItemSerializer(many=True, allow_empty=False, max_length=1000)
+    # many=True hands max_length to the ListSerializer it makes (the stubs miss it).
+    items = BatchItemSerializer(many=True, allow_empty=False, max_length=1000)  # type: ignore[call-arg]
     priority = PriorityField(required=False)
     max_retries = serializers.IntegerField(required=False, min_value=0, max_value=10)
     project = serializers.UUIDField(required=False, allow_null=True)
@@ -96,7 +97,8 @@ class JobFilterSerializer(serializers.Serializer):
     status = serializers.MultipleChoiceField(choices=JobStatus.choices, required=False)
     pipeline = serializers.CharField(required=False, max_length=100)
     project = serializers.UUIDField(required=False)
-    parent = serializers.UUIDField(required=False)
+    # The API's filter is named `parent`, as a Field's own attribute is (the stubs object).
+    parent = serializers.UUIDField(required=False)  # type: ignore[assignment]
     priority_min = serializers.IntegerField(required=False, min_value=0, max_value=10)
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)

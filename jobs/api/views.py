@@ -96,7 +96,7 @@ class JobListView(JobsView, generics.ListAPIView):
             project=bound_project(self.request), filters=wanted
         ).prefetch_related(selectors.STAGES_IN_ORDER)
 
-    def paginate_queryset(self, queryset: Any) -> list[Job] | None:
+    def paginate_queryset(self, queryset: Any) -> list[Any] | None:
         page = super().paginate_queryset(queryset)
         return None if page is None else services.jobs_settle_due(jobs=page)
 

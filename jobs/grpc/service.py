@@ -99,12 +99,12 @@ def caller_key(context: grpc.ServicerContext, scope: str) -> ApiKey:
 
 
 def _abort(context: grpc.ServicerContext, error: OmnivaError) -> None:
-    trailing = [(ERROR_CODE_METADATA, str(error.code))]
+    trailing: list[tuple[str, str | bytes]] = [(ERROR_CODE_METADATA, str(error.code))]
     if error.details:
         trailing.append((ERROR_DETAILS_METADATA, json.dumps(error.details, default=str)))
     if error.retry_after_s:
         trailing.append((RETRY_AFTER_METADATA, str(error.retry_after_s)))
-    context.set_trailing_metadata(trailing)
+    context.set_trailing_metadata(tuple(trailing))
     context.abort(grpc_status_for(error.code), error.message)
 
 

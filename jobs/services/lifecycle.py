@@ -5,6 +5,7 @@ read past its deadline, gpu worker reports and query embeddings.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -189,6 +190,12 @@ def _job_files_delete(job_id: Any) -> None:
         media.artifacts_delete(media.job_artifact_name(job_id, ""))
 
 
+def jobs_files_delete(job_ids: list[Any]) -> None:
+    """The files of deleted jobs (after their transaction committed)."""
+    for job_id in job_ids:
+        _job_files_delete(job_id)
+
+
 def job_delete(*, job_id: Any) -> None:
     """Remove a finished job with its stages, logs, children and files."""
     with transaction.atomic():
@@ -209,7 +216,7 @@ def job_delete(*, job_id: Any) -> None:
                 project_id=job.project_id,
             )
         job.delete()
-        transaction.on_commit(lambda: [_job_files_delete(i) for i in ids])
+        transaction.on_commit(functools.partial(jobs_files_delete, ids))
 
 
 def job_may_be_due(job: Job) -> bool:
@@ -286,7 +293,7 @@ def query_embedding_make(*, text: str, project: Project | None) -> list[float]:
     job, _ = job_submit(pipeline="embed_texts", params={"texts": [text]}, project=project)
     job = wait_for_job(job.pk, timeout_s=QUERY_EMBEDDING_TIMEOUT_S)
     if job.status == JobStatus.COMPLETED:
-        return job.result["vectors"][0]
+        return (job.result or {})["vectors"][0]
     if not job.is_finished:
         with contextlib.suppress(OmnivaError):
             job_cancel(job_id=job.pk, reason="the search gave up waiting")

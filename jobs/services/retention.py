@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ from jobs.models import (
     MetricTally,
     StageRun,
 )
-from jobs.services.lifecycle import _job_files_delete
+from jobs.services.lifecycle import jobs_files_delete
 from omniva import services as core_services
 from omniva.errors import ErrorCode, OmnivaError
 
@@ -129,7 +130,7 @@ def _jobs_prune_batch(
         cursor.execute("DELETE FROM jobs_joblog WHERE job_id = ANY(%s)", [ids])
         cursor.execute("DELETE FROM jobs_stagerun WHERE job_id = ANY(%s)", [ids])
         cursor.execute("DELETE FROM jobs_job WHERE id = ANY(%s)", [ids])
-    transaction.on_commit(lambda: [_job_files_delete(i) for i in ids])
+    transaction.on_commit(functools.partial(jobs_files_delete, ids))
     return len(candidates), ids, picked[-1][1]
 
 

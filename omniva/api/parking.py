@@ -81,13 +81,13 @@ def can_park(request: Request | Any) -> bool:
 
 def park(
     request: Request,
-    response: Response,
+    response: EnvelopeResponse,
     *,
     listener: Listener,
     payload: str,
     timeout_s: float,
     attempt: Attempt,
-) -> Response:
+) -> EnvelopeResponse:
     """`response` parked until `attempt` answers (see the module's docstring)."""
     parked = Parked(listener=listener, payload=payload, timeout_s=timeout_s, attempt=attempt)
     if can_park(request):

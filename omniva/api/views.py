@@ -16,6 +16,7 @@ from rest_framework import status as http
 from rest_framework.exceptions import NotFound, PermissionDenied
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from omniva import selectors, services
@@ -76,9 +77,7 @@ class MetricsView(APIView):
         return EnvelopeResponse(selectors.service_metrics())
 
 
-class ProjectScopedQueryset:
-    request: Request
-
+class ProjectScopedQueryset(generics.GenericAPIView):
     def get_queryset(self) -> Any:
         projects = Project.objects.all()
         project = bound_project(self.request)
@@ -107,11 +106,10 @@ class ProjectDetailView(ProjectScopedQueryset, generics.RetrieveUpdateDestroyAPI
     http_method_names = ["get", "patch", "delete", "head", "options"]
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
-        serializer = self.get_serializer(self.get_object(), data=request.data, partial=True)
+        instance = self.get_object()
+        serializer = self.get_serializer(instance, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
-        project = services.project_update(
-            project=serializer.instance, changes=serializer.validated_data
-        )
+        project = services.project_update(project=instance, changes=serializer.validated_data)
         return EnvelopeResponse(self.get_serializer(project).data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> EnvelopeResponse:
@@ -136,11 +134,10 @@ def _write_project(request: Request, given: Project | None) -> Project:
     return given
 
 
-class ContentQueryset:
+class ContentQueryset(generics.GenericAPIView):
     """Creators and clips the caller may see, narrowed by `?project=` (and the view's
     own filters)."""
 
-    request: Request
     model: Any
     filterset_class: type[ValidatedFilterSet] = ProjectContentFilter
 
@@ -154,7 +151,7 @@ class ContentQueryset:
         return self.filterset_class.apply(items, wanted.validated_data)
 
     def get_serializer_context(self) -> dict[str, Any]:
-        context = super().get_serializer_context()  # type: ignore[misc]
+        context = dict(super().get_serializer_context())
         context["bound_project"] = bound_project(self.request)
         return context
 
@@ -286,7 +283,7 @@ class NotFoundView(APIView):
     permission_classes = [AllowAny]
     throttle_classes: list = []
 
-    def _not_found(self, request: Request, *args: Any, **kwargs: Any) -> None:
+    def _not_found(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         raise NotFound(f"No endpoint at {request.path}.")
 
     get = post = put = patch = delete = head = options = _not_found

@@ -9,6 +9,10 @@ import socket
 import ssl
 import time
 from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 from omniva.outbound.errors import OutboundCode, OutboundError
 from omniva.outbound.guard import _Target
@@ -33,7 +37,7 @@ class _DeadlineReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
+    def readinto(self, buffer: Buffer) -> int:
         # A per-read timeout alone lets a server that drips a byte now and then hold the
         # fetch forever; every read only gets what is left of the whole deadline.
         self._sock.settimeout(self._deadline.remaining())

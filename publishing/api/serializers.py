@@ -50,7 +50,7 @@ class DestinationSerializer(BoundProjectFields, serializers.ModelSerializer):
         config = attrs.get("config", getattr(self.instance, "config", {}))
         if kind == DestinationKind.WEBHOOK and not isinstance(config.get("url"), str):
             raise serializers.ValidationError({"config": ["A webhook needs `url`."]})
-        needed = REQUIRED_CONFIG.get(kind, ())
+        needed = REQUIRED_CONFIG.get(kind or "", ())
         missing = [name for name in needed if config.get(name) in (None, "", [])]
         if kind == DestinationKind.SHOPIFY and not (config.get("shop") or config.get("api_base")):
             missing.append("shop")
