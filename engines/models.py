@@ -4,7 +4,7 @@ Seed 000's semantics are kept: batches of 3 by default and 10 at most, `lock_unt
 `retry_count`, at most 3 retries after 30, 60 and 120 s, then the dead letter queue.
 Time-based states are derived, never swept (DESIGN.md, decision 4): an engine is
 offline when its last heartbeat is older than OMNIVA_ENGINE_OFFLINE_AFTER_S, and a
-leased event whose `lock_until` passed is claimable again (engines/services.py).
+leased event whose `lock_until` passed is claimable again (engines/services/).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 # The NOTIFY channel of new events: an event's creation notifies it with its engine type,
-# and engines long-polling for that type wake up (engines/services.py).
+# and engines long-polling for that type wake up (engines/services/).
 EVENTS_CHANNEL = "omniva_events"
 
 
@@ -156,7 +156,7 @@ class Event(models.Model):
     leased_at = models.DateTimeField(null=True, blank=True)
     # Who made the claim that holds the lease: `key:<id>` or `user:<id>`, empty for a
     # call inside Omniva. A report that carries neither the lease token nor an engine id
-    # (seed 000's client sends neither) is fenced by it (engines/services.py, _fence).
+    # (seed 000's client sends neither) is fenced by it (engines/services/, _fence).
     claimed_by = models.CharField(max_length=64, blank=True, default="")
     # Not handed out after this; past it the event leaves the queue (dead-lettered, its
     # job timed out). Set by the orchestrator for a job stage: the job's deadline.

@@ -1,7 +1,7 @@
 """The admin: jobs are inspected there and cancelled, retried or deleted through the services.
 
 Nothing here writes a job itself. A job's page is view-only (the orchestrator in
-jobs/services.py is the only writer of its fields, and a form save would write back a
+jobs/services/ is the only writer of its fields, and a form save would write back a
 stale copy of a row a worker is changing); the actions call `job_cancel`, `job_retry`
 and `job_delete` once per selected job and report what each one said.
 """

@@ -1,7 +1,7 @@
 """Jobs, their stage runs and logs, and the queue table of our django-q2 broker.
 
 A job is one run of a pipeline (a DAG of stages, see jobs/pipelines/registry.py). Each stage
-has one StageRun row; the orchestrator (jobs/services.py) is the only writer of the
+has one StageRun row; the orchestrator (jobs/services/) is the only writer of the
 status fields below.
 """
 
@@ -22,7 +22,7 @@ JOB_DONE_CHANNEL = "omniva_job_done"
 class JobStatus(models.TextChoices):
     # Waiting for its first stage to start. Leaves on a stage start (→ running), a
     # cancel (→ cancelled), or when queue_timeout_s passes first (→ timed_out); one that
-    # waits for an engine, also when timeout_s does (jobs/services.py, _engine_deadline).
+    # waits for an engine, also when timeout_s does (jobs/services/, _engine_deadline).
     PENDING = "pending", "Pending"
     # A stage is running or queued. Leaves when every stage completed (→ completed), a
     # stage raised (→ retrying, or → failed once retries are spent), the run time passed

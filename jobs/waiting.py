@@ -1,7 +1,7 @@
 """Waiting for a job to finish (sync submissions).
 
 Every transition that finishes a job NOTIFYs `omniva_job_done` with the job's id in its
-transaction (jobs/services.py); the process's listener (omniva/notifications.py) wakes
+transaction (jobs/services/); the process's listener (omniva/notifications.py) wakes
 the waiters of that id.
 """
 

@@ -80,7 +80,7 @@ class FailureCode(StrEnum):
     # A batch's parent job, when every one of its children failed.
     BATCH_FAILED = "BATCH_FAILED"
 
-    # Events, as they are dead-lettered (engines/services.py).
+    # Events, as they are dead-lettered (engines/services/).
     # The event's last allowed lease ran out.
     LEASE_EXPIRED = "LEASE_EXPIRED"
     # The event was still pending or leased at its deadline (one that runs no job stage;

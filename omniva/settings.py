@@ -288,7 +288,7 @@ STORAGES = {
 }
 # clipfarm ingests local folders only under this one (publishing/pipelines/clipfarm.py).
 OMNIVA_INGEST_ROOT = Path(env_str("OMNIVA_INGEST_ROOT", str(VAR_DIR / "ingest")))
-# Directory destinations publish into folders under this one (publishing/adapters.py).
+# Directory destinations publish into folders under this one (publishing/adapters/).
 OMNIVA_PUBLISH_ROOT = Path(env_str("OMNIVA_PUBLISH_ROOT", str(VAR_DIR / "publish")))
 
 LOGIN_URL = "admin:login"
@@ -389,7 +389,7 @@ if OMNIVA_DEVICE not in {"auto", "cpu", "cuda"} and not OMNIVA_DEVICE.startswith
         f"OMNIVA_DEVICE must be auto, cpu, cuda or cuda:N; got {OMNIVA_DEVICE!r}"
     )
 OMNIVA_ALLOW_PRIVATE_URLS = env_bool("OMNIVA_ALLOW_PRIVATE_URLS", False)
-# Outbound fetches of user-given URLs (omniva/outbound.py): size and time limits.
+# Outbound fetches of user-given URLs (omniva/outbound/): size and time limits.
 OMNIVA_FETCH_MAX_BYTES = env_int("OMNIVA_FETCH_MAX_BYTES", 50 * 1024 * 1024, minimum=1)
 OMNIVA_FETCH_TIMEOUT_S = env_float("OMNIVA_FETCH_TIMEOUT_S", 30.0, minimum=0.1)
 # The gpu worker's cross-job micro-batches (jobs/pipelines/lib/inference.py): at most this

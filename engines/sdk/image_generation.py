@@ -362,7 +362,7 @@ class ComfyUIClient:
     The URL is the operator's engine configuration, not a user's input, and is usually
     a private address (ComfyUI listens on 127.0.0.1:8188): it is called directly with
     urllib like the engine's own API client (engines/sdk/client.py), not through the
-    server's SSRF-guarded omniva/outbound.py, which also drops the error bodies whose
+    server's SSRF-guarded omniva/outbound/, which also drops the error bodies whose
     ComfyUI explanation (a checkpoint not found) the event's error should carry.
     """
 

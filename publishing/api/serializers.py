@@ -15,7 +15,7 @@ from publishing.models import (
     Schedule,
 )
 
-# What each kind cannot publish without (publishing/adapters.py).
+# What each kind cannot publish without (publishing/adapters/).
 REQUIRED_CONFIG: dict[str, tuple[str, ...]] = {
     DestinationKind.S3: ("bucket",),
     DestinationKind.PRINTIFY: ("shop_id", "blueprint_id", "print_provider_id", "variants"),
