@@ -50,6 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+from django.db import connection
+
 from jobs import services
 from jobs.broker import channel_for, enqueue_payload
 from jobs.models import ACTIVE_STATUSES, Job, JobStatus, QueueTask
@@ -71,6 +74,8 @@ READY_TIMEOUT_S = 120.0
 
 # Targets on the project's 2-core machine (docs/benchmarks.md).
 TARGET_JOBS_RATIO = 0.5
+TARGET_FAN_OUT_RATIO = 0.1
+FAN_OUT_WIDTH = 4
 TARGET_IDLE_P50_MS = 10.0
 TARGET_URGENT_MS = 50.0
 TARGET_URGENT_BEHIND_LONG_MS = LONG_TASK_S * 1000
@@ -252,6 +257,55 @@ class Cluster(ManagedProcess):
         super().__init__(argv, env=env, log_path=log_path, name=f"qcluster for {queue!r}")
 
 
+# --- where the CPU goes -----------------------------------------------------------------
+
+CPU_ROLES = ("workers", "cluster", "postgres")
+
+
+def _cpu_s(process: psutil.Process, *, reaped: bool) -> float:
+    times = process.cpu_times()
+    own = times.user + times.system
+    return own + (times.children_user + times.children_system if reaped else 0.0)
+
+
+def _role_of(process: psutil.Process) -> str:
+    """django-q2 titles its processes when setproctitle is installed (requirements.txt):
+    a worker is `qcluster <name> idle` or `… processing <task>`; the rest (the main
+    process, the sentinel, the pusher, the monitor) is the cluster's own overhead."""
+    title = " ".join(process.cmdline())
+    return "workers" if " idle" in title or " processing " in title else "cluster"
+
+
+def cpu_seconds(cluster_pid: int, postmaster_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each role: the cluster's processes (what a process
+    that exited left to its parent, a recycled worker, counts as a worker's) and
+    PostgreSQL's (the postmaster and every backend, those that exited included)."""
+    used = dict.fromkeys(CPU_ROLES, 0.0)
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(cluster_pid)
+        for process in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                used[_role_of(process)] += _cpu_s(process, reaped=False)
+                times = process.cpu_times()
+                used["workers"] += times.children_user + times.children_system
+    with contextlib.suppress(psutil.Error):
+        postmaster = psutil.Process(postmaster_pid)
+        used["postgres"] += _cpu_s(postmaster, reaped=True)
+        for process in postmaster.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                used["postgres"] += _cpu_s(process, reaped=True)
+    return used
+
+
+def postmaster_pid() -> int:
+    """The pid of the PostgreSQL server the bench runs on (the first line of its
+    postmaster.pid); the server must be on this machine."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('data_directory')")
+        data_directory = Path(cursor.fetchone()[0])
+    return int((data_directory / "postmaster.pid").read_text().split()[0])
+
+
 # --- the measurements -------------------------------------------------------------------
 
 
@@ -260,6 +314,9 @@ class Results:
     task_rates: dict[str, list[float]] = field(default_factory=dict)
     enqueue_rates: dict[str, list[float]] = field(default_factory=dict)
     job_rates: list[float] = field(default_factory=list)
+    fan_out_rates: list[float] = field(default_factory=list)
+    # CPU seconds per 1,000 one-stage jobs, by role (CPU_ROLES), one dict per round.
+    job_cpu: list[dict[str, float]] = field(default_factory=list)
     submit_rates: list[float] = field(default_factory=list)
     idle_ms: dict[str, list[float]] = field(default_factory=dict)
     idle_after_commit_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -328,9 +385,15 @@ class QueueBench:
             under_test.purge(BENCH_QUEUE)
 
     def wait_drained(
-        self, remaining: Callable[[], int], total: int, cluster: Cluster, timeout_s: float
+        self,
+        remaining: Callable[[], int],
+        total: int,
+        cluster: Cluster,
+        timeout_s: float,
+        on_first: Callable[[], None] | None = None,
     ) -> float:
-        """Seconds from the first finished task seen to none left (polled)."""
+        """Seconds from the first finished task seen to none left (polled); `on_first` is
+        called when the first is seen (the start of the measured window)."""
         first_seen = drained_at = 0.0
 
         def drained() -> bool:
@@ -339,6 +402,8 @@ class QueueBench:
             now = time.perf_counter()
             if not first_seen and left < total:
                 first_seen = now
+                if on_first is not None:
+                    on_first()
             drained_at = now
             return left == 0
 
@@ -412,6 +477,24 @@ class QueueBench:
     # --- 2. jobs end to end -------------------------------------------------------------
 
     def job_rate(self) -> None:
+        rate, cpu = self.jobs_end_to_end("noop", {}, self.jobs)
+        self.results.job_rates.append(rate)
+        self.results.job_cpu.append({role: 1000 * s / self.jobs for role, s in cpu.items()})
+        self.say(
+            f"  omniva jobs: {self.jobs} noop jobs = {rate:.0f}/s; CPU s per 1,000: "
+            + ", ".join(f"{role} {1000 * s / self.jobs:.2f}" for role, s in cpu.items())
+        )
+        count = max(1, self.jobs // (FAN_OUT_WIDTH + 2))
+        rate, _cpu = self.jobs_end_to_end("fan_out_fan_in", {"width": FAN_OUT_WIDTH}, count)
+        self.results.fan_out_rates.append(rate)
+        self.say(f"  omniva jobs: {count} fan_out_fan_in (width {FAN_OUT_WIDTH}) = {rate:.0f}/s")
+
+    def jobs_end_to_end(
+        self, pipeline: str, params: dict[str, Any], count: int
+    ) -> tuple[float, dict[str, float]]:
+        """`count` jobs of `pipeline` submitted in one transaction, then drained by a
+        started cluster: jobs/s from the first finished one to the last, and the CPU
+        seconds each role used meanwhile."""
         from django.db import transaction
         from django.test.utils import override_settings
         from django.utils import timezone
@@ -421,27 +504,39 @@ class QueueBench:
         submitted_from = timezone.now()
         started = time.perf_counter()
         with (
-            override_settings(OMNIVA_QUEUE_LIMIT=self.jobs + 1),
+            override_settings(OMNIVA_QUEUE_LIMIT=count * (FAN_OUT_WIDTH + 2) + 1),
             transaction.atomic(),
         ):
-            ids = [services.job_submit(pipeline="noop")[0].pk for _ in range(self.jobs)]
+            ids = [
+                services.job_submit(pipeline=pipeline, params=params)[0].pk for _ in range(count)
+            ]
         submit_s = time.perf_counter() - started
+        if pipeline == "noop":
+            self.results.submit_rates.append(count / submit_s)
         self.vacuum("jobs_queuetask", "jobs_job", "jobs_stagerun", "jobs_joblog")
         active = Job.objects.filter(
-            pipeline="noop", created_at__gte=submitted_from, status__in=ACTIVE_STATUSES
+            pipeline=pipeline, created_at__gte=submitted_from, status__in=ACTIVE_STATUSES
         )
+        postgres = postmaster_pid()
         with self.cluster(omniva, JOBS_QUEUE) as cluster:
+            assert cluster.pid is not None
+            pid = cluster.pid
+            before: dict[str, float] = {}
             elapsed = self.wait_drained(
-                active.count, self.jobs, cluster, timeout_s=max(120.0, self.jobs / 5)
+                active.count,
+                count,
+                cluster,
+                timeout_s=max(120.0, count / 5),
+                # The window starts with the first finished job, as the rate's does: the
+                # cluster's start-up is not counted.
+                on_first=lambda: before.update(cpu_seconds(pid, postgres)),
             )
+            after = cpu_seconds(pid, postgres)
         done = Job.objects.filter(pk__in=ids, status=JobStatus.COMPLETED).count()
-        if done != self.jobs:
-            raise BenchError(f"only {done} of {self.jobs} noop jobs completed")
-        rate = self.jobs / elapsed
-        self.results.job_rates.append(rate)
-        self.results.submit_rates.append(self.jobs / submit_s)
+        if done != count:
+            raise BenchError(f"only {done} of {count} {pipeline} jobs completed")
         Job.objects.filter(pk__in=ids).delete()
-        self.say(f"  omniva jobs: {self.jobs} noop jobs in {elapsed:.2f} s = {rate:.0f}/s")
+        return count / elapsed, {role: after[role] - before[role] for role in CPU_ROLES}
 
     # --- 3 and 4. latency, idle and behind a backlog -------------------------------------
 
@@ -565,6 +660,8 @@ class QueueBench:
         med = statistics.median
         our_rate, orm_rate = med(r.task_rates[ours]), med(r.task_rates[orm])
         job_rate = med(r.job_rates)
+        fan_out_rate = med(r.fan_out_rates)
+        cpu = {role: med(round_cpu[role] for round_cpu in r.job_cpu) for role in CPU_ROLES}
         idle_ours, idle_orm = r.idle_ms[ours], r.idle_ms[orm]
         urgent_ours, urgent_orm = r.urgent_ms[ours], r.urgent_ms[orm]
         long_ours, long_orm = r.urgent_behind_long_ms[ours], r.urgent_behind_long_ms[orm]
@@ -586,6 +683,13 @@ class QueueBench:
                 "",
                 f">= {TARGET_JOBS_RATIO:.0%} of tasks/s",
                 met(job_rate >= TARGET_JOBS_RATIO * our_rate),
+            ),
+            (
+                f"fan_out_fan_in (width {FAN_OUT_WIDTH}) jobs/s",
+                f"{fan_out_rate:.0f} ({fan_out_rate / our_rate:.0%})",
+                "",
+                f">= {TARGET_FAN_OUT_RATIO:.0%} of tasks/s",
+                met(fan_out_rate >= TARGET_FAN_OUT_RATIO * our_rate),
             ),
             (
                 "idle enqueue->start p50 ms",
@@ -647,6 +751,9 @@ class QueueBench:
             f"{r.load_after:.2f} after",
             *table_lines(header, rows),
             f"rounds, tasks/s: {rounds}; jobs/s " + ", ".join(f"{v:.0f}" for v in r.job_rates),
+            "CPU seconds per 1,000 one-stage jobs (all cores): "
+            + ", ".join(f"{role} {cpu[role]:.2f}" for role in CPU_ROLES)
+            + f" = {sum(cpu.values()):.2f}",
             f"enqueue in one transaction: {enqueue}; job_submit {med(r.submit_rates):.0f} jobs/s",
             f"p50 from the enqueue's commit (not the call) to the start: {after_commit}",
             f"urgent samples, ms (low-priority tasks left): {urgent}",
