@@ -94,6 +94,11 @@ class Job(models.Model):
     # When the job last became pending (submit or a retry by hand): queue_timeout_s counts
     # from here.
     pending_since = models.DateTimeField(null=True, blank=True)
+    # Someone waits for the job to finish (a sync submission, jobs.waiting.wait_for_job):
+    # only then does the transition that finishes it NOTIFY JOB_DONE_CHANNEL. A NOTIFY
+    # per job nobody waits on would cost every finishing commit PostgreSQL's global
+    # lock on its notification queue for nothing (issue 21).
+    awaited = models.BooleanField(default=False, db_default=False)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -117,7 +117,9 @@ class JobListView(JobsView, generics.ListAPIView):
         sync, sync_timeout_s = wanted.pop("sync"), wanted.pop("sync_timeout_s")
         wanted["project"] = submit_project(request, wanted.pop("project", None))
         wanted["idempotency_key"] = idempotency_key(request, wanted.get("idempotency_key"))
-        job, created = services.job_submit(**wanted, bound_project=bound_project(request))
+        job, created = services.job_submit(
+            **wanted, bound_project=bound_project(request), awaited=sync
+        )
         note_entities(request, job.pk)
         pending_status = http.HTTP_202_ACCEPTED if created else http.HTTP_200_OK
         response = render_job(

@@ -66,6 +66,15 @@ class SupervisionState:
 # --- helpers shared by the transitions -----------------------------------------------------
 
 
+def job_await(*, job_id: Any) -> None:
+    """Someone is about to wait for the job to finish: from now on the transition that
+    finishes it NOTIFYs JOB_DONE_CHANNEL. The waiter marks the job before it first reads
+    it, so a finish either commits after the mark (and notifies) or before the read (and
+    is seen): the finishing transition reads the flag under the job's lock, which this
+    UPDATE waits for."""
+    Job.objects.filter(pk=job_id, awaited=False).update(awaited=True)
+
+
 def _lock_job(job_id: Any) -> Job:
     try:
         return Job.objects.select_for_update().get(pk=job_id)
@@ -244,8 +253,9 @@ def _finish_job(
         message += f" ({job.cancel_reason})"
     if status != JobStatus.COMPLETED:  # a completion is on the job row; keep the log for news
         _log(job, message, level="error" if status == JobStatus.FAILED else "info")
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_notify(%s, %s)", [JOB_DONE_CHANNEL, str(job.pk)])
+    if job.awaited:  # (read under the job's lock: a waiter marks it before it reads)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [JOB_DONE_CHANNEL, str(job.pk)])
     if job.parent_id:
         _batch_child_finished(parent_id=job.parent_id, now=now)
 

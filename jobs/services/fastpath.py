@@ -239,7 +239,8 @@ WITH given AS (
         {job_payload}
     FROM job
 )
-SELECT run.id, pg_notify(%(channel)s, job.id::text), pg_notify(%(activity_channel)s, '')
+SELECT run.id, CASE WHEN job.awaited THEN pg_notify(%(channel)s, job.id::text) END,
+       pg_notify(%(activity_channel)s, '')
 FROM job JOIN run ON run.job_id = job.id
 """)
 

@@ -290,7 +290,9 @@ def query_embedding_make(*, text: str, project: Project | None) -> list[float]:
     """The vector of `text`, made by an `embed_texts` job on the gpu queue (batched with
     whatever else waits there), so no web process loads a model. 503 when no gpu
     worker made it in time (the job is cancelled)."""
-    job, _ = job_submit(pipeline="embed_texts", params={"texts": [text]}, project=project)
+    job, _ = job_submit(
+        pipeline="embed_texts", params={"texts": [text]}, project=project, awaited=True
+    )
     job = wait_for_job(job.pk, timeout_s=QUERY_EMBEDDING_TIMEOUT_S)
     if job.status == JobStatus.COMPLETED:
         return (job.result or {})["vectors"][0]

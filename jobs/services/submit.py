@@ -24,6 +24,7 @@ from jobs.services.core import (
     BATCH_PIPELINE,
     _enqueue_stage,
     _log,
+    job_await,
     pipeline_named,
     queue_guard,
     task_payload,
@@ -75,6 +76,7 @@ def job_submit(
     idempotency_key: str | None = None,
     bound_project: Project | None = None,
     parent: Job | None = None,
+    awaited: bool = False,
 ) -> tuple[Job, bool]:
     """Create a job and enqueue its root stages; (job, created). A known idempotency key
     returns the job it first created, never a second one; to a caller bound to a project
@@ -86,6 +88,8 @@ def job_submit(
         raise OmnivaError(ErrorCode.VALIDATION_ERROR, "The params are not valid.", details=errors)
     existing = _known_job(idempotency_key, bound_project)
     if existing is not None:
+        if awaited:
+            job_await(job_id=existing.pk)
         return existing, False
     dag = definition.dag(params)
     queue_guard({dag.stage(name).queue for name in dag.roots() if not dag.stage(name).engine_type})
@@ -103,6 +107,7 @@ def job_submit(
         idempotency_key=idempotency_key or None,
         parent=parent,
         pending_since=now,
+        awaited=awaited,
     )
     roots = set(dag.roots())
     runs = [
@@ -130,6 +135,8 @@ def job_submit(
     except IntegrityError:
         existing = _known_job(idempotency_key, bound_project)
         if existing is not None:
+            if awaited:
+                job_await(job_id=existing.pk)
             return existing, False
         raise
     # The response renders the job as created, with its stages, without reading it back
