@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0004_metric_tallies'),
+        ("jobs", "0004_metric_tallies"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='job',
-            name='awaited',
+            model_name="job",
+            name="awaited",
             field=models.BooleanField(db_default=False, default=False),
         ),
     ]
