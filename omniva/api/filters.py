@@ -15,6 +15,7 @@ from typing import Any
 import django_filters
 from django.db.models import QuerySet
 
+from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import ClipStatus
 
 
@@ -31,9 +32,14 @@ class ValidatedFilterSet(django_filters.FilterSet):
         }
         filterset = cls(data, queryset=queryset)
         if not filterset.is_valid():
-            # The serializer accepted what the FilterSet refuses: the two disagree, and a
-            # dropped filter would widen the list silently.
-            raise ValueError(f"{cls.__name__} refused validated filters: {filterset.errors}")
+            # The serializer accepted what the FilterSet refuses: the two disagree. Refused
+            # as the serializer would (400, naming the parameters), since a dropped filter
+            # would widen the list silently and a 500 would blame the server for a query.
+            raise OmnivaError(
+                ErrorCode.VALIDATION_ERROR,
+                "The list's filters are not valid.",
+                details={name: list(errors) for name, errors in filterset.errors.items()},
+            )
         return filterset.qs
 
 
