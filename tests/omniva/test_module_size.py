@@ -14,8 +14,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 APPS = ("omniva", "engines", "jobs", "publishing")
 MAX_LINES = 600
-# Over the line for now, each with the reason; an entry is removed once its module is split.
-EXCEPTIONS: set[str] = set()
 
 
 def is_runtime(module: str) -> bool:
@@ -36,12 +34,8 @@ def line_count(path: Path) -> int:
 
 
 def test_no_runtime_module_is_over_the_line() -> None:
-    over = {
-        module: size
-        for path in runtime_modules()
-        if (module := path.relative_to(ROOT).as_posix()) not in EXCEPTIONS
-        and (size := line_count(path)) > MAX_LINES
-    }
+    sizes = {path.relative_to(ROOT).as_posix(): line_count(path) for path in runtime_modules()}
+    over = {module: size for module, size in sizes.items() if size > MAX_LINES}
     assert over == {}, ", ".join(f"{module} has {size} lines" for module, size in over.items())
 
 
@@ -51,14 +45,3 @@ def test_the_scan_sees_the_apps_and_skips_migrations_and_the_benchmarks() -> Non
     assert "engines/services/reports.py" in scanned
     assert not any("/migrations/" in module for module in scanned)
     assert not any(module.startswith("omniva/bench/") for module in scanned)
-
-
-def test_every_exception_still_exists_and_is_still_over_the_line() -> None:
-    """(Empty today: it guards the list should an exception be needed again.)"""
-    # A stale exception would let the module it names grow back unnoticed.
-    stale = [
-        module
-        for module in sorted(EXCEPTIONS)
-        if not (ROOT / module).is_file() or line_count(ROOT / module) <= MAX_LINES
-    ]
-    assert stale == []
