@@ -263,7 +263,10 @@ def jobs_settle_due(*, jobs: Sequence[Job]) -> list[Job]:
     settled = list(jobs)
     for index, job in enumerate(settled):
         if job_may_be_due(job):
-            job_expire_if_due(job_id=job.pk)
+            try:
+                job_expire_if_due(job_id=job.pk)
+            except OmnivaError:  # deleted since it was read: shown as it was read
+                continue
             fresh = selectors.job_for_caller(job_id=job.pk, project=None, with_stages=True)
             if fresh is not None:
                 settled[index] = fresh

@@ -253,6 +253,15 @@ def test_a_pending_job_past_its_queue_timeout_reads_as_timed_out(api: Any) -> No
     assert job["error"]["code"] == "TIMEOUT"
 
 
+def test_a_due_job_deleted_after_the_list_read_it_is_shown_as_read_not_a_404() -> None:
+    job, _ = services.job_submit(pipeline="noop", queue_timeout_s=5)
+    Job.objects.filter(pk=job.pk).update(pending_since=timezone.now() - timedelta(seconds=10))
+    read = Job.objects.get(pk=job.pk)
+    Job.objects.filter(pk=job.pk).delete()
+
+    assert services.jobs_settle_due(jobs=[read]) == [read]
+
+
 def test_the_list_shows_a_job_past_its_queue_timeout_as_the_detail_does(api: Any) -> None:
     """One rule for every read (services.jobs_settle_due): the list does not go on
     showing `pending` for a job its detail reads as timed out."""
