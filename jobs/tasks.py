@@ -14,9 +14,10 @@ from jobs import services, worker
 logger = logging.getLogger("omniva.jobs.worker")
 
 
-def run_stage(stage_run_id: int) -> None:
-    """Run one attempt of a stage (jobs/worker.py)."""
-    worker.run_attempt(stage_run_id)
+def run_stage(stage_run_id: int, grant: dict[str, Any] | None = None) -> None:
+    """Run one attempt of a stage (jobs/worker.py); `grant`: the attempt the broker's
+    claim started (services.tasks_claim_starting)."""
+    worker.run_attempt(stage_run_id, grant)
 
 
 def retention_run(**_: Any) -> dict[str, int]:

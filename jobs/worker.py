@@ -19,12 +19,15 @@ call that raises is split in halves until the attempt whose input makes it raise
 alone; an attempt past its deadline, or cancelled, ends so on its own (the supervisor
 ends it in the database while the batch runs); when the delivered attempt stops the
 batch, the others are put back in the queue uncounted (`stage_release`); and each is
-settled on its own, so one's database error undoes none of the others'.
+settled on its own (under a savepoint of its own in the completer's transaction), so
+one's database error undoes none of the others'.
+
+Every attempt's end is written by the worker's completer (jobs/completer.py), many
+ends per transaction, while the worker runs its next stage.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -40,7 +43,7 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, connection, transaction
 from django.utils import timezone
 
-from jobs import gpu_worker, services
+from jobs import completer, gpu_worker, services
 from jobs.broker import acknowledge_delivery
 from jobs.pipelines import registry as pipelines
 from jobs.pipelines.context import (
@@ -71,9 +74,10 @@ def remember_delivery(sender: Any, func: Any, task: dict[str, Any], **kwargs: An
 
 
 def _acknowledged(claim: services.StageClaim) -> None:
-    """The transition acknowledged the delivery in its transaction: django-q2's monitor
-    need not (it acknowledges only tasks that still carry an ack id). Attempts gathered
-    into a batch were claimed by the worker itself; django-q2 never knew them."""
+    """The transition that writes the attempt's end drops its queue rows in its own
+    transaction: django-q2's monitor must not acknowledge the delivery (it acknowledges
+    only tasks that still carry an ack id), least of all before that commits. Attempts
+    gathered into a batch were claimed by the worker itself; django-q2 never knew them."""
     task = _current_delivery.get("task")
     if task is not None and claim.ack_id and task.get("ack_id") == claim.ack_id:
         task.pop("ack_id", None)
@@ -147,6 +151,7 @@ class _Supervisor(threading.Thread):
             with self.changed:
                 if not self._released(claim, FORCE_EXIT_AFTER_S):
                     logger.error("stage %s ignored its stop; ending the worker", claim.stage)
+                    completer.flush()  # the ends of its earlier attempts
                     os._exit(70)
 
     def _released(self, claim: services.StageClaim | None, timeout: float) -> bool:
@@ -155,7 +160,7 @@ class _Supervisor(threading.Thread):
 
     def _beat(self, claim: services.StageClaim) -> None:
         try:
-            state = services.stage_heartbeat(claim=claim)
+            state = services.stage_heartbeat(claim=claim, worker=worker_name())
         except DatabaseError as exc:
             logger.warning("heartbeat failed: %s", exc.__class__.__name__)
             connection.close()
@@ -189,7 +194,7 @@ class _Supervisor(threading.Thread):
         if not riders:
             return
         try:
-            states = services.stages_heartbeat(claims=list(riders))
+            states = services.stages_heartbeat(claims=list(riders), worker=worker_name())
             now = timezone.now()
             grace = timedelta(seconds=settings.OMNIVA_CANCEL_GRACE_S)
             for rider in riders:
@@ -275,11 +280,14 @@ def supervised(
                 signal.signal(signum, handler)
 
 
-def run_attempt(stage_run_id: int) -> None:
-    """Start one attempt of a stage and run it; every outcome goes through one
-    orchestrator function."""
+def run_attempt(stage_run_id: int, grant: dict[str, Any] | None = None) -> None:
+    """Run one attempt of a stage: the one the broker's claim started (`grant`), or one
+    started here; every outcome goes through one orchestrator function."""
     ack_id = _current_delivery.get("ack_id")
-    claim = services.stage_start(stage_run_id=stage_run_id, worker=worker_name(), ack_id=ack_id)
+    if grant is not None:
+        claim: services.StageClaim | None = services.stage_granted(grant=grant, ack_id=ack_id)
+    else:
+        claim = services.stage_start(stage_run_id=stage_run_id, worker=worker_name(), ack_id=ack_id)
     if claim is None:
         return
     execute_claim(claim)
@@ -306,7 +314,16 @@ def execute_claim(claim: services.StageClaim) -> None:
             outcome = stage.run(_context(claim))
     except (StageInterrupted, Exception) as exc:
         outcome = exc
-    _settle(claim, outcome)
+    _finish([(claim, outcome)])
+
+
+def _finish(ends: list[completer.End]) -> None:
+    """Attempts ended: their ends are written by this worker's completer (or at once).
+    The transition that writes an end drops its queue rows in its own transaction, so
+    django-q2's monitor must not acknowledge the delivery before that commits."""
+    for claim, _outcome in ends:
+        _acknowledged(claim)
+    completer.finish(ends, _settle)
 
 
 def _stage_of(claim: services.StageClaim) -> pipelines.Stage | StageError:
@@ -365,40 +382,14 @@ def _execute_batch(first: services.StageClaim, stage: pipelines.Stage) -> None:
         # Only `first` was stopped; the others never had their turn.
         for rider in riders:
             _release(rider, f"its batch was stopped ({type(exc).__name__})")
-        _settle(first, exc)
+        _finish([(first, exc)])
         return
     now = timezone.now()
     outcomes = [
         StageTimedOut() if claim.deadline and now >= claim.deadline else outcome
         for claim, outcome in zip(claims, outcomes, strict=True)
     ]
-    # The outputs of one-stage jobs complete with their jobs in one statement, alone in
-    # its transaction: should it fail (one output the database refuses), nothing of it
-    # was written, and each attempt is settled below on its own. Every other outcome,
-    # and a completion the statement did not make (a lost lease, a cancel), is settled
-    # on its own too, so that one's failure leaves the others' committed.
-    done: set[int] = set()
-    try:
-        with _on_its_own():
-            done = services.stages_complete_sole(
-                [
-                    services.Completion(claim.stage_run_id, claim.token, outcome)
-                    for claim, outcome in zip(claims, outcomes, strict=True)
-                    if _storable(outcome)
-                ]
-            )
-    except DatabaseError as exc:
-        logger.warning("the batch's completions failed together (%s); one by one", exc)
-    for claim, outcome in zip(claims, outcomes, strict=True):
-        if claim.stage_run_id in done:
-            _acknowledged(claim)
-            continue
-        try:
-            with _on_its_own():
-                _settle(claim, outcome)
-        except DatabaseError as exc:
-            # Its lease runs out and it is delivered again; the others are settled.
-            logger.warning("settling %s of job %s failed: %s", claim.stage, claim.job_id, exc)
+    _finish(list(zip(claims, outcomes, strict=True)))
 
 
 def _run_batch(stage: pipelines.Stage, claims: Sequence[services.StageClaim]) -> list[Any]:
@@ -440,17 +431,6 @@ def _on_its_own() -> AbstractContextManager[Any]:
     return transaction.atomic() if connection.in_atomic_block else nullcontext()
 
 
-def _storable(outcome: Any) -> bool:
-    """An output, not an exception, that JSON can hold (the others fail alone)."""
-    if isinstance(outcome, BaseException):
-        return False
-    try:
-        json.dumps(outcome, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def _settle(claim: services.StageClaim, outcome: Any) -> None:
     """The one way an attempt ends: its output, or the exception it ended with."""
     if isinstance(outcome, StageCancelled):
@@ -479,7 +459,6 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
                 services.stage_complete(
                     stage_run_id=claim.stage_run_id, token=claim.token, output=outcome
                 )
-            _acknowledged(claim)
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)
         except (TypeError, ValueError) as exc:
@@ -510,14 +489,15 @@ def _report_failure(
             message=message,
             retryable=retryable,
         )
-        _acknowledged(claim)
     except OmnivaError as exc:
         logger.warning("failure report refused: %s", exc.message)
 
 
 def on_worker_spawned(sender: Any, proc_name: str, **kwargs: Any) -> None:
-    """django-q2 spawned a worker process: in the gpu cluster, warm up and report."""
+    """django-q2 spawned a worker process: its ends go through a completer; in the gpu
+    cluster it warms up and reports."""
     from django_q.conf import Conf  # read at call time: the cluster's name is set by then
 
+    completer.in_cluster_worker()
     if Conf.CLUSTER_NAME == GPU_QUEUE:
         gpu_worker.start_reporter(worker_name())

@@ -230,6 +230,14 @@ else:
 
 _database["CONN_HEALTH_CHECKS"] = True
 _database.setdefault("OPTIONS", {}).setdefault("connect_timeout", DB_CONNECT_TIMEOUT_S)
+# The queue core's fixed statements run prepared, with generic plans (omniva/prepared.py);
+# Django's own queries bind on the client and are never prepared, whatever this says.
+# Off for a pooler that cannot keep prepared statements (PgBouncer before 1.21 in
+# transaction mode).
+if env_bool("OMNIVA_DB_PREPARED_STATEMENTS", True):
+    from omniva.prepared import with_prepared_statements
+
+    _database["OPTIONS"] = with_prepared_statements(_database["OPTIONS"])
 DATABASES = {"default": _database}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -406,6 +414,13 @@ OMNIVA_GPU_WORKERS = env_int("OMNIVA_GPU_WORKERS", 1, minimum=1, maximum=16)
 # A stage attempt holds its queue task under a lease that its worker's heartbeat renews
 # (every third of it); a worker that dies loses the task after one lease.
 OMNIVA_TASK_LEASE_S = env_int("OMNIVA_TASK_LEASE_S", 60, minimum=1)
+# A worker's completer writes the ends of attempts many per transaction (jobs/completer.py):
+# once the oldest has waited this long, or sooner when this many wait. 0 writes each at once.
+OMNIVA_COMPLETER_TICK_MS = env_int("OMNIVA_COMPLETER_TICK_MS", 10, minimum=0, maximum=10_000)
+OMNIVA_COMPLETER_MAX_BATCH = env_int("OMNIVA_COMPLETER_MAX_BATCH", 1000, minimum=1)
+# An end that waits out the lease is refused and its stage runs again.
+if OMNIVA_COMPLETER_TICK_MS * 2 > OMNIVA_TASK_LEASE_S * 1000:
+    raise ImproperlyConfigured("OMNIVA_COMPLETER_TICK_MS must be at most half the task lease")
 # After a cancel, how long a running stage has to reach a checkpoint before it is forced.
 OMNIVA_CANCEL_GRACE_S = env_int("OMNIVA_CANCEL_GRACE_S", 30, minimum=1)
 # Defaults of a job's timeout_s (seed 001: 10 minutes) and queue_timeout_s; 0 means none.

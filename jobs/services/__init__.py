@@ -48,13 +48,16 @@ from jobs.services.engine_stages import (
     stage_engine_progress,
 )
 from jobs.services.fastpath import (
+    CLAIM_START_SQL,
     COMPLETE_SOLE_STAGE_SQL,
     HEARTBEAT_SQL,
     START_SQL,
     Completion,
+    stage_granted,
     stages_complete_sole,
     stages_heartbeat,
     stages_start_granted,
+    tasks_claim_starting,
 )
 from jobs.services.lifecycle import (
     QUERY_EMBEDDING_TIMEOUT_S,
@@ -88,6 +91,7 @@ from jobs.services.submit import (
 
 __all__ = [
     "BATCH_PIPELINE",
+    "CLAIM_START_SQL",
     "CLEANUP_MAX_AGE_S",
     "COMPLETE_SOLE_STAGE_SQL",
     "HEARTBEAT_SQL",
@@ -133,6 +137,7 @@ __all__ = [
     "stage_fail",
     "stage_force_cancel",
     "stage_force_timeout",
+    "stage_granted",
     "stage_heartbeat",
     "stage_release",
     "stage_report",
@@ -142,4 +147,5 @@ __all__ = [
     "stages_heartbeat",
     "stages_start_granted",
     "task_payload",
+    "tasks_claim_starting",
 ]

@@ -185,9 +185,9 @@ def stage_report(
             _log(job, message, stage=run.name, level=level)
 
 
-def stage_heartbeat(*, claim: StageClaim) -> SupervisionState:
+def stage_heartbeat(*, claim: StageClaim, worker: str) -> SupervisionState:
     """Extend the attempt's lease and its queue row's; report a cancel or the deadline."""
-    held = stages_heartbeat(claims=[claim])
+    held = stages_heartbeat(claims=[claim], worker=worker)
     return held.get(claim.stage_run_id, SupervisionState(lease_held=False))
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from jobs import services
@@ -25,6 +27,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 def job_status(job: Job) -> str:
     job.refresh_from_db()
     return job.status
+
+
+def stage_process(job: Job) -> int | None:
+    """The pid of the worker process that the job's stage names, once it names one
+    running a task (not the cluster that claimed it)."""
+    pid = int(job.stages.get().worker.rsplit(":", 1)[1])
+    with contextlib.suppress(psutil.NoSuchProcess):
+        if "processing" in " ".join(psutil.Process(pid).cmdline()):
+            return pid
+    return None
 
 
 def test_a_qcluster_worker_runs_a_dag_job_to_completion(
@@ -72,7 +84,9 @@ def test_a_worker_killed_mid_stage_loses_its_lease_and_the_stage_runs_again(
     job, _ = services.job_submit(pipeline="sleep", params={"seconds": 4})
     wait_for(lambda: job_status(job) == JobStatus.RUNNING, timeout=60, what="the job to start")
     killed = job.stages.get()
-    worker_pid = int(killed.worker.rsplit(":", 1)[1])
+    # The start in the broker's claim names the cluster; the first heartbeat (a third
+    # of the lease) names the worker process that runs the stage.
+    worker_pid = wait_for(lambda: stage_process(job), timeout=10, what="the first heartbeat")
 
     os.kill(worker_pid, signal.SIGKILL)
 
