@@ -58,20 +58,21 @@ RECONNECT_PAUSE_S = 0.5
 # takes up to LIMIT more rows, so one claim took rows no one was handed (seen in tests).
 # `= ANY(ARRAY(…))` keeps the update on the primary key in a generic plan, which cannot
 # know how small LIMIT is (a join on the CTE was planned as a scan of the whole table).
-CLAIM_SQL = """
-WITH picked AS MATERIALIZED (
+CLAIM_PICK = """picked AS MATERIALIZED (
     SELECT id FROM jobs_queuetask
     WHERE queue = %(queue)s AND visible_at <= statement_timestamp()
     ORDER BY priority DESC, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
-)
+)"""
+CLAIM_SQL = f"""
+WITH {CLAIM_PICK}
 UPDATE jobs_queuetask q
 SET visible_at = statement_timestamp() + make_interval(secs => %(lease)s),
     deliveries = q.deliveries + 1
 WHERE q.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING q.id, q.deliveries, q.priority, q.payload
-"""
+"""  # noqa: S608 (constants)
 
 # A claim that also starts what it claims (jobs.services.tasks_claim_starting, set by
 # jobs.apps at start: services build on the broker, not the reverse): called with the

@@ -14,8 +14,11 @@ from jobs.worker import remember_delivery
 
 
 def claim_delivery(queue: str) -> tuple[str, dict[str, Any]] | None:
-    """One ready task of `queue`, claimed with the broker's claim: its ack id and the
-    unpacked django-q2 task (for running it in this process: benchmarks and tests)."""
+    """One ready task of `queue`, claimed with the broker's CLAIM_SQL: its ack id and the
+    unpacked django-q2 task (for running it in this process: benchmarks and tests). It
+    claims without starting, so that a test can act between the claim and the start; a
+    cluster's claim also starts the stage (services.tasks_claim_starting), and the
+    worker then runs it from its grant."""
     with connection.cursor() as cursor:
         cursor.execute(CLAIM_SQL, {"lease": task_lease_s(), "queue": queue, "limit": 1})
         row = cursor.fetchone()

@@ -88,6 +88,7 @@ def _with_payloads(sql: str) -> str:
         ("{startable}", _STARTABLE),
         ("{start_writes}", _START_WRITES),
         ("{grant_columns}", _GRANT_COLUMNS),
+        ("{claim_pick}", broker.CLAIM_PICK),
     ):
         sql = sql.replace(name, part)
     return sql.replace("{job_payload}", payload_sql("job", JOB_FIELDS)).replace(
@@ -133,13 +134,7 @@ FROM job JOIN run ON run.job_id = job.id
 # `= ANY(ARRAY(…))`, so the generic plan (omniva/prepared.py) is index lookups whatever
 # the limit.
 CLAIM_START_SQL = _with_payloads("""
-WITH picked AS MATERIALIZED (
-    SELECT id FROM jobs_queuetask
-    WHERE queue = %(queue)s AND visible_at <= statement_timestamp()
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
+WITH {claim_pick}, claimed AS (
     UPDATE jobs_queuetask q
     SET visible_at = statement_timestamp() + make_interval(secs => %(lease_s)s),
         deliveries = q.deliveries + 1

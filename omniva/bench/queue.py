@@ -18,8 +18,11 @@ What is measured:
 1. raw rate: N no-op tasks enqueued in one transaction, then a cluster is started; the
    rate is N over the time from the first finished task seen to the empty queue (the
    parent polls the queue's depth), so the cluster's start-up is not counted;
-2. the same for N one-stage `noop` jobs submitted with jobs.services.job_submit (each
-   task then runs jobs.tasks.run_stage: stage_start, the stage, stage_complete);
+2. the same for N one-stage `noop` jobs submitted with jobs.services.job_submit (the
+   cluster's claim starts each stage, its worker runs it from the grant, and the
+   worker's completer writes the completions many per statement), and for N/2
+   `fan_out_fan_in` jobs of width 4 (six stages each), with the CPU each role used while
+   the one-stage jobs drained;
 3. on an idle running cluster, the time from just before an enqueue call to the start
    of the task, which records time.time() in a file;
 4. the same for one urgent task (priority 10) enqueued while the cluster works through
@@ -484,7 +487,8 @@ class QueueBench:
             f"  omniva jobs: {self.jobs} noop jobs = {rate:.0f}/s; CPU s per 1,000: "
             + ", ".join(f"{role} {1000 * s / self.jobs:.2f}" for role, s in cpu.items())
         )
-        count = max(1, self.jobs // (FAN_OUT_WIDTH + 2))
+        # Half as many as one-stage jobs: enough stages (six each) for a window of seconds.
+        count = max(1, self.jobs // 2)
         rate, _cpu = self.jobs_end_to_end("fan_out_fan_in", {"width": FAN_OUT_WIDTH}, count)
         self.results.fan_out_rates.append(rate)
         self.say(f"  omniva jobs: {count} fan_out_fan_in (width {FAN_OUT_WIDTH}) = {rate:.0f}/s")

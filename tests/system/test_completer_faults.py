@@ -47,6 +47,19 @@ def submit_stream() -> list[Job]:
     return sole + dags
 
 
+def started_cluster(processes: ProcessGroup, database_url: str, log: Path) -> int:
+    """A qcluster whose two workers are up: its pid."""
+    cluster = start_worker(processes, database_url, log, **CLUSTER)
+    wait_for(lambda: len(worker_processes(cluster.pid)) == 2, timeout=60, what="the workers")
+    return cluster.pid
+
+
+def first_stages(jobs: list[Job]) -> list[int]:
+    """The stage runs of `jobs` that are queued from the start (not waiting for parents)."""
+    runs = StageRun.objects.filter(job__in=jobs).exclude(status=StageStatus.WAITING)
+    return list(runs.values_list("pk", flat=True))
+
+
 def worker_processes(cluster_pid: int) -> list[psutil.Process]:
     """The worker processes of a qcluster (django-q2 titles them idle or processing)."""
     workers = []
@@ -122,8 +135,7 @@ def test_worker_processes_killed_with_ends_unwritten_lose_no_job_and_complete_ea
     fault_report: Callable[..., None],
 ) -> None:
     log = tmp_path / "qcluster.log"
-    cluster = start_worker(processes, test_database_url, log, **CLUSTER)
-    wait_for(lambda: len(worker_processes(cluster.pid)) == 2, timeout=60, what="the workers")
+    cluster_pid = started_cluster(processes, test_database_url, log)
     jobs = submit_stream()
     # Then a long stage for each worker: it is killed in the middle of it, not while it
     # waits for a task (a process killed inside a read of django-q2's task queue takes
@@ -133,16 +145,12 @@ def test_worker_processes_killed_with_ends_unwritten_lose_no_job_and_complete_ea
             services.job_submit(pipeline="sleep", params={"seconds": 30}, priority=1)[0]
             for _ in range(2)
         ]
-    roots = list(
-        StageRun.objects.filter(job__in=jobs + sleepers)
-        .exclude(status=StageStatus.WAITING)
-        .values_list("pk", flat=True)
-    )
+    roots = first_stages(jobs + sleepers)
 
     def both_asleep() -> list[psutil.Process]:
         busy = [
             process
-            for process in worker_processes(cluster.pid)
+            for process in worker_processes(cluster_pid)
             if "sleep.sleep" in " ".join(process.cmdline())
         ]
         return busy if len(busy) == 2 else []
@@ -159,7 +167,7 @@ def test_worker_processes_killed_with_ends_unwritten_lose_no_job_and_complete_ea
 
     # django-q2 starts new workers; the killed attempts come back after their lease.
     check_the_stream(jobs, killed, fault_report, log)
-    assert cluster.poll() is None
+    assert psutil.pid_exists(cluster_pid)
 
 
 def test_a_whole_cluster_killed_with_ends_unwritten_loses_no_job_and_completes_each_once(
@@ -168,23 +176,12 @@ def test_a_whole_cluster_killed_with_ends_unwritten_loses_no_job_and_completes_e
     tmp_path: Path,
     fault_report: Callable[..., None],
 ) -> None:
-    log = tmp_path / "qcluster.log"
-    cluster = start_worker(processes, test_database_url, log, **CLUSTER)
-    wait_for(
-        lambda: len(worker_processes(cluster.pid)) == 2,
-        timeout=60,
-        what=f"the workers\n{log.read_text()[-2000:]}",
-    )
+    cluster_pid = started_cluster(processes, test_database_url, tmp_path / "qcluster.log")
     jobs = submit_stream()
-    roots = list(
-        StageRun.objects.filter(job__in=jobs)
-        .exclude(status=StageStatus.WAITING)
-        .values_list("pk", flat=True)
-    )
+    roots = first_stages(jobs)
 
     killed = wait_for(lambda: ran_unwritten(roots), timeout=60, what="every first stage to run")
-    os.killpg(cluster.pid, signal.SIGKILL)
-    cluster.wait(timeout=10)
+    os.killpg(cluster_pid, signal.SIGKILL)
 
     start_worker(processes, test_database_url, tmp_path / "qcluster-2.log", **CLUSTER)
     check_the_stream(jobs, killed, fault_report, tmp_path / "qcluster-2.log")
