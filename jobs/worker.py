@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -99,6 +100,9 @@ class _Supervisor(threading.Thread):
         self.claim: services.StageClaim | None = None
         self.riders: tuple[services.StageClaim, ...] = ()
         self.forced: type[StageInterrupted] | None = None
+        self.since = 0.0  # when the watched attempt started, or was last beaten
+        self.connected = False  # a heartbeat opened this thread's database connection
+        self.wakes_at = 0.0  # when the supervisor's sleep ends, while it sleeps
         # Held while a heartbeat runs: `release` waits for it, so that no heartbeat of an
         # attempt is in flight once the main thread settles it (their row locks, taken
         # in other orders, could deadlock) or releases its batch's other attempts.
@@ -112,34 +116,43 @@ class _Supervisor(threading.Thread):
     def watch(
         self, claim: services.StageClaim, riders: tuple[services.StageClaim, ...] = ()
     ) -> None:
+        # No wake-up: the supervisor looks at an attempt one interval after it started.
+        # Waking it for every stage (and again at its end) cost more than a no-op stage:
+        # two thread switches, and the GIL handed back and forth.
         with self.changed:
             self.claim = claim
             self.riders = riders
             self.forced = None
-            self.changed.notify()
+            self.since = time.monotonic()
+            if self.wakes_at > self.since + self.interval():
+                self.changed.notify()  # asleep for longer (the interval was changed)
 
     def release(self) -> None:
         with self.changed:
             self.claim = None
             self.riders = ()
-            self.changed.notify()
+            # The supervisor waits for a forced stop's end, and closes the connection
+            # its heartbeats opened.
+            if self.forced is not None or self.connected:
+                self.changed.notify()
         with self.beating:
             pass
 
     def run(self) -> None:
         while True:
+            interval = self.interval()
             with self.changed:
-                idle = self.claim is None
-            if idle:
-                connection.close()  # a heartbeat's connection is not kept between stages
-            with self.changed:
-                self.changed.wait_for(lambda: self.claim is not None)
-                claim, riders = self.claim, self.riders
-                # Wake up once per interval while the same attempt runs.
-                if self._released(claim, self.interval()):
+                claim, riders, forced = self.claim, self.riders, self.forced
+                if claim is None:
+                    if self.connected:  # a heartbeat's connection is not kept idle
+                        connection.close()
+                        self.connected = False
+                    self._sleep(interval)
                     continue
-                forced = self.forced
-            assert claim is not None
+                due = self.since + interval - time.monotonic()
+                if forced is None and due > 0:
+                    self._sleep(due)
+                    continue
             if forced is None:
                 with self.beating:
                     self._beat(claim)
@@ -147,12 +160,22 @@ class _Supervisor(threading.Thread):
                     # main thread's to put back.
                     if self.forced is None and self.claim is claim:
                         self._beat_riders(riders)
+                with self.changed:
+                    self.connected = True
+                    if self.claim is claim:
+                        self.since = time.monotonic()  # the next beat one interval on
                 continue
             with self.changed:
                 if not self._released(claim, FORCE_EXIT_AFTER_S):
                     logger.error("stage %s ignored its stop; ending the worker", claim.stage)
                     completer.flush()  # the ends of its earlier attempts
                     os._exit(70)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait (holding `changed`) for `seconds`, or until notified."""
+        self.wakes_at = time.monotonic() + seconds
+        self.changed.wait(seconds)
+        self.wakes_at = 0.0
 
     def _released(self, claim: services.StageClaim | None, timeout: float) -> bool:
         """Wait (holding `changed`) until `claim` is no longer watched, or `timeout`."""

@@ -132,20 +132,28 @@ def pipeline_named(name: str, *, field: str = "pipeline") -> pipelines.Pipeline:
     return definition
 
 
-def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
-    """The signed django-q2 task that runs one stage: `jobs.tasks.run_stage(run.id)`."""
+def stage_task(
+    *, run_id: int, pipeline: str, stage: str, queue: str, grant: dict[str, Any] | None = None
+) -> str:
+    """The signed django-q2 task that runs one stage: `jobs.tasks.run_stage(run_id)`, with
+    the attempt's `grant` when the broker's claim started it (fastpath)."""
     return SignedPackage.dumps(
         {
             "id": uuid.uuid4().hex,
-            "name": f"{job.pipeline}.{run.name}:{run.pk}",
+            "name": f"{pipeline}.{stage}:{run_id}",
             "func": "jobs.tasks.run_stage",
-            "args": (run.pk,),
-            "kwargs": {},
+            "args": (run_id,),
+            "kwargs": {} if grant is None else {"grant": grant},
             "started": timezone.now(),
             "save": False,
             "cluster": queue,
         }
     )
+
+
+def task_payload(*, run: StageRun, job: Job, queue: str) -> str:
+    """The signed django-q2 task that runs one stage: `jobs.tasks.run_stage(run.id)`."""
+    return stage_task(run_id=run.pk, pipeline=job.pipeline, stage=run.name, queue=queue)
 
 
 def _enqueue_stage(

@@ -5,7 +5,6 @@ SQL what its Python transition does under the same rules (attempts.py).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import psycopg
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from django_q.signing import SignedPackage
 
 from jobs import broker
 from jobs.models import (
@@ -31,6 +29,7 @@ from jobs.services.core import (
     SupervisionState,
     _lease_until,
     _parent_outputs,
+    stage_task,
 )
 from omniva.models import ACTIVITY_CHANNEL
 from omniva.prepared import prepared_cursor
@@ -167,9 +166,8 @@ def _start_params(now: datetime, worker: str) -> dict[str, Any]:
     }
 
 
-def _grant(row: Sequence[Any], ack_id: str | None, *, inputs: bool = True) -> StageClaim:
-    """The StageClaim of a started run from its _GRANT_COLUMNS; its parents' outputs are
-    read unless `inputs` is false (a grant read in the broker: the worker reads them)."""
+def _grant(row: Sequence[Any], ack_id: str | None) -> StageClaim:
+    """The StageClaim of a started run from its _GRANT_COLUMNS."""
     run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt = row
     params = _json_column(params)
     return StageClaim(
@@ -180,7 +178,7 @@ def _grant(row: Sequence[Any], ack_id: str | None, *, inputs: bool = True) -> St
         attempt=attempt,
         token=str(token),
         params=params,
-        inputs=_parent_outputs(job_id, pipeline, params, stage) if inputs else {},
+        inputs=_parent_outputs(job_id, pipeline, params, stage),
         deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
         ack_id=ack_id,
     )
@@ -216,24 +214,35 @@ def tasks_claim_starting(
     rows.sort(key=lambda row: (-row[2], row[0]))
     tasks = []
     for row in rows:
-        row_id, deliveries, _priority, payload, *grant = row
-        ack_id = broker.ack_id_for(row_id, deliveries)
-        if grant[0] is not None:
-            claim = _grant(grant[:9], ack_id, inputs=False)
-            task = SignedPackage.loads(payload)
-            task["kwargs"] = {**task.get("kwargs", {}), "grant": dataclasses.asdict(claim)}
-            payload = SignedPackage.dumps(task)
-        tasks.append((ack_id, payload))
+        row_id, deliveries, _priority, payload, *granted = row
+        if granted[0] is not None:
+            # The stage's task as core.stage_task writes it (the pusher's time goes into
+            # signing: a new task is cheaper than the stored one unpacked and changed).
+            run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt = (
+                granted[:9]
+            )
+            grant = {
+                "stage_run_id": run_id,
+                "job_id": str(job_id),
+                "pipeline": pipeline,
+                "stage": stage,
+                "attempt": attempt,
+                "token": str(token),
+                "params": _json_column(params),
+                "deadline": started_at + timedelta(seconds=timeout_s) if timeout_s else None,
+            }
+            payload = stage_task(
+                run_id=run_id, pipeline=pipeline, stage=stage, queue=queue, grant=grant
+            )
+        tasks.append((broker.ack_id_for(row_id, deliveries), payload))
     return tasks
 
 
 def stage_granted(*, grant: dict[str, Any], ack_id: str | None) -> StageClaim:
     """The claim of a stage started by the broker's claim (tasks_claim_starting), with
     its parents' outputs read now, in the worker that runs it."""
-    claim = StageClaim(**{**grant, "ack_id": ack_id})
-    return dataclasses.replace(
-        claim, inputs=_parent_outputs(claim.job_id, claim.pipeline, claim.params, claim.stage)
-    )
+    inputs = _parent_outputs(grant["job_id"], grant["pipeline"], grant["params"], grant["stage"])
+    return StageClaim(**grant, inputs=inputs, ack_id=ack_id)
 
 
 def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list[StageClaim]:
