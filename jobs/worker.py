@@ -480,7 +480,10 @@ def _settle(claim: services.StageClaim, outcome: Any) -> None:
         try:
             with _on_its_own():
                 services.stage_complete(
-                    stage_run_id=claim.stage_run_id, token=claim.token, output=outcome
+                    stage_run_id=claim.stage_run_id,
+                    token=claim.token,
+                    output=outcome,
+                    pipeline=claim.pipeline,
                 )
         except OmnivaError as exc:
             logger.warning("completion of %s refused: %s", claim.stage, exc.message)

@@ -20,6 +20,7 @@ from jobs.models import (
     StageRun,
     StageStatus,
 )
+from jobs.pipelines import registry as pipelines
 from jobs.pipelines.context import StageCancelled, StageLeaseLost, StageTimedOut
 from jobs.services.activity import _job_changed, _stage_changed
 from jobs.services.core import (
@@ -200,10 +201,15 @@ def _drop_queue_rows(run: StageRun) -> None:
     broker.drop_stage_tasks(stage_run_ids=[run.pk])
 
 
-def stage_complete(*, stage_run_id: int, token: str, output: Any) -> None:
+def stage_complete(
+    *, stage_run_id: int, token: str, output: Any, pipeline: str | None = None
+) -> None:
     """Store the output; start every child whose parents all completed; finish the job
-    when every stage has. A stale token changes nothing (STAGE_LEASE_LOST)."""
-    if stages_complete_sole([Completion(stage_run_id, token, output)]):
+    when every stage has. A stale token changes nothing (STAGE_LEASE_LOST). `pipeline`,
+    when the caller knows the job's: a pipeline of several stages skips the
+    one-statement completion, which only completes one-stage jobs."""
+    sole = pipeline is None or pipeline in pipelines.single_stage_pipelines()
+    if sole and stages_complete_sole([Completion(stage_run_id, token, output)]):
         return
     with transaction.atomic():
         job, run = _held_run(stage_run_id, token)
@@ -249,7 +255,8 @@ def stage_complete(*, stage_run_id: int, token: str, output: Any) -> None:
                 continue
             if all(runs[p].status == StageStatus.COMPLETED for p in dag.stage(child).depends_on):
                 _enqueue_stage(job, child_run, dag.stage(child))
-        _update_progress(job)
+        # Every run of the job is in `runs` (as _update_progress would read them).
+        job.progress = round(sum(r.progress for r in runs.values()) / len(runs), 2)
         job.save(update_fields=["progress", "updated_at"])
         _job_changed(job, "job:progress")
         return
