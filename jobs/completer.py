@@ -151,6 +151,10 @@ class Completer(threading.Thread):
                 self.writing = True
             try:
                 write_ends(batch, self.settle)
+            except Exception:
+                # Not the database (write_ends logs that): a fault of ours must not end
+                # the thread. Those attempts run again after their lease.
+                logger.exception("writing %d attempt ends failed", len(batch))
             finally:
                 with self.changed:
                     self.writing = False

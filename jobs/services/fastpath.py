@@ -166,22 +166,25 @@ def _start_params(now: datetime, worker: str) -> dict[str, Any]:
     }
 
 
+def _grant_fields(row: Sequence[Any]) -> dict[str, Any]:
+    """What a worker needs of a started run (StageClaim's fields but its inputs and
+    delivery), from its _GRANT_COLUMNS."""
+    run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt = row
+    return {
+        "stage_run_id": run_id,
+        "job_id": str(job_id),
+        "pipeline": pipeline,
+        "stage": stage,
+        "attempt": attempt,
+        "token": str(token),
+        "params": _json_column(params),
+        "deadline": started_at + timedelta(seconds=timeout_s) if timeout_s else None,
+    }
+
+
 def _grant(row: Sequence[Any], ack_id: str | None) -> StageClaim:
     """The StageClaim of a started run from its _GRANT_COLUMNS."""
-    run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt = row
-    params = _json_column(params)
-    return StageClaim(
-        stage_run_id=run_id,
-        job_id=str(job_id),
-        pipeline=pipeline,
-        stage=stage,
-        attempt=attempt,
-        token=str(token),
-        params=params,
-        inputs=_parent_outputs(job_id, pipeline, params, stage),
-        deadline=started_at + timedelta(seconds=timeout_s) if timeout_s else None,
-        ack_id=ack_id,
-    )
+    return stage_granted(grant=_grant_fields(row), ack_id=ack_id)
 
 
 def tasks_claim_starting(
@@ -218,21 +221,13 @@ def tasks_claim_starting(
         if granted[0] is not None:
             # The stage's task as core.stage_task writes it (the pusher's time goes into
             # signing: a new task is cheaper than the stored one unpacked and changed).
-            run_id, token, job_id, pipeline, params, started_at, timeout_s, stage, attempt = (
-                granted[:9]
-            )
-            grant = {
-                "stage_run_id": run_id,
-                "job_id": str(job_id),
-                "pipeline": pipeline,
-                "stage": stage,
-                "attempt": attempt,
-                "token": str(token),
-                "params": _json_column(params),
-                "deadline": started_at + timedelta(seconds=timeout_s) if timeout_s else None,
-            }
+            grant = _grant_fields(granted[:9])
             payload = stage_task(
-                run_id=run_id, pipeline=pipeline, stage=stage, queue=queue, grant=grant
+                run_id=grant["stage_run_id"],
+                pipeline=grant["pipeline"],
+                stage=grant["stage"],
+                queue=queue,
+                grant=grant,
             )
         tasks.append((broker.ack_id_for(row_id, deliveries), payload))
     return tasks

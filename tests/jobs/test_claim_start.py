@@ -142,5 +142,6 @@ def test_the_claim_runs_prepared_with_a_generic_plan_on_the_brokers_session() ->
         "WHERE statement LIKE '%%WITH picked AS MATERIALIZED%%'"
     )
     [(generic, custom)] = plans.fetchall()
+    broker._db().close()
     assert (generic, custom) == (6, 0)
     assert Job.objects.filter(status=JobStatus.RUNNING).count() == 6

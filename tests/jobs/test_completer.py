@@ -132,3 +132,21 @@ def test_a_full_batch_is_written_before_its_tick(running: Completer) -> None:
         wait_for(lambda: statuses(claims) == [JobStatus.COMPLETED] * 3, timeout=10)
     finally:
         full.close()
+
+
+def test_a_fault_of_ours_while_writing_does_not_end_the_completer() -> None:
+    def broken(claim: services.StageClaim, outcome: Any) -> None:
+        raise RuntimeError("a bug in settling")
+
+    thread = Completer(broken, tick_s=0.01, max_batch=1000)
+    thread.start()
+    try:
+        first, second = started(2)
+        # Not a one-stage completion: it goes through `broken`.
+        thread.submit([(first, StageError(FailureCode.STAGE_FAILED, "boom"))])
+        wait_for(lambda: not thread.waiting and not thread.writing, timeout=10)
+        assert thread.is_alive()
+        thread.submit([(second, {"ok": True})])
+        wait_for(lambda: statuses([second]) == [JobStatus.COMPLETED], timeout=10)
+    finally:
+        thread.close()
