@@ -188,12 +188,14 @@ def extend_leases(*, ack_ids: list[str], lease_s: float) -> int:
         return 0
     rows, deliveries = zip(*(parse_ack_id(ack_id) for ack_id in ack_ids), strict=True)
     with connection.cursor() as cursor:
+        # q.id = ANY: the rows are reached by their key whatever the statistics say
+        # (jobs/services/fastpath.py, "Plans that do not depend on statistics").
         cursor.execute(
             "UPDATE jobs_queuetask q "
             "SET visible_at = statement_timestamp() + make_interval(secs => %s) "
             "FROM unnest(%s::bigint[], %s::int[]) AS held(id, deliveries) "
-            "WHERE q.id = held.id AND q.deliveries = held.deliveries",
-            [lease_s, list(rows), list(deliveries)],
+            "WHERE q.id = ANY(%s) AND q.id = held.id AND q.deliveries = held.deliveries",
+            [lease_s, list(rows), list(deliveries), list(rows)],
         )
         return cursor.rowcount
 

@@ -1,6 +1,19 @@
 """The one-statement transitions the worker runtime batches: the start of every granted
 attempt, the heartbeat of every held one, the completion of sole stages. Each does in
 SQL what its Python transition does under the same rules (attempts.py).
+
+Plans that do not depend on statistics. These statements run prepared with generic
+plans (omniva/prepared.py), planned once per connection from the statistics of that
+moment. Statistics taken while a table held only dead rows (an ANALYZE after a purge,
+or of a queue that had just drained) say it is empty, and an empty table's full scan
+looks free: a completion planned then scanned every job for each batch (6,000 jobs: 30
+ms a statement instead of 1, and the drain at a sixth of its rate until the next
+ANALYZE). So no statement here leaves the planner a plan whose cost grows with a
+table: each row is reached from the batch's ids, through a LATERAL subquery that takes
+one row by its primary key (a subquery with FOR UPDATE or LIMIT is never flattened
+into the join, so it is run once per id, by the index), and each UPDATE is given its
+rows by `= ANY(ARRAY(...))` of ids. tests/jobs/test_plan_bounds.py runs them against
+statistics that say empty and counts the rows each plan node touches.
 """
 
 from __future__ import annotations
@@ -34,27 +47,35 @@ from jobs.services.core import (
 from omniva.models import ACTIVITY_CHANNEL
 from omniva.prepared import prepared_cursor
 
-# Whether stage run `r` of job `j` starts under the common rules: it is queued, and its
-# job is neither finished, cancelled nor out of time (stage_start has the full rules).
-_STARTABLE = """r.status = %(queued)s
-      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
-      AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
-           OR j.pending_since IS NULL
-           OR %(now)s <= j.pending_since + make_interval(secs => j.queue_timeout_s))
-      AND (COALESCE(j.timeout_s, 0) = 0 OR j.started_at IS NULL
-           OR %(now)s < j.started_at + make_interval(secs => j.timeout_s))"""
+# Whether job `j` lets a queued stage start under the common rules: it is neither
+# finished, cancelled nor out of time (stage_start has the full rules).
+_JOB_STARTABLE = """j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
+          AND (j.started_at IS NOT NULL OR COALESCE(j.queue_timeout_s, 0) = 0
+               OR j.pending_since IS NULL
+               OR %(now)s <= j.pending_since + make_interval(secs => j.queue_timeout_s))
+          AND (COALESCE(j.timeout_s, 0) = 0 OR j.started_at IS NULL
+               OR %(now)s < j.started_at + make_interval(secs => j.timeout_s))"""
 
-# The start of the runs in `target` (their jobs' rows locked by it): each run, its job
-# (once, however many of its runs start) and their activity rows. The run is only
-# changed while its status is still `queued`, re-checked on the newest row version once
-# the job's lock is held.
+# The queued run of each id in `{ids}` (a relation with a `run_id` column), with its job
+# id: one primary-key lookup per id (see the module on plans).
+_QUEUED_RUNS = """SELECT r.id AS run_id, r.job_id
+    FROM {ids}
+    CROSS JOIN LATERAL (
+        SELECT r.id, r.job_id FROM jobs_stagerun r
+        WHERE r.id = {ids}.run_id AND r.status = %(queued)s
+        LIMIT 1
+    ) r"""
+
+# The start of the runs in `target` (run_id, job_id; their jobs' rows locked by it):
+# each run, its job (once, however many of its runs start) and their activity rows. The
+# run is only changed while its status is still `queued`, re-checked on the newest row
+# version once the job's lock is held.
 _START_WRITES = """run AS (
     UPDATE jobs_stagerun r
     SET status = %(running)s, attempt = r.attempt + 1, lease_token = gen_random_uuid(),
         lease_expires_at = %(lease)s, worker = %(worker)s, started_at = %(now)s,
         finished_at = NULL, progress = 0, error = NULL
-    FROM target
-    WHERE r.id = target.run_id AND r.status = %(queued)s
+    WHERE r.id = ANY(ARRAY(SELECT run_id FROM target)) AND r.status = %(queued)s
     RETURNING r.*
 ), job AS (
     UPDATE jobs_job j
@@ -62,7 +83,7 @@ _START_WRITES = """run AS (
         next_attempt_at = NULL, started_at = COALESCE(j.started_at, %(now)s),
         updated_at = %(now)s
     FROM (SELECT job_id, max(attempt) AS attempt FROM run GROUP BY job_id) started
-    WHERE j.id = started.job_id
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM run)) AND j.id = started.job_id
     RETURNING j.*
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
@@ -84,12 +105,14 @@ def _with_payloads(sql: str) -> str:
     """`sql` with the shared parts of the start statements in place, and its activity
     payloads built from the field lists (activity.py)."""
     for name, part in (
-        ("{startable}", _STARTABLE),
+        ("{job_startable}", _JOB_STARTABLE),
         ("{start_writes}", _START_WRITES),
         ("{grant_columns}", _GRANT_COLUMNS),
         ("{claim_pick}", broker.CLAIM_PICK),
     ):
         sql = sql.replace(name, part)
+    sql = sql.replace("{queued_runs_of_claimed}", _QUEUED_RUNS.format(ids="claimed"))
+    sql = sql.replace("{queued_runs_of_given}", _QUEUED_RUNS.format(ids="given"))
     return sql.replace("{job_payload}", payload_sql("job", JOB_FIELDS)).replace(
         "{stage_payload}", payload_sql("run", STAGE_FIELDS)
     )
@@ -104,21 +127,25 @@ START_SQL = _with_payloads("""
 WITH given AS (
     SELECT * FROM unnest(%(runs)s::bigint[], %(rows)s::bigint[], %(deliveries)s::int[])
            AS g(run_id, row_id, deliveries)
+    WHERE g.row_id IS NULL OR EXISTS (
+        SELECT 1 FROM jobs_queuetask q WHERE q.id = g.row_id AND q.deliveries = g.deliveries)
+), queued AS MATERIALIZED (
+    {queued_runs_of_given}
 ), target AS (
-    SELECT r.id AS run_id
-    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
-    JOIN given g ON g.run_id = r.id
-    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
-    WHERE r.id = ANY(%(runs)s)
-      AND (g.row_id IS NULL OR EXISTS (
-          SELECT 1 FROM jobs_queuetask q WHERE q.id = g.row_id AND q.deliveries = g.deliveries))
-      AND {startable}
-    ORDER BY j.id
-    FOR UPDATE OF j
+    -- the jobs locked one by one in the order of their ids (the order every
+    -- transition that locks several jobs takes)
+    SELECT queued.run_id, queued.job_id
+    FROM (SELECT * FROM queued ORDER BY job_id OFFSET 0) queued
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM jobs_job j
+        WHERE j.id = queued.job_id AND {job_startable}
+        FOR UPDATE
+    ) j
 ), {start_writes}
 SELECT {grant_columns}, pg_notify(%(activity_channel)s, '')
 FROM job JOIN run ON run.job_id = job.id
 """)
+
 
 # The broker's claim and the starts of the claimed stages in one statement (River's
 # shape): up to `limit` ready tasks of a queue are claimed as CLAIM_SQL claims them
@@ -129,27 +156,29 @@ FROM job JOIN run ON run.job_id = job.id
 # start back to one statement per task (452 jobs/s instead of 744). A job row locked by
 # another transaction is skipped, not waited for (SKIP LOCKED: a claim never waits, so
 # it cannot deadlock with a transition that holds the job and drops its queue rows);
-# its task is delivered without a start and stage_start decides. Ids are matched with
-# `= ANY(ARRAY(…))`, so the generic plan (omniva/prepared.py) is index lookups whatever
-# the limit.
+# its task is delivered without a start and stage_start decides. Every row is reached
+# by its key, whatever the limit and the statistics (see the module on plans).
 CLAIM_START_SQL = _with_payloads("""
 WITH {claim_pick}, claimed AS (
     UPDATE jobs_queuetask q
     SET visible_at = statement_timestamp() + make_interval(secs => %(lease_s)s),
         deliveries = q.deliveries + 1
     WHERE q.id = ANY(ARRAY(SELECT id FROM picked))
-    RETURNING q.id, q.deliveries, q.priority, q.payload, q.stage_run_id
+    RETURNING q.id, q.deliveries, q.priority, q.payload, q.stage_run_id AS run_id
+), queued AS (
+    {queued_runs_of_claimed}
 ), target AS (
-    SELECT r.id AS run_id
-    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
-    WHERE r.id = ANY(ARRAY(SELECT stage_run_id FROM claimed WHERE stage_run_id IS NOT NULL))
-      AND {startable}
-    ORDER BY j.id
-    FOR UPDATE OF j SKIP LOCKED
+    SELECT queued.run_id, queued.job_id
+    FROM queued
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM jobs_job j
+        WHERE j.id = queued.job_id AND {job_startable}
+        FOR UPDATE SKIP LOCKED
+    ) j
 ), {start_writes}
 SELECT claimed.id, claimed.deliveries, claimed.priority, claimed.payload, {grant_columns},
        CASE WHEN run.id IS NOT NULL THEN pg_notify(%(activity_channel)s, '') END
-FROM claimed LEFT JOIN run ON run.id = claimed.stage_run_id
+FROM claimed LEFT JOIN run ON run.id = claimed.run_id
 LEFT JOIN job ON job.id = run.job_id
 """)
 
@@ -270,11 +299,19 @@ def _json_column(value: Any) -> Any:
 # names the worker process that runs them (a start in the broker's claim names the
 # cluster that claimed: which of its workers takes the task is not known then).
 HEARTBEAT_SQL = """
-UPDATE jobs_stagerun r SET lease_expires_at = %(lease)s, worker = %(worker)s
-FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[]) AS g(run_id, token), jobs_job j
-WHERE r.id = g.run_id AND r.lease_token = g.token AND r.status = %(running)s
-  AND j.id = r.job_id
-RETURNING r.id, j.status, j.cancel_requested_at, j.started_at, j.timeout_s
+WITH held AS (
+    UPDATE jobs_stagerun r SET lease_expires_at = %(lease)s, worker = %(worker)s
+    FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[]) AS g(run_id, token)
+    WHERE r.id = ANY(%(runs)s) AND r.id = g.run_id AND r.lease_token = g.token
+      AND r.status = %(running)s
+    RETURNING r.id, r.job_id
+)
+SELECT held.id, j.status, j.cancel_requested_at, j.started_at, j.timeout_s
+FROM held
+CROSS JOIN LATERAL (
+    SELECT j.status, j.cancel_requested_at, j.started_at, j.timeout_s
+    FROM jobs_job j WHERE j.id = held.job_id LIMIT 1
+) j
 """
 
 
@@ -324,31 +361,42 @@ COMPLETE_SOLE_STAGE_SQL = _with_payloads("""
 WITH given AS (
     SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
            AS g(run_id, token, output)
+), held AS MATERIALIZED (
+    SELECT r.id AS run_id, r.job_id
+    FROM given
+    CROSS JOIN LATERAL (
+        SELECT r.id, r.job_id FROM jobs_stagerun r
+        WHERE r.id = given.run_id AND r.lease_token = given.token AND r.status = %(running)s
+        LIMIT 1
+    ) r
 ), target AS (
-    SELECT r.id AS run_id
-    FROM jobs_stagerun r JOIN jobs_job j ON j.id = r.job_id
-    JOIN given g ON g.run_id = r.id AND g.token = r.lease_token
-    -- r.id = ANY: the run's primary key drives the plan (unnest's row estimate does not)
-    WHERE r.id = ANY(%(runs)s) AND r.status = %(running)s
-      AND j.status <> ALL(%(finished)s) AND j.cancel_requested_at IS NULL
-      AND j.parent_id IS NULL AND j.pipeline = ANY(%(pipelines)s)
-    ORDER BY j.id
-    FOR UPDATE OF j
+    -- the jobs locked one by one in the order of their ids (see START_SQL)
+    SELECT held.run_id, held.job_id
+    FROM (SELECT * FROM held ORDER BY job_id OFFSET 0) held
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM jobs_job j
+        WHERE j.id = held.job_id AND j.status <> ALL(%(finished)s)
+          AND j.cancel_requested_at IS NULL AND j.parent_id IS NULL
+          AND j.pipeline = ANY(%(pipelines)s)
+        FOR UPDATE
+    ) j
 ), run AS (
     UPDATE jobs_stagerun r
     SET status = %(completed)s, output = g.output::jsonb, progress = 100,
         finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
-    FROM target JOIN given g ON g.run_id = target.run_id
-    WHERE r.id = target.run_id AND r.status = %(running)s AND r.lease_token = g.token
+    FROM given g
+    WHERE r.id = ANY(ARRAY(SELECT run_id FROM target)) AND g.run_id = r.id
+      AND r.status = %(running)s AND r.lease_token = g.token
     RETURNING r.*
 ), dropped AS (
-    DELETE FROM jobs_queuetask q USING run WHERE q.stage_run_id = run.id
+    DELETE FROM jobs_queuetask q USING run
+    WHERE q.stage_run_id = ANY(ARRAY(SELECT id FROM run)) AND q.stage_run_id = run.id
 ), job AS (
     UPDATE jobs_job j
     SET status = %(completed)s, result = run.output, error = NULL, progress = 100,
         finished_at = %(now)s, next_attempt_at = NULL, updated_at = %(now)s
     FROM run
-    WHERE j.id = run.job_id
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM run)) AND j.id = run.job_id
     RETURNING j.*
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
