@@ -29,6 +29,7 @@ is the next one any worker starts, not the one after a buffer's worth of them.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, LiteralString
+from typing import Any, LiteralString, NamedTuple
 
 import psycopg
 from django.conf import settings
@@ -65,6 +66,13 @@ CLAIM_PICK = """picked AS MATERIALIZED (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )"""
+# The priority of the queue's next ready task (the claim's pick, without the claim).
+TOP_PRIORITY_SQL = """
+SELECT priority FROM jobs_queuetask
+WHERE queue = %(queue)s AND visible_at <= statement_timestamp()
+ORDER BY priority DESC, id
+LIMIT 1
+"""
 CLAIM_SQL = f"""
 WITH {CLAIM_PICK}
 UPDATE jobs_queuetask q
@@ -74,10 +82,17 @@ WHERE q.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING q.id, q.deliveries, q.priority, q.payload
 """  # noqa: S608 (constants)
 
+
+class ClaimedTask(NamedTuple):
+    ack_id: str
+    payload: str
+    priority: int
+
+
 # A claim that also starts what it claims (jobs.services.tasks_claim_starting, set by
 # jobs.apps at start: services build on the broker, not the reverse): called with the
 # broker's connection, queue, limit, lease and the name of the cluster that claims.
-ClaimStarting = Callable[..., list[tuple[str, str]]]
+ClaimStarting = Callable[..., list[ClaimedTask]]
 _claim_starting: list[ClaimStarting] = []
 
 
@@ -252,25 +267,29 @@ def drop_stage_tasks(*, stage_run_ids: list[int]) -> int:
         return cursor.rowcount
 
 
-# Tasks fetched ahead of the workers may hold an urgent one back by about this long:
-# the pusher claims ahead only as many as the workers finish in it, at the task time
-# seen so far (none for stages of seconds; up to `queue_limit` for no-ops).
+# How many tasks the pusher keeps claimed ahead of the workers: as many as they finish in
+# this long at the task time seen so far (none for stages of seconds; up to
+# `queue_limit` for no-ops).
 AHEAD_BUDGET_S = 0.02
 # Weight of the latest task in the cluster's running mean of task time.
 TASK_TIME_WEIGHT = 0.2
+# The mean is used for fetching ahead only while a task ended this recently.
+TASK_TIME_FRESH_S = 1.0
 
 
 @dataclass(frozen=True)
 class ClaimPlan:
-    """What the pusher claims next: a task for each waiting worker that no task fetched
-    ahead serves (`demand`), and the tasks that top the ahead buffer up (`ahead`)."""
+    """What the pusher hands out next: a task for each waiting worker that no task in
+    django-q2's queue serves (`demand`), the tasks that keep that queue at its share of
+    the allowance (`top_up`), and how many tasks may be claimed ahead (`allowance`)."""
 
     demand: int
-    ahead: int
+    top_up: int
+    allowance: int
 
     @property
-    def limit(self) -> int:
-        return self.demand + self.ahead
+    def count(self) -> int:
+        return self.demand + self.top_up
 
 
 class ReadyWorkers:
@@ -284,19 +303,23 @@ class ReadyWorkers:
     replacement brings one; one that is recycled brings none back from its last task.
     Only a pusher killed between its plan and its claim's end loses permits.
 
-    The pusher claims one task per waiting worker, plus a few ahead when tasks are short
-    (AHEAD_BUDGET_S of them): a no-op's claim round trip would otherwise idle a worker
-    as long as the task itself. A waiting worker that a task fetched ahead serves needs
-    no claim (`_ahead` counts those tasks; only the pusher touches it).
+    The pusher gives one task to each waiting worker, and keeps tasks claimed ahead when
+    tasks are short (AHEAD_BUDGET_S of them): a no-op's claim round trip would otherwise
+    idle a worker as long as the task itself. Of those, up to one per worker wait in
+    django-q2's queue (`_queued` counts them; only the pusher touches it), where a
+    worker takes its next task without waiting for the pusher; the rest wait in the
+    broker's Stash, where a task that outranks them goes first.
     """
 
     def __init__(self) -> None:
         context = get_mp_context()
         self._waiting = context.Semaphore(0)
         self._task_s = context.Value("d", 0.0)
+        # When a task last ended (time.monotonic, one clock for every process).
+        self._task_ended = context.Value("d", 0.0, lock=False)
         self._tasks_run = 0  # by this worker process
         self._task_started = 0.0  # by this worker process
-        self._ahead = 0  # by this (the pusher) process
+        self._queued = 0  # by this (the pusher) process
 
     # --- in a worker --------------------------------------------------------------------
 
@@ -311,6 +334,7 @@ class ReadyWorkers:
         with self._task_s.get_lock():
             mean = self._task_s.value
             self._task_s.value = took if mean <= 0 else mean + TASK_TIME_WEIGHT * (took - mean)
+            self._task_ended.value = time.monotonic()
         self._tasks_run += 1
         # django-q2 ends a worker after RECYCLE tasks or past its memory cap, right after
         # this signal; such a worker waits for nothing, and its replacement announces itself.
@@ -327,20 +351,25 @@ class ReadyWorkers:
         waiting = 1
         while waiting < most and self._waiting.acquire(block=False):
             waiting += 1
-        served = min(waiting, self._ahead)  # they take the tasks fetched ahead
-        self._ahead -= served
-        return ClaimPlan(demand=waiting - served, ahead=max(0, self._allowance() - self._ahead))
+        served = min(waiting, self._queued)  # they take tasks waiting in django-q2's queue
+        self._queued -= served
+        allowance = self._allowance()
+        top_up = max(0, min(int(Conf.WORKERS), allowance) - self._queued)
+        return ClaimPlan(demand=waiting - served, top_up=top_up, allowance=allowance)
 
-    def claimed(self, plan: ClaimPlan, count: int) -> None:
-        """`count` tasks were claimed for `plan`: those beyond the demand wait ahead; the
-        waiting workers left without one are waiting still."""
-        self._ahead += max(0, count - plan.demand)
+    def handed(self, plan: ClaimPlan, count: int) -> None:
+        """`count` tasks were handed out for `plan`: those beyond the demand wait in the
+        queue; the waiting workers left without one are waiting still."""
+        self._queued += max(0, count - plan.demand)
         for _ in range(max(0, plan.demand - count)):
             self._waiting.release()
 
     def _allowance(self) -> int:
         mean = self._task_s.value
-        if mean <= 0:
+        # A mean from before the workers went idle says nothing of the tasks that come
+        # next: a backlog of 1 s stages enqueued after no-ops would otherwise be fetched
+        # ahead by the dozen, and an urgent task behind them wait seconds.
+        if mean <= 0 or time.monotonic() - self._task_ended.value > TASK_TIME_FRESH_S:
             return 0
         return min(int(Conf.QUEUE_LIMIT or 0), int(AHEAD_BUDGET_S * int(Conf.WORKERS) / mean))
 
@@ -364,6 +393,37 @@ def worker_task_done(sender: Any, task: dict[str, Any], **kwargs: Any) -> None:
         READY_WORKERS.task_done()
 
 
+class Stash:
+    """The tasks a pusher claimed ahead of its workers, handed out highest priority
+    first (then oldest). Claimed tasks are leased and their stages started: the stash
+    only ever holds AHEAD_BUDGET_S of work at the task time seen when they were claimed,
+    and a task that outranks them is claimed and handed out first (PostgresBroker.dequeue).
+    Should the pusher die with tasks in it, they are delivered again after their lease,
+    like any task a dead cluster held."""
+
+    def __init__(self) -> None:
+        self._tasks: list[tuple[int, int, ClaimedTask]] = []
+        self._added = 0
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, tasks: list[ClaimedTask]) -> None:
+        for task in tasks:
+            self._added += 1
+            heapq.heappush(self._tasks, (-task.priority, self._added, task))
+
+    def take(self, count: int) -> list[tuple[str, str]]:
+        taken: list[tuple[str, str]] = []
+        while self._tasks and len(taken) < count:
+            task = heapq.heappop(self._tasks)[2]
+            taken.append((task.ack_id, task.payload))
+        return taken
+
+    def top_priority(self) -> int:
+        return -self._tasks[0][0] if self._tasks else -(2**31)
+
+
 class PostgresBroker(Broker):
     """The Broker API of django-q2 over jobs_queuetask.
 
@@ -376,6 +436,8 @@ class PostgresBroker(Broker):
         self._conn: psycopg.Connection | None = None
         self._conn_pid: int | None = None
         self._lost_at: float | None = None
+        self._stash = Stash()
+        self._looked_up_at = 0.0
 
     def __getstate__(self) -> Any:
         return self.list_key, self._info
@@ -387,6 +449,8 @@ class PostgresBroker(Broker):
         self._conn = None
         self._conn_pid = None
         self._lost_at = None
+        self._stash = Stash()
+        self._looked_up_at = 0.0
 
     @staticmethod
     def get_connection(list_key: str | None = None) -> None:
@@ -462,8 +526,11 @@ class PostgresBroker(Broker):
         return enqueue_payload(queue=self.queue, payload=task)
 
     def claim(self, limit: int) -> list[tuple[str, str]]:
-        """Up to `limit` ready tasks; with a claim that starts (ClaimStarting), their
-        stages start in the same statement."""
+        """Up to `limit` ready tasks, (ack id, payload) in priority then age order; with a
+        claim that starts (ClaimStarting), their stages start in the same statement."""
+        return [(ack_id, payload) for ack_id, payload, _ in self._claim(limit)]
+
+    def _claim(self, limit: int) -> list[ClaimedTask]:
         if _claim_starting:
             return _claim_starting[0](
                 self._db(),
@@ -480,8 +547,20 @@ class PostgresBroker(Broker):
         # RETURNING does not keep the subquery's order: restore priority, then age.
         rows.sort(key=lambda row: (-row[2], row[0]))
         return [
-            (ack_id_for(row_id, deliveries), payload) for row_id, deliveries, _, payload in rows
+            ClaimedTask(ack_id_for(row_id, deliveries), payload, priority)
+            for row_id, deliveries, priority, payload in rows
         ]
+
+    def _outranked(self, priority: int) -> bool:
+        """A ready task of the queue has a higher priority than `priority`. Looked up at
+        most once per AHEAD_BUDGET_S: once per task, the look-up cost no-op tasks a
+        third of their rate."""
+        now = time.monotonic()
+        if now - self._looked_up_at < AHEAD_BUDGET_S:
+            return False
+        self._looked_up_at = now
+        row = self._db().execute(TOP_PRIORITY_SQL, {"queue": self.queue}).fetchone()
+        return row is not None and row[0] > priority
 
     def _seconds_until_next_due(self) -> float | None:
         row = (
@@ -499,20 +578,31 @@ class PostgresBroker(Broker):
         # Called by the pusher in a loop that checks for the cluster's stop between calls:
         # with every worker busy it waits a fallback poll's time, then comes back empty.
         plan = READY_WORKERS.plan(most=max(1, int(Conf.BULK)), wait_s=FALLBACK_POLL_S)
-        if plan is None or not plan.limit:
+        if plan is None or not plan.count:
             return None
-        tasks: list[tuple[str, str]] = []
+        handed: list[tuple[str, str]] = []
         try:
-            tasks = self.claim(plan.limit)
-            if not tasks and plan.demand:
-                tasks = self._wait_and_claim(plan.limit) or []
+            stash = self._stash
+            # Claim when the stash cannot hand out what the plan asks, when it ran down to
+            # half its allowance (a refill carries many tasks in one statement), or when a
+            # ready task outranks everything in it (an urgent task is never held back by
+            # the stash, however long its tasks turn out to take).
+            if (
+                len(stash) < plan.count
+                or len(stash) * 2 <= plan.allowance
+                or self._outranked(stash.top_priority())
+            ):
+                stash.add(self._claim(max(plan.count, plan.count + plan.allowance - len(stash))))
+            if not stash and plan.demand:
+                stash.add(self._wait_and_claim(plan.count + plan.allowance))
+            handed = stash.take(plan.count)
         except psycopg.OperationalError as exc:
             self._reset(exc)
         finally:
-            READY_WORKERS.claimed(plan, len(tasks))
-        return tasks or None
+            READY_WORKERS.handed(plan, len(handed))
+        return handed or None
 
-    def _wait_and_claim(self, limit: int) -> list[tuple[str, str]] | None:
+    def _wait_and_claim(self, limit: int) -> list[ClaimedTask]:
         """Listen, claim once more, wait for an enqueue (or the fallback poll), claim;
         then stop listening and read what else came, so that nothing waits unread on
         this session while the pusher is busy."""
@@ -520,7 +610,7 @@ class PostgresBroker(Broker):
         channel = channel_for(self.queue)
         conn.execute(f'LISTEN "{channel}"')
         try:
-            tasks = self.claim(limit)  # enqueued before the LISTEN took effect
+            tasks = self._claim(limit)  # enqueued before the LISTEN took effect
             if tasks:
                 return tasks
             wait_s = FALLBACK_POLL_S
@@ -529,7 +619,7 @@ class PostgresBroker(Broker):
                 wait_s = min(wait_s, due + 0.001)
             for _ in conn.notifies(timeout=wait_s, stop_after=1):
                 pass
-            return self.claim(limit) or None
+            return self._claim(limit)
         finally:
             conn.execute(f'UNLISTEN "{channel}"')
             for _ in conn.notifies(timeout=0):  # wake-ups that came meanwhile: read, dropped

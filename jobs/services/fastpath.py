@@ -223,9 +223,9 @@ def tasks_claim_starting(
     limit: int,
     lease_s: float,
     worker: str,
-) -> list[tuple[str, str]]:
+) -> list[broker.ClaimedTask]:
     """The broker's claim on its own connection `conn`, starting the stages of the tasks
-    it claims (CLAIM_START_SQL): (ack id, payload) of each task in priority then age
+    it claims (CLAIM_START_SQL): ack id, payload and priority of each task, in priority then age
     order. The payload of a task whose stage started carries its
     grant (`run_stage`'s `grant`), so its worker runs it without a start of its own; the
     others start in the worker."""
@@ -246,7 +246,7 @@ def tasks_claim_starting(
     rows.sort(key=lambda row: (-row[2], row[0]))
     tasks = []
     for row in rows:
-        row_id, deliveries, _priority, payload, *granted = row
+        row_id, deliveries, priority, payload, *granted = row
         if granted[0] is not None:
             # The stage's task as core.stage_task writes it (the pusher's time goes into
             # signing: a new task is cheaper than the stored one unpacked and changed).
@@ -258,7 +258,7 @@ def tasks_claim_starting(
                 queue=queue,
                 grant=grant,
             )
-        tasks.append((broker.ack_id_for(row_id, deliveries), payload))
+        tasks.append(broker.ClaimedTask(broker.ack_id_for(row_id, deliveries), payload, priority))
     return tasks
 
 

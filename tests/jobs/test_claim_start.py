@@ -29,7 +29,7 @@ def claim_starting(limit: int = 10, *, worker: str = "host:1") -> list[tuple[str
     tasks = services.tasks_claim_starting(
         connection.connection, queue="default", limit=limit, lease_s=60.0, worker=worker
     )
-    return [(ack_id, SignedPackage.loads(payload)) for ack_id, payload in tasks]
+    return [(ack_id, SignedPackage.loads(payload)) for ack_id, payload, _ in tasks]
 
 
 def test_the_claim_starts_the_stage_of_every_task_it_claims_and_hands_over_its_grant() -> None:

@@ -124,7 +124,7 @@ def claim(limit: int = BATCH) -> list[services.StageClaim]:
         )
     finally:
         raw.cursor_factory = factory
-    grants = [(ack, SignedPackage.loads(payload)["kwargs"]["grant"]) for ack, payload in tasks]
+    grants = [(ack, SignedPackage.loads(payload)["kwargs"]["grant"]) for ack, payload, _ in tasks]
     return [fastpath.stage_granted(grant=grant, ack_id=ack) for ack, grant in grants]
 
 
