@@ -12,7 +12,7 @@ class JobsConfig(AppConfig):
         from django_q.signals import post_execute_in_worker, post_spawn, pre_execute
 
         from engines import services as engine_services
-        from jobs import broker, metrics, selectors, services, worker
+        from jobs import broker, fetching, metrics, selectors, services, worker
 
         # The declarations register their pipelines when imported.
         from jobs.pipelines import api_call, builtin, data_analysis, gpu, reports  # noqa: F401
@@ -40,7 +40,7 @@ class JobsConfig(AppConfig):
         pre_execute.connect(worker.remember_delivery, dispatch_uid="omniva.remember_delivery")
         # A worker of the gpu cluster warms its models up and reports its device.
         post_spawn.connect(worker.on_worker_spawned, dispatch_uid="omniva.gpu_reporter")
-        # Then it waits for a task: the pusher claims by demand (jobs/broker.py).
-        post_spawn.connect(broker.worker_spawned, dispatch_uid="omniva.worker_ready")
-        pre_execute.connect(broker.worker_task_started, dispatch_uid="omniva.task_started")
-        post_execute_in_worker.connect(broker.worker_task_done, dispatch_uid="omniva.task_done")
+        # Then it waits for a task: the pusher claims by demand (jobs/fetching.py).
+        post_spawn.connect(fetching.worker_spawned, dispatch_uid="omniva.worker_ready")
+        pre_execute.connect(fetching.worker_task_started, dispatch_uid="omniva.task_started")
+        post_execute_in_worker.connect(fetching.worker_task_done, dispatch_uid="omniva.task_done")

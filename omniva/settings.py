@@ -430,7 +430,7 @@ OMNIVA_QUEUE_TIMEOUT_S = env_int("OMNIVA_QUEUE_TIMEOUT_S", 0, minimum=0) or None
 # Named queues are django-q2 clusters: `Q_CLUSTER_NAME=gpu manage.py qcluster` serves `gpu`.
 # Our broker (jobs/broker.py) claims by demand: a task for each waiting worker (at most
 # `bulk` at a time), plus, while tasks are short, up to `queue_limit` fetched ahead of
-# them (jobs.broker.AHEAD_BUDGET_S; 8 per worker, so that a refill carries several).
+# them (jobs.fetching.AHEAD_BUDGET_S; 8 per worker, so that a refill carries several).
 # Time limits are the job's own (timeout_s, enforced by jobs/tasks.py); django-q2's own
 # task timeout is only a backstop of a week (it must be set, and shorter than `retry`,
 # or django-q2 warns).

@@ -11,6 +11,7 @@ import pytest
 from django.db import connections
 
 from jobs import broker as broker_module
+from jobs import fetching
 from jobs.broker import PostgresBroker, channel_for, enqueue_payload
 from tests.conftest import wait_for
 
@@ -42,7 +43,7 @@ def _buffered(broker: PostgresBroker) -> list[Any]:
 def broker() -> Iterator[PostgresBroker]:
     """The broker of a cluster with one worker waiting (the pusher claims by demand)."""
     broker = PostgresBroker(list_key="default")
-    broker_module.READY_WORKERS.spawned()  # its dequeue takes it
+    fetching.READY_WORKERS.spawned()  # its dequeue takes it
     yield broker
     if broker._conn is not None:
         broker._conn.close()

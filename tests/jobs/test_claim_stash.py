@@ -1,4 +1,4 @@
-"""The tasks a pusher keeps claimed ahead of its workers (jobs.broker.Stash): refilled
+"""The tasks a pusher keeps claimed ahead of its workers (jobs.fetching.Stash): refilled
 many per claim once half are gone, and never in the way of a task that outranks them.
 The broker runs here as in a pusher, on its own connection, so rows are committed."""
 
@@ -10,8 +10,9 @@ import pytest
 from django.db import transaction
 from django_q.conf import Conf
 
-from jobs import broker as broker_module
-from jobs.broker import AHEAD_BUDGET_S, PostgresBroker, ReadyWorkers, enqueue_payload
+from jobs import fetching
+from jobs.broker import PostgresBroker, enqueue_payload
+from jobs.fetching import AHEAD_BUDGET_S, ReadyWorkers
 from jobs.models import QueueTask
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -25,7 +26,7 @@ def ready(monkeypatch: pytest.MonkeyPatch) -> ReadyWorkers:
         ready.task_started()
         ready._task_started -= AHEAD_BUDGET_S / 100
         ready.task_done()  # a worker finished and waits for its next task
-    monkeypatch.setattr(broker_module, "READY_WORKERS", ready)
+    monkeypatch.setattr(fetching, "READY_WORKERS", ready)
     return ready
 
 

@@ -1,4 +1,4 @@
-"""The pusher's plan (jobs.broker.ReadyWorkers): one task per waiting worker, and tasks
+"""The pusher's plan (jobs.fetching.ReadyWorkers): one task per waiting worker, and tasks
 claimed ahead only while tasks are short enough that they hold nothing back."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from django_q.conf import Conf
 
-from jobs.broker import AHEAD_BUDGET_S, TASK_TIME_FRESH_S, ReadyWorkers
+from jobs.fetching import AHEAD_BUDGET_S, TASK_TIME_FRESH_S, ReadyWorkers
 
 
 def _ran(ready: ReadyWorkers, *, seconds: float, tasks: int = 1) -> None:
