@@ -51,10 +51,10 @@ class ReadyWorkers:
     the workers release once when spawned, then after each task, and the pusher takes
     before it claims) and how long a task takes (a running mean the workers keep).
 
-    Made when jobs.broker is first imported, in the qcluster process, so the sentinel,
-    its pusher and its workers (all forked from it) share it. The count stays right as
-    workers come and go: one that dies in a task took its permit with it and its
-    replacement brings one; one that is recycled brings none back from its last task.
+    Made when jobs.fetching is first imported (by jobs.broker), in the qcluster process,
+    so the sentinel, its pusher and its workers (all forked from it) share it. The count
+    stays right as workers come and go: one that dies in a task took its permit with it
+    and its replacement brings one; one that is recycled brings none back from its last task.
     Only a pusher killed between its plan and its claim's end loses permits.
 
     The pusher gives one task to each waiting worker, and keeps tasks claimed ahead when
