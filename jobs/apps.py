@@ -16,6 +16,7 @@ class JobsConfig(AppConfig):
 
         # The declarations register their pipelines when imported.
         from jobs.pipelines import api_call, builtin, data_analysis, gpu, reports  # noqa: F401
+        from omniva import connection_health
         from omniva import selectors as core_selectors
         from omniva import services as core_services
         from omniva.health import register_check
@@ -44,3 +45,15 @@ class JobsConfig(AppConfig):
         post_spawn.connect(fetching.worker_spawned, dispatch_uid="omniva.worker_ready")
         pre_execute.connect(fetching.worker_task_started, dispatch_uid="omniva.task_started")
         post_execute_in_worker.connect(fetching.worker_task_done, dispatch_uid="omniva.task_done")
+        # django-q2 makes each task a request of the database's (close_old_connections):
+        # a worker's connection busy a moment ago is not pinged (omniva/connection_health.py).
+        pre_execute.connect(
+            lambda **_: connection_health.health_checks_skip_for_busy_connections(),
+            dispatch_uid="omniva.skip_health_check",
+            weak=False,
+        )
+        post_execute_in_worker.connect(
+            lambda **_: connection_health.connections_work_finished(),
+            dispatch_uid="omniva.work_finished",
+            weak=False,
+        )

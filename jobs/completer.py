@@ -4,13 +4,14 @@ A worker process of a cluster does not write an attempt's end (its output, or th
 exception it ended with) itself: it hands it to its completer thread and takes its next
 task. The completer writes what it was handed once the oldest end has waited
 `OMNIVA_COMPLETER_TICK_MS`, or sooner when `OMNIVA_COMPLETER_MAX_BATCH` are waiting
-(`write_ends`): the completions of one-stage jobs in one statement and transaction
-(fastpath.stages_complete_sole), so its commit and the statement's overhead are paid
-once per batch, not once per job. Every other end (a stage of a DAG, a failure and its
-retry) goes through its own transition in a transaction of its own: in one transaction
-for the batch, the row locks of a DAG's job were held across the whole batch, and the
-other workers' completions and claims of the same job's stages queued behind them
-(fan_out_fan_in drained at a third of its rate, docs/benchmarks.md).
+(`write_ends`) in one transaction: the completions of one-stage jobs in one statement
+(fastpath.stages_complete_sole) and those of stages of many-stage pipelines in three
+(dag_completion.stages_complete_dag), so its commit and the statements' overhead are
+paid once per batch, not once per job. Every other end (a failure and its retry, a
+completion those refuse) goes through its own transition in a transaction of its own:
+in one transaction for the batch, the row locks of a DAG's job were held across the
+whole batch, and the other workers' completions and claims of the same job's stages
+queued behind them (fan_out_fan_in drained at a third of its rate, docs/benchmarks.md).
 
 What holds, item by item:
 
@@ -46,6 +47,7 @@ from django.conf import settings
 from django.db import DatabaseError, connection, transaction
 
 from jobs import services
+from jobs.pipelines import registry as pipelines
 from jobs.services import StageClaim
 
 logger = logging.getLogger("omniva.jobs.worker")
@@ -75,16 +77,19 @@ def write_ends(ends: Sequence[End], settle: Settle) -> None:
     """Write `ends` (see the module): the one-stage completions in one transaction,
     each other end in a transaction of its own. Whatever fails is logged: those attempts
     run again after their lease."""
-    completions = [
-        services.Completion(claim.stage_run_id, claim.token, outcome)
-        for claim, outcome in ends
-        if storable(outcome)
-    ]
+    sole_pipelines = set(pipelines.single_stage_pipelines())
+    sole: list[services.Completion] = []
+    dag: list[services.Completion] = []
+    for claim, outcome in ends:
+        if storable(outcome):
+            completion = services.Completion(claim.stage_run_id, claim.token, outcome)
+            (sole if claim.pipeline in sole_pipelines else dag).append(completion)
     done: set[int] = set()
-    if completions:
+    if sole or dag:
         try:
             with transaction.atomic():
-                done = services.stages_complete_sole(completions)
+                # Each locks its jobs in id order; the two sets of jobs are apart.
+                done = services.stages_complete_sole(sole) | services.stages_complete_dag(dag)
         except DatabaseError as exc:
             logger.warning("a batch's completions failed together (%s); one by one", exc)
             _drop_if_broken()

@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -36,24 +35,15 @@ from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
-from django.db import connections
 from django.http import HttpResponseBase
 from django.urls import set_script_prefix
 from rest_framework.response import Response
 
-from omniva import audit, health
+from omniva import audit, connection_health, health
 from omniva.api.parking import PARKING_SCOPE_KEY, Parked
 
 logger = logging.getLogger("omniva.handler")
 
-# Django pings a reused connection before the first query of every request
-# (CONN_HEALTH_CHECKS): a round trip on each request of a busy thread, 8-16% of the
-# rate of GET /v1/jobs/{id} and /v1/health (docs/benchmarks.md). A connection that
-# finished a request less than this long ago is taken as sound, as Django takes it
-# within one request: if the database went away meanwhile, the request fails with 503
-# (as any request caught mid-way by a restart does) and the connection is dropped at
-# its end (errors_occurred), so the next request connects anew. An idle one is pinged.
-HEALTH_CHECK_AFTER_IDLE_S = 1.0
 
 Scope = dict[str, Any]
 
@@ -180,7 +170,7 @@ class PooledHTTPHandler(ASGIHandler):
         is sent, instead of in a second one after."""
         set_script_prefix(get_script_prefix(scope))
         signals.request_started.send(sender=self.__class__, scope=scope)
-        _skip_health_checks_of_busy_connections()
+        connection_health.health_checks_skip_for_busy_connections()
         request, error_response = self.create_request(scope, body_file)
         if request is None:
             assert error_response is not None  # create_request gives one or the other
@@ -200,9 +190,7 @@ class PooledHTTPHandler(ASGIHandler):
             response.close()
         else:
             signals.request_finished.send(sender=self.__class__)
-        finished_at = time.monotonic()
-        for connection in connections.all(initialized_only=True):
-            connection.omniva_request_finished_at = finished_at  # type: ignore[attr-defined]
+        connection_health.connections_work_finished()
 
     async def _settle(self, response: Response, parked: Parked, receive: Any) -> bool:
         """Wait until the parked response has its answer; False if the client left."""
@@ -237,19 +225,6 @@ class PooledHTTPHandler(ASGIHandler):
     async def _disconnected(receive: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-
-
-def _skip_health_checks_of_busy_connections() -> None:
-    now = time.monotonic()
-    for connection in connections.all(initialized_only=True):
-        finished_at = getattr(connection, "omniva_request_finished_at", None)
-        if (
-            connection.connection is not None
-            and finished_at is not None
-            and now - finished_at < HEALTH_CHECK_AFTER_IDLE_S
-        ):
-            # Django's own flag (BaseDatabaseWrapper, 4.1+); the stubs lack it.
-            connection.health_check_done = True  # type: ignore[attr-defined]
 
 
 _serving: PooledHTTPHandler | None = None

@@ -9,9 +9,9 @@ Enqueueing is an INSERT into the broker's table in the same transaction, and the
 NOTIFYs (queue wake-ups, job finished) are transactional too: a task or a wake-up
 exists exactly when the transition that made it committed.
 
-The transitions live in modules by what they are about (core, submit, attempts, fastpath,
-engine_stages, lifecycle, retention, activity); this package re-exports them, so callers
-write `from jobs import services` and `services.job_submit(...)`.
+The transitions live in modules by what they are about (core, submit, attempts,
+fastpath, dag_completion, engine_stages, lifecycle, retention, activity); this package
+re-exports them, so callers write `from jobs import services` and `services.job_submit(...)`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ from jobs.services.core import (
     queue_depths_forget,
     queue_guard,
     task_payload,
+)
+from jobs.services.dag_completion import (
+    COMPLETE_DAG_STAGES_SQL,
+    RUNS_OF_JOBS_SQL,
+    STEP_WRITES_SQL,
+    stages_complete_dag,
 )
 from jobs.services.engine_stages import (
     engine_stage_callbacks,
@@ -93,6 +99,7 @@ __all__ = [
     "BATCH_PIPELINE",
     "CLAIM_START_SQL",
     "CLEANUP_MAX_AGE_S",
+    "COMPLETE_DAG_STAGES_SQL",
     "COMPLETE_SOLE_STAGE_SQL",
     "HEARTBEAT_SQL",
     "JOB_PRUNE_BATCH",
@@ -100,8 +107,10 @@ __all__ = [
     "RETENTION_EVERY_MIN",
     "RETENTION_SCHEDULE",
     "RETENTION_TASK",
+    "RUNS_OF_JOBS_SQL",
     "SATURATION_CACHE_S",
     "START_SQL",
+    "STEP_WRITES_SQL",
     "Completion",
     "StageClaim",
     "SupervisionState",
@@ -143,6 +152,7 @@ __all__ = [
     "stage_report",
     "stage_start",
     "stage_timed_out",
+    "stages_complete_dag",
     "stages_complete_sole",
     "stages_heartbeat",
     "stages_start_granted",

@@ -38,6 +38,7 @@ from jobs.services.core import (
     _update_progress,
     pipeline_named,
 )
+from jobs.services.dag_completion import stages_complete_dag
 from jobs.services.fastpath import (
     Completion,
     stages_complete_sole,
@@ -207,10 +208,16 @@ def stage_complete(
     """Store the output; start every child whose parents all completed; finish the job
     when every stage has. A stale token changes nothing (STAGE_LEASE_LOST). `pipeline`,
     when the caller knows the job's: a pipeline of several stages skips the
-    one-statement completion, which only completes one-stage jobs."""
+    one-statement completion, which only completes one-stage jobs. The common case
+    goes through the few statements of dag_completion; the rest (a cancel requested, a
+    child of a batch, a stale token) through the transition below."""
+    completion = Completion(stage_run_id, token, output)
     sole = pipeline is None or pipeline in pipelines.single_stage_pipelines()
-    if sole and stages_complete_sole([Completion(stage_run_id, token, output)]):
+    if sole and stages_complete_sole([completion]):
         return
+    with transaction.atomic():
+        if stages_complete_dag([completion]):
+            return
     with transaction.atomic():
         job, run = _held_run(stage_run_id, token)
         now = timezone.now()

@@ -4,6 +4,7 @@ job finishes, batches, and the saturation guard.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from jobs.models import (
 from jobs.pipelines import registry as pipelines
 from jobs.services.activity import _activity, _job_changed, _stage_changed
 from omniva.errors import ErrorCode, FailureCode, OmnivaError
+from omniva.prepared import prepared_cursor
 
 BATCH_PIPELINE = "batch"
 
@@ -383,12 +385,26 @@ def queue_guard(queues: set[str]) -> None:
             )
 
 
+def json_column(value: Any) -> Any:
+    # Django's psycopg setup hands jsonb to raw cursors as text (JSONField decodes it).
+    return json.loads(value) if isinstance(value, str) else value
+
+
+# A stage's inputs: its parents' outputs, by the (job, name) key. Prepared: every stage
+# of a DAG but its roots reads them in its worker, and planning was most of its time.
+PARENT_OUTPUTS_SQL = """
+SELECT r.name, r.output FROM jobs_stagerun r
+WHERE r.job_id = %(job)s AND r.name = ANY(%(parents)s::text[])
+"""
+
+
 def _parent_outputs(job_id: Any, pipeline: str, params: dict[str, Any], stage: str) -> dict:
     parents = pipeline_named(pipeline).dag(params).stage(stage).depends_on
     if not parents:
         return {}
-    runs = StageRun.objects.filter(job_id=job_id, name__in=parents)
-    return dict(runs.values_list("name", "output"))
+    with prepared_cursor() as cursor:
+        cursor.execute(PARENT_OUTPUTS_SQL, {"job": job_id, "parents": list(parents)})
+        return {name: json_column(output) for name, output in cursor.fetchall()}
 
 
 def _engine_deadline(job: Job) -> datetime | None:

@@ -42,6 +42,7 @@ from jobs.services.core import (
     SupervisionState,
     _lease_until,
     _parent_outputs,
+    json_column,
     stage_task,
 )
 from omniva.models import ACTIVITY_CHANNEL
@@ -207,7 +208,7 @@ def _grant_fields(row: Sequence[Any]) -> dict[str, Any]:
         "stage": stage,
         "attempt": attempt,
         "token": str(token),
-        "params": _json_column(params),
+        "params": json_column(params),
         "deadline": started_at + timedelta(seconds=timeout_s) if timeout_s else None,
     }
 
@@ -288,11 +289,6 @@ def stages_start_granted(*, ack_ids: dict[int, str | None], worker: str) -> list
         )
         rows = cursor.fetchall()
     return [_grant(row[:9], ack_ids[row[0]]) for row in rows]
-
-
-def _json_column(value: Any) -> Any:
-    # Django's psycopg setup hands jsonb to raw cursors as text (JSONField decodes it).
-    return json.loads(value) if isinstance(value, str) else value
 
 
 # The heartbeat of running attempts (one, or a gpu batch's), one statement: the leases

@@ -21,7 +21,7 @@ from django.db import connection, transaction
 from django_q.signing import SignedPackage
 
 from jobs import broker, services
-from jobs.models import Job, QueueTask
+from jobs.models import Job, QueueTask, StageRun, StageStatus
 from jobs.services import fastpath
 
 pytestmark = pytest.mark.django_db
@@ -170,4 +170,22 @@ def test_the_start_of_granted_runs_touches_only_its_batch(plans: Plans) -> None:
     )
 
     assert len(started) == BATCH
+    assert_bounded(plans.take())
+
+
+def test_the_batched_dag_completion_touches_only_its_batch(plans: Plans) -> None:
+    for _ in range(BATCH):
+        services.job_submit(pipeline="fan_out_fan_in", params={"width": 2}, priority=9)
+    claimed = claim()
+    assert {c.pipeline for c in claimed} == {"fan_out_fan_in"}
+    plans.take()
+
+    with transaction.atomic():
+        done = services.stages_complete_dag(
+            [fastpath.Completion(c.stage_run_id, c.token, {"ok": True}) for c in claimed]
+        )
+
+    assert done == {c.stage_run_id for c in claimed}
+    parts = StageRun.objects.filter(name__startswith="part_", status=StageStatus.QUEUED)
+    assert parts.count() == BATCH * 2
     assert_bounded(plans.take())

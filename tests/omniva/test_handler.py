@@ -10,7 +10,8 @@ import pytest
 from django.db import connection, connections
 
 from jobs import services as job_services
-from omniva.handler import HEALTH_CHECK_AFTER_IDLE_S, PooledHTTPHandler
+from omniva.connection_health import HEALTH_CHECK_AFTER_IDLE_S
+from omniva.handler import PooledHTTPHandler
 from omniva.models import Scope
 from omniva.services import api_key_create
 
@@ -55,6 +56,6 @@ def test_a_connection_that_just_served_a_request_is_not_pinged_and_an_idle_one_i
     assert _get(handler, path, key) == 200
     assert pings == []  # busy: no round trip of its own
 
-    connection.omniva_request_finished_at -= HEALTH_CHECK_AFTER_IDLE_S + 1  # type: ignore[attr-defined]
+    connection.omniva_work_finished_at -= HEALTH_CHECK_AFTER_IDLE_S + 1  # type: ignore[attr-defined]
     assert _get(handler, path, key) == 200
     assert pings == [True]  # idle for longer: checked before its first query
