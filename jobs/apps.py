@@ -36,7 +36,7 @@ class JobsConfig(AppConfig):
         )
 
         # The broker's claim starts the stages it claims (services/fastpath.py).
-        broker.claim_with_starts(services.tasks_claim_starting)
+        broker.claim_with_starts(services.tasks_claim_starting, give_back=services.tasks_give_back)
         # The worker needs its task's delivery id to heartbeat and acknowledge it.
         pre_execute.connect(worker.remember_delivery, dispatch_uid="omniva.remember_delivery")
         # A worker of the gpu cluster warms its models up and reports its device.

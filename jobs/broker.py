@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from multiprocessing import util as mp_util
 from typing import Any, LiteralString
 
 import psycopg
@@ -86,11 +88,17 @@ RETURNING q.id, q.deliveries, q.priority, q.payload
 # broker's connection, queue, limit, lease and the name of the cluster that claims.
 ClaimStarting = Callable[..., list[ClaimedTask]]
 _claim_starting: list[ClaimStarting] = []
+# What puts back the tasks (ack id, payload) such a claim claimed and started that a
+# stopping pusher never handed out (jobs.services.tasks_give_back).
+GiveBack = Callable[[list[tuple[str, str]]], None]
+_give_back: list[GiveBack] = []
 
 
-def claim_with_starts(claim: ClaimStarting) -> None:
-    """Make `claim` the broker's claim (see ClaimStarting)."""
+def claim_with_starts(claim: ClaimStarting, *, give_back: GiveBack) -> None:
+    """Make `claim` the broker's claim (see ClaimStarting), and `give_back` what puts
+    back the tasks it started that a stopping pusher holds (PostgresBroker.stash_give_back)."""
     _claim_starting[:] = [claim]
+    _give_back[:] = [give_back]
 
 
 def cluster_name() -> str:
@@ -273,6 +281,7 @@ class PostgresBroker(Broker):
         self._lost_at: float | None = None
         self._stash = Stash()
         self._looked_up_at = 0.0
+        self._finalized_in: int | None = None
 
     def __getstate__(self) -> Any:
         return self.list_key, self._info
@@ -286,6 +295,7 @@ class PostgresBroker(Broker):
         self._lost_at = None
         self._stash = Stash()
         self._looked_up_at = 0.0
+        self._finalized_in = None
 
     @staticmethod
     def get_connection(list_key: str | None = None) -> None:
@@ -412,6 +422,12 @@ class PostgresBroker(Broker):
     def dequeue(self) -> list[tuple[str, str]] | None:
         # Called by the pusher in a loop that checks for the cluster's stop between calls:
         # with every worker busy it waits a fallback poll's time, then comes back empty.
+        if self._finalized_in != os.getpid():
+            # The pusher's loop ends when the cluster stops, and its process (a child of
+            # the sentinel: multiprocessing runs its finalizers at its exit) ends.
+            self._finalized_in = os.getpid()
+            if multiprocessing.parent_process() is not None:
+                mp_util.Finalize(None, self.stash_give_back, exitpriority=100)
         plan = fetching.READY_WORKERS.plan(most=max(1, int(Conf.BULK)), wait_s=FALLBACK_POLL_S)
         if plan is None or not plan.count:
             return None
@@ -436,6 +452,22 @@ class PostgresBroker(Broker):
         finally:
             fetching.READY_WORKERS.handed(plan, len(handed))
         return handed or None
+
+    def stash_give_back(self) -> None:
+        """At the exit of a pusher whose cluster stops: the tasks in its stash were
+        claimed and their stages started, but no worker will take them. They go back to
+        their queue now, their attempts not counted, instead of each waiting out its
+        lease and counting a lost attempt (a job without retries left would fail)."""
+        tasks = self._stash.take(len(self._stash))
+        if not tasks or not _give_back:
+            return
+        try:
+            _give_back[0](tasks)
+        except Exception:
+            # Those left run again after their lease, as after a crash.
+            logger.exception("giving back %d stashed tasks failed", len(tasks))
+        finally:
+            connection.close()
 
     def _wait_and_claim(self, limit: int) -> list[ClaimedTask]:
         """Listen, claim once more, wait for an enqueue (or the fallback poll), claim;

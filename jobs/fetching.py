@@ -152,8 +152,9 @@ class Stash:
     first (then oldest). Claimed tasks are leased and their stages started: the stash
     only ever holds AHEAD_BUDGET_S of work at the task time seen when they were claimed,
     and a task that outranks them is claimed and handed out first (PostgresBroker.dequeue).
-    Should the pusher die with tasks in it, they are delivered again after their lease,
-    like any task a dead cluster held."""
+    A pusher that stops puts them back as it exits (PostgresBroker.stash_give_back);
+    should it die with tasks in it, they are delivered again after their lease, like any
+    task a dead cluster held."""
 
     def __init__(self) -> None:
         self._tasks: list[tuple[int, int, ClaimedTask]] = []

@@ -27,6 +27,7 @@ from jobs.services.attempts import (
     stage_report,
     stage_start,
     stage_timed_out,
+    tasks_give_back,
 )
 from jobs.services.core import (
     BATCH_PIPELINE,
@@ -158,4 +159,5 @@ __all__ = [
     "stages_start_granted",
     "task_payload",
     "tasks_claim_starting",
+    "tasks_give_back",
 ]

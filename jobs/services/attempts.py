@@ -11,6 +11,7 @@ from typing import Any
 from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
+from django_q.signing import SignedPackage
 
 from engines import services as engines
 from jobs import broker
@@ -428,3 +429,22 @@ def stage_release(*, stage_run_id: int, token: str, reason: str) -> Job | None:
             job.save(update_fields=["attempts", "updated_at"])
             _job_changed(job)
         return job
+
+
+# Why a stopping cluster's unhanded tasks are released (stage_release's log line).
+NEVER_HANDED_OUT = "its cluster stopped before a worker took it"
+
+
+def tasks_give_back(tasks: list[tuple[str, str]]) -> None:
+    """Put back the tasks (ack id, signed payload) a stopping pusher claimed but never
+    handed out (PostgresBroker.stash_give_back): a task whose stage the claim started is
+    released, not counted (stage_release: a fresh row, ready now); any other is made
+    visible again now."""
+    for ack_id, payload in tasks:
+        grant = SignedPackage.loads(payload).get("kwargs", {}).get("grant")
+        if grant:
+            stage_release(
+                stage_run_id=grant["stage_run_id"], token=grant["token"], reason=NEVER_HANDED_OUT
+            )
+        else:
+            broker.defer_delivery(ack_id=ack_id, until=timezone.now())

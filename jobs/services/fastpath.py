@@ -152,11 +152,12 @@ FROM job JOIN run ON run.job_id = job.id
 # shape): up to `limit` ready tasks of a queue are claimed as CLAIM_SQL claims them
 # (jobs/broker.py), and the stage run of each that starts under the common rules is
 # started as START_SQL starts it. Tasks fetched ahead of the workers start too (as
-# River's do): when the whole cluster dies holding them, or stops with them in its
-# pusher's stash, they run again after their lease and count an attempt (at most
-# `queue_limit` and one per worker); starting those in their workers instead sent
-# nearly every start back to one statement per task (452 jobs/s instead of 744). A job row locked by
-# another transaction is skipped, not waited for (SKIP LOCKED: a claim never waits, so
+# River's do): when the whole cluster dies holding them, they run again after their
+# lease and count an attempt (at most `queue_limit` and one per worker; a cluster that
+# stops on its own puts its stash back uncounted, PostgresBroker.stash_give_back);
+# starting those in their workers instead sent nearly every start back to one
+# statement per task (452 jobs/s instead of 744). A job row locked by another
+# transaction is skipped, not waited for (SKIP LOCKED: a claim never waits, so
 # it cannot deadlock with a transition that holds the job and drops its queue rows);
 # its task is delivered without a start and stage_start decides. Every row is reached
 # by its key, whatever the limit and the statistics (see the module on plans).

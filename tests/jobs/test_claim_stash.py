@@ -1,5 +1,6 @@
 """The tasks a pusher keeps claimed ahead of its workers (jobs.fetching.Stash): refilled
-many per claim once half are gone, and never in the way of a task that outranks them.
+many per claim once half are gone, never in the way of a task that outranks them, and
+put back when the pusher stops.
 The broker runs here as in a pusher, on its own connection, so rows are committed."""
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 from django_q.conf import Conf
 
-from jobs import fetching
+from jobs import fetching, services
 from jobs.broker import PostgresBroker, enqueue_payload
 from jobs.fetching import AHEAD_BUDGET_S, ReadyWorkers
-from jobs.models import QueueTask
+from jobs.models import Job, JobStatus, QueueTask, StageRun, StageStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -94,3 +96,26 @@ def test_a_task_that_outranks_the_tasks_claimed_ahead_is_handed_out_first(
 
     assert handed is not None
     assert [payload for _, payload in handed] == ["urgent"]
+
+
+def test_a_stopping_pusher_puts_its_stash_back_ready_and_uncounted(
+    ready: ReadyWorkers, broker: PostgresBroker
+) -> None:
+    allowance = int(Conf.QUEUE_LIMIT)
+    jobs = [services.job_submit(pipeline="noop", max_retries=0)[0] for _ in range(2 * allowance)]
+    handed = broker.dequeue() or []
+    stashed = len(broker._stash)
+    assert stashed == allowance
+    assert StageRun.objects.filter(status=StageStatus.RUNNING).count() == len(handed) + stashed
+
+    broker.stash_give_back()
+
+    # What was handed out keeps its start; each stashed one is queued again, its
+    # attempt given back, with one fresh row ready now.
+    assert StageRun.objects.filter(status=StageStatus.RUNNING).count() == len(handed)
+    queued = StageRun.objects.filter(status=StageStatus.QUEUED, job__in=jobs)
+    assert queued.count() == 2 * allowance - len(handed)
+    assert set(queued.values_list("attempt", flat=True)) == {0}
+    ready_rows = QueueTask.objects.filter(visible_at__lte=timezone.now(), deliveries=0)
+    assert ready_rows.count() == 2 * allowance - len(handed)
+    assert not Job.objects.filter(status=JobStatus.FAILED).exists()

@@ -1,4 +1,5 @@
-"""Real `qcluster` processes on our broker: a DAG job end to end, cancel, and redelivery."""
+"""Real `qcluster` processes on our broker: a DAG job end to end, cancel, redelivery,
+and a graceful stop."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from django.db import transaction
 
 from jobs import services
-from jobs.models import Job, JobLog, JobStatus, QueueTask, StageStatus
+from jobs.models import Job, JobLog, JobStatus, QueueTask, StageRun, StageStatus
 from omniva.errors import ErrorCode, OmnivaError
 from omniva.models import Activity
 from tests.conftest import ProcessGroup, start_worker, wait_for
@@ -194,3 +196,34 @@ def test_an_urgent_job_behind_a_backlog_of_long_stages_starts_at_the_first_free_
     assert started_before_it <= 1, f"{started_before_it} backlog stages started ahead of it"
     claimed = QueueTask.objects.filter(deliveries__gt=0).count()
     assert claimed <= 2, f"{claimed} tasks claimed by 2 workers: the pusher fetched ahead"
+
+
+def test_a_cluster_stopped_mid_stream_leaves_no_stage_started_and_counts_no_attempt(
+    processes: ProcessGroup, test_database_url: str, tmp_path: Path
+) -> None:
+    """A graceful stop while the pusher holds tasks it claimed ahead (their stages
+    started): they go back to the queue uncounted, so jobs without retries left do not
+    fail as lost when the next cluster takes them."""
+    with transaction.atomic():
+        jobs = [services.job_submit(pipeline="noop", max_retries=0)[0] for _ in range(1500)]
+    log = tmp_path / "qcluster.log"
+    cluster = start_worker(processes, test_database_url, log)
+    wait_for(
+        lambda: Job.objects.filter(status=JobStatus.COMPLETED).count() >= 200,
+        timeout=60,
+        what="the stream to flow",
+    )
+
+    cluster.send_signal(signal.SIGTERM)
+    assert cluster.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+    assert not StageRun.objects.filter(status=StageStatus.RUNNING).exists(), "left started"
+    start_worker(processes, test_database_url, tmp_path / "qcluster-2.log")
+    wait_for(
+        lambda: not Job.objects.filter(finished_at__isnull=True).exists(),
+        timeout=120,
+        what="every job",
+    )
+    finished = Job.objects.filter(pk__in=[job.pk for job in jobs])
+    assert set(finished.values_list("status", flat=True)) == {JobStatus.COMPLETED}
+    assert set(finished.values_list("attempts", flat=True)) == {1}
