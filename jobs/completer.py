@@ -44,7 +44,7 @@ from multiprocessing import util as mp_util
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 
 from jobs import services
 from jobs.pipelines import registry as pipelines
@@ -90,8 +90,11 @@ def write_ends(ends: Sequence[End], settle: Settle) -> None:
             with transaction.atomic():
                 # Each locks its jobs in id order; the two sets of jobs are apart.
                 done = services.stages_complete_sole(sole) | services.stages_complete_dag(dag)
-        except DatabaseError as exc:
-            logger.warning("a batch's completions failed together (%s); one by one", exc)
+        except Exception as exc:
+            # The database refused one (a value it cannot store), or the DAG of one could
+            # not be read (a pipeline changed under its jobs): the batch is undone whole,
+            # and each end goes through its own transition, where only that one fails.
+            logger.warning("a batch's completions failed together (%r); one by one", exc)
             _drop_if_broken()
     for claim, outcome in ends:
         if claim.stage_run_id in done:
@@ -99,9 +102,9 @@ def write_ends(ends: Sequence[End], settle: Settle) -> None:
         try:
             with transaction.atomic():
                 settle(claim, outcome)
-        except DatabaseError as exc:
+        except Exception as exc:
             # Its lease runs out and it is delivered again; the others are written.
-            logger.warning("settling %s of job %s failed: %s", claim.stage, claim.job_id, exc)
+            logger.warning("settling %s of job %s failed: %r", claim.stage, claim.job_id, exc)
             _drop_if_broken()
 
 

@@ -253,3 +253,34 @@ def test_an_engine_child_is_queued_as_its_event(worker_then_engine: Pipeline) ->
     assert echo.status == StageStatus.QUEUED
     event = Event.objects.get(stage_run_id=echo.pk)
     assert event.data["inputs"] == {"first": {"from": "first"}}
+
+
+@pytest.fixture
+def changing() -> Iterator[str]:
+    """A pipeline whose declaration changes under its running jobs (a deploy)."""
+    name = "test_changing"
+    register(
+        Pipeline(
+            name=name,
+            description="first, then second",
+            stages=(Stage("first", lambda ctx: {}), Stage("second", lambda ctx: {}, ("first",))),
+        )
+    )
+    yield name
+    _REGISTRY.pop(name)
+
+
+def test_an_end_whose_dag_cannot_be_read_fails_alone_in_its_batch(changing: str) -> None:
+    services.job_submit(pipeline="noop")
+    changed, _ = services.job_submit(pipeline=changing)
+    claims = list(start_ready().values())
+    _REGISTRY[changing] = Pipeline(
+        name=changing,
+        description="first, then another",
+        stages=(Stage("first", lambda ctx: {}), Stage("other", lambda ctx: {}, ("first",))),
+    )
+
+    completer.write_ends(ends(claims), worker._settle)
+
+    assert Job.objects.get(pipeline="noop").status == JobStatus.COMPLETED
+    assert run_of(changed, "first").status == StageStatus.RUNNING, "left to its lease"
