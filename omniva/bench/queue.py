@@ -663,6 +663,7 @@ class QueueBench:
         ours, orm = (q.key for q in self.queues)
         med = statistics.median
         our_rate, orm_rate = med(r.task_rates[ours]), med(r.task_rates[orm])
+        our_rounds = r.task_rates[ours]
         job_rate = med(r.job_rates)
         fan_out_rate = med(r.fan_out_rates)
         cpu = {role: med(round_cpu[role] for round_cpu in r.job_cpu) for role in CPU_ROLES}
@@ -755,6 +756,12 @@ class QueueBench:
             f"{r.load_after:.2f} after",
             *table_lines(header, rows),
             f"rounds, tasks/s: {rounds}; jobs/s " + ", ".join(f"{v:.0f}" for v in r.job_rates),
+            # The same ratios round by round: each round's jobs beside its own raw rate,
+            # minutes apart, where the medians above may come from different rounds.
+            "each round's jobs/s over its own no-op tasks/s: 1-stage "
+            + ", ".join(f"{j / t:.0%}" for j, t in zip(r.job_rates, our_rounds, strict=True))
+            + "; fan-out "
+            + ", ".join(f"{f / t:.0%}" for f, t in zip(r.fan_out_rates, our_rounds, strict=True)),
             "CPU seconds per 1,000 one-stage jobs (all cores): "
             + ", ".join(f"{role} {cpu[role]:.2f}" for role in CPU_ROLES)
             + f" = {sum(cpu.values()):.2f}",
