@@ -43,6 +43,7 @@ from jobs.services.core import (
     _lease_until,
     _parent_outputs,
     json_column,
+    pipeline_named,
     stage_task,
 )
 from omniva.models import ACTIVITY_CHANNEL
@@ -180,7 +181,14 @@ WITH {claim_pick}, claimed AS (
     ) j
 ), {start_writes}
 SELECT claimed.id, claimed.deliveries, claimed.priority, claimed.payload, {grant_columns},
-       CASE WHEN run.id IS NOT NULL THEN pg_notify(%(activity_channel)s, '') END
+       CASE WHEN run.id IS NOT NULL THEN pg_notify(%(activity_channel)s, '') END,
+       -- the outputs of the job's completed stages: the started stage's inputs are among
+       -- them (its parents completed before it was queued), so its worker need not
+       -- read them (a round trip on the worker's path for every stage of a DAG)
+       CASE WHEN run.id IS NOT NULL THEN (
+           SELECT jsonb_object_agg(p.name, p.output) FROM jobs_stagerun p
+           WHERE p.job_id = run.job_id AND p.status = %(completed)s
+       ) END
 FROM claimed LEFT JOIN run ON run.id = claimed.run_id
 LEFT JOIN job ON job.id = run.job_id
 """)
@@ -241,6 +249,7 @@ def tasks_claim_starting(
                 "queue": queue,
                 "limit": limit,
                 "lease_s": lease_s,
+                "completed": StageStatus.COMPLETED,
             },
             prepare=True,
         )
@@ -254,6 +263,9 @@ def tasks_claim_starting(
             # The stage's task as core.stage_task writes it (the pusher's time goes into
             # signing: a new task is cheaper than the stored one unpacked and changed).
             grant = _grant_fields(granted[:9])
+            outputs = json_column(granted[10])
+            if outputs:
+                grant["outputs"] = outputs
             payload = stage_task(
                 run_id=grant["stage_run_id"],
                 pipeline=grant["pipeline"],
@@ -266,9 +278,17 @@ def tasks_claim_starting(
 
 
 def stage_granted(*, grant: dict[str, Any], ack_id: str | None) -> StageClaim:
-    """The claim of a stage started by the broker's claim (tasks_claim_starting), with
-    its parents' outputs read now, in the worker that runs it."""
-    inputs = _parent_outputs(grant["job_id"], grant["pipeline"], grant["params"], grant["stage"])
+    """The claim of a stage started by the broker's claim (tasks_claim_starting), its
+    inputs taken from the outputs the claim read with it, or else read now."""
+    grant = dict(grant)
+    outputs = grant.pop("outputs", None)
+    if outputs is None:
+        inputs = _parent_outputs(
+            grant["job_id"], grant["pipeline"], grant["params"], grant["stage"]
+        )
+    else:
+        dag = pipeline_named(grant["pipeline"]).dag(grant["params"])
+        inputs = {p: outputs[p] for p in dag.stage(grant["stage"]).depends_on if p in outputs}
     return StageClaim(**grant, inputs=inputs, ack_id=ack_id)
 
 

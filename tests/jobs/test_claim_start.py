@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_q.signing import SignedPackage
 
@@ -145,3 +146,21 @@ def test_the_claim_runs_prepared_with_a_generic_plan_on_the_brokers_session() ->
     broker._db().close()
     assert (generic, custom) == (6, 0)
     assert Job.objects.filter(status=JobStatus.RUNNING).count() == 6
+
+
+def test_a_started_dag_stage_carries_its_parents_outputs_and_its_worker_reads_none() -> None:
+    job, _ = services.job_submit(pipeline="fan_out_fan_in", params={"width": 2})
+    [(ack_id, split)] = claim_starting()
+    run_delivery(ack_id, split)  # the split completes and queues the parts
+
+    parts = claim_starting()
+
+    assert len(parts) == 2
+    split_output = job.stages.get(name="split").output
+    for ack_id, task in parts:
+        grant = task["kwargs"]["grant"]
+        assert grant["outputs"] == {"split": split_output}
+        with CaptureQueriesContext(connection) as queries:
+            claim = services.stage_granted(grant=grant, ack_id=ack_id)
+        assert queries.captured_queries == [], "read again by the worker"
+        assert claim.inputs == {"split": split_output}
