@@ -47,26 +47,15 @@ from jobs.models import (
 )
 from jobs.services.activity import JOB_FIELDS, STAGE_FIELDS, payload_sql
 from jobs.services.core import _enqueue_stage, json_column, pipeline_named, stage_task
-from jobs.services.fastpath import Completion
+from jobs.services.fastpath import Completion, _with_payloads
 from omniva.models import ACTIVITY_CHANNEL
 from omniva.prepared import prepared_cursor
 
 # 1. The runs completed, their queue rows dropped; the ids of those completed. Each row is
 # reached from the batch's ids (fastpath's module: plans that do not depend on
 # statistics).
-COMPLETE_DAG_STAGES_SQL = """
-WITH given AS (
-    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
-           AS g(run_id, token, output)
-), held AS MATERIALIZED (
-    SELECT r.id AS run_id, r.job_id
-    FROM given
-    CROSS JOIN LATERAL (
-        SELECT r.id, r.job_id FROM jobs_stagerun r
-        WHERE r.id = given.run_id AND r.lease_token = given.token AND r.status = %(running)s
-        LIMIT 1
-    ) r
-), target AS (
+COMPLETE_DAG_STAGES_SQL = _with_payloads("""
+WITH {held_runs}, target AS (
     SELECT held.run_id, held.job_id, j.project_id
     FROM (SELECT * FROM held ORDER BY job_id OFFSET 0) held
     CROSS JOIN LATERAL (
@@ -75,24 +64,16 @@ WITH given AS (
           AND j.cancel_requested_at IS NULL AND j.parent_id IS NULL
         FOR UPDATE
     ) j
-), run AS (
-    UPDATE jobs_stagerun r
-    SET status = %(completed)s, output = g.output::jsonb, progress = 100,
-        finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
-    FROM given g
-    WHERE r.id = ANY(ARRAY(SELECT run_id FROM target)) AND g.run_id = r.id
-      AND r.status = %(running)s AND r.lease_token = g.token
-    RETURNING r.*
-), dropped AS (
+), {completed_runs}, dropped AS (
     DELETE FROM jobs_queuetask q
     WHERE q.stage_run_id = ANY(ARRAY(SELECT id FROM run))
 ), activity AS (
     INSERT INTO omniva_activity (at, kind, project_id, job_id, data)
-    SELECT %(now)s, 'stage:update', target.project_id, run.job_id, {run_payload}
+    SELECT %(now)s, 'stage:update', target.project_id, run.job_id, {stage_payload}
     FROM run JOIN target ON target.run_id = run.id
 )
 SELECT run.id, run.job_id FROM run
-""".replace("{run_payload}", payload_sql("run", STAGE_FIELDS))
+""")
 
 # 2. The jobs whose runs completed, and each one's runs (see the module on why this is a
 # statement of its own).

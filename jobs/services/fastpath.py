@@ -103,6 +103,35 @@ _GRANT_COLUMNS = """run.id, run.lease_token, job.id, job.pipeline, job.params, j
        job.timeout_s, run.name, run.attempt"""
 
 
+# The completions given (run, token, output) and the runs whose tokens still hold, each
+# found by its key: `given` and `held` of the completion statements (here and
+# dag_completion.py).
+_HELD_RUNS = """given AS (
+    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
+           AS g(run_id, token, output)
+), held AS MATERIALIZED (
+    SELECT r.id AS run_id, r.job_id
+    FROM given
+    CROSS JOIN LATERAL (
+        SELECT r.id, r.job_id FROM jobs_stagerun r
+        WHERE r.id = given.run_id AND r.lease_token = given.token AND r.status = %(running)s
+        LIMIT 1
+    ) r
+)"""
+
+# The completion of the runs of `target` (run_id) whose tokens still hold on the newest
+# row version, once their jobs are locked: `run`, their rows as completed.
+_COMPLETED_RUNS = """run AS (
+    UPDATE jobs_stagerun r
+    SET status = %(completed)s, output = g.output::jsonb, progress = 100,
+        finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
+    FROM given g
+    WHERE r.id = ANY(ARRAY(SELECT run_id FROM target)) AND g.run_id = r.id
+      AND r.status = %(running)s AND r.lease_token = g.token
+    RETURNING r.*
+)"""
+
+
 def _with_payloads(sql: str) -> str:
     """`sql` with the shared parts of the start statements in place, and its activity
     payloads built from the field lists (activity.py)."""
@@ -111,6 +140,8 @@ def _with_payloads(sql: str) -> str:
         ("{start_writes}", _START_WRITES),
         ("{grant_columns}", _GRANT_COLUMNS),
         ("{claim_pick}", broker.CLAIM_PICK),
+        ("{held_runs}", _HELD_RUNS),
+        ("{completed_runs}", _COMPLETED_RUNS),
     ):
         sql = sql.replace(name, part)
     sql = sql.replace("{queued_runs_of_claimed}", _QUEUED_RUNS.format(ids="claimed"))
@@ -376,18 +407,7 @@ def stages_heartbeat(*, claims: list[StageClaim], worker: str) -> dict[int, Supe
 # transition, and only while the attempt's token holds; otherwise it changes nothing and
 # stage_complete decides under the full rules (cancel requested, batch parent, DAGs).
 COMPLETE_SOLE_STAGE_SQL = _with_payloads("""
-WITH given AS (
-    SELECT * FROM unnest(%(runs)s::bigint[], %(tokens)s::uuid[], %(outputs)s::text[])
-           AS g(run_id, token, output)
-), held AS MATERIALIZED (
-    SELECT r.id AS run_id, r.job_id
-    FROM given
-    CROSS JOIN LATERAL (
-        SELECT r.id, r.job_id FROM jobs_stagerun r
-        WHERE r.id = given.run_id AND r.lease_token = given.token AND r.status = %(running)s
-        LIMIT 1
-    ) r
-), target AS (
+WITH {held_runs}, target AS (
     -- the jobs locked one by one in the order of their ids (see START_SQL)
     SELECT held.run_id, held.job_id
     FROM (SELECT * FROM held ORDER BY job_id OFFSET 0) held
@@ -398,15 +418,7 @@ WITH given AS (
           AND j.pipeline = ANY(%(pipelines)s)
         FOR UPDATE
     ) j
-), run AS (
-    UPDATE jobs_stagerun r
-    SET status = %(completed)s, output = g.output::jsonb, progress = 100,
-        finished_at = %(now)s, lease_token = NULL, lease_expires_at = NULL, error = NULL
-    FROM given g
-    WHERE r.id = ANY(ARRAY(SELECT run_id FROM target)) AND g.run_id = r.id
-      AND r.status = %(running)s AND r.lease_token = g.token
-    RETURNING r.*
-), dropped AS (
+), {completed_runs}, dropped AS (
     DELETE FROM jobs_queuetask q USING run
     WHERE q.stage_run_id = ANY(ARRAY(SELECT id FROM run)) AND q.stage_run_id = run.id
 ), job AS (
